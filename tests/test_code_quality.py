@@ -1,0 +1,33 @@
+"""The tree keeps its own rules: ruff clean (which bans Qt imports in engine/) and type-checked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=240)
+
+
+def test_ruff_is_clean() -> None:
+    result = run("ruff", "check", ".")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_engine_type_checks() -> None:
+    result = run("mypy")
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_engine_never_imports_qt() -> None:
+    offenders = [
+        str(p.relative_to(ROOT))
+        for p in (ROOT / "engine").rglob("*.py")
+        if any(line.lstrip().startswith(("import PySide6", "from PySide6", "import shiboken6"))
+               for line in p.read_text().splitlines())
+    ]
+    assert offenders == []

@@ -1,0 +1,79 @@
+"""The bundled SmolLM2-135M-Instruct, loaded once per session: reuse is exact on a real model."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import caches, models
+from engine.sampling import SamplingSettings
+from engine.session import ChatSession, Message, SessionSettings
+
+pytestmark = pytest.mark.real_model
+TURNS = (Path(__file__).parent / "data" / "six_turns.txt").read_text().splitlines()
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=128)
+
+
+def test_bundled_model_loads_as_llama(real_lm) -> None:
+    assert real_lm.config.model_type == "llama"
+    assert real_lm.config.num_hidden_layers == 30
+    assert real_lm.identity.startswith("gguf-sha256:")
+    assert models.converted_dir(real_lm.identity.split(":")[1].split("|")[0]).is_dir()
+
+
+def test_second_load_uses_the_converted_copy(real_lm, monkeypatch) -> None:
+    def no_conversion(*_a, **_k):
+        raise AssertionError("the GGUF file was converted again")
+
+    monkeypatch.setattr(models, "_convert_gguf", no_conversion)
+    again = models.load("default", device="cpu")
+    assert again.identity == real_lm.identity
+    a, b = real_lm.model.state_dict(), again.model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_six_turns_identical_with_and_without_reuse(real_lm) -> None:
+    reuse = ChatSession(real_lm, SessionSettings(sampling=GREEDY))
+    baseline = ChatSession(real_lm, SessionSettings(sampling=GREEDY, reuse=False))
+    previous_cache = 0
+    for i, text in enumerate(TURNS):
+        a = reuse.send(text)
+        b = baseline.send(text)
+        assert a.reply == b.reply, f"turn {i + 1} differs"
+        assert a.stats.finish_reason in ("stop", "length")
+        assert b.stats.reused_tokens == 0
+        if i > 0:
+            assert a.stats.reused_tokens == previous_cache  # the whole history came from the cache
+            assert a.stats.reused_tokens >= 0.9 * a.stats.prompt_tokens
+        previous_cache = a.stats.cache_tokens
+        assert caches.seq_length(reuse.cache) == len(reuse.cached_ids)
+
+
+def test_follow_up_logits_match_recomputing(real_lm) -> None:
+    session = ChatSession(real_lm, SessionSettings(sampling=SamplingSettings(temperature=0.0, max_new_tokens=48)))
+    session.send(TURNS[0])
+    session.send(TURNS[1])
+    session.messages.append(Message("user", TURNS[2]))
+    reused, logits = session.next_token_logits()
+    assert reused > 0.9 * len(session.cached_ids) - 20
+
+    fresh = ChatSession(real_lm, SessionSettings())
+    fresh.messages = copy.deepcopy(session.messages)
+    _, recomputed = fresh.next_token_logits()
+    assert torch.max(torch.abs(logits - recomputed)).item() < 1e-3
+
+
+def test_edit_on_real_model_matches_from_scratch(real_lm) -> None:
+    sampling = SamplingSettings(temperature=0.0, max_new_tokens=24)
+    session = ChatSession(real_lm, SessionSettings(sampling=sampling))
+    session.send("What is the capital of France?")
+    session.send("And of Italy?")
+    result = session.edit(2, "And of Spain?")
+    assert result.stats.reused_tokens > 0
+    fresh = ChatSession(real_lm, SessionSettings(sampling=sampling))
+    fresh.messages = copy.deepcopy(session.messages[:-1])
+    assert fresh.generate().reply == result.reply
+    assert "Madrid" in result.reply
