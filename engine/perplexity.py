@@ -66,3 +66,30 @@ def perplexity(
         cache_tokens=caches.seq_length(session.cache),
         cache_bytes=caches.cache_bytes(session.cache),
     )
+
+
+@torch.inference_mode()
+def sliding_window_perplexity(
+    lm: LoadedModel, text: str, window: int, *, max_tokens: int | None = None, batch: int = 16
+) -> PerplexityResult:
+    """The StreamingLLM paper's oracle: every token is predicted from its last `window` tokens,
+    re-encoded from scratch (positions 0..window-1). Exact, and quadratic: use on short slices."""
+    ids = list(lm.tokenizer(text, add_special_tokens=False)["input_ids"])
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    if len(ids) < 2:
+        raise ValueError("The text is too short to measure: it needs at least two tokens.")
+    device = lm.device
+    nll = 0.0
+    # Tokens 1..window-1 see their whole prefix: one pass over the first window scores them.
+    head = torch.tensor([ids[:window]], device=device)
+    logprobs = torch.log_softmax(lm.model(input_ids=head).logits[0].float(), dim=-1)
+    nll -= float(logprobs[:-1].gather(1, head[0, 1:, None]).sum())
+    targets = list(range(window, len(ids)))
+    for start in range(0, len(targets), batch):
+        idx = targets[start : start + batch]
+        windows = torch.tensor([ids[i - window : i] for i in idx], device=device)
+        last = lm.model(input_ids=windows, logits_to_keep=1).logits[:, -1].float()
+        lp = torch.log_softmax(last, dim=-1)
+        nll -= float(lp.gather(1, torch.tensor([[ids[i]] for i in idx], device=device)).sum())
+    return PerplexityResult(tokens=len(ids), ppl=math.exp(nll / (len(ids) - 1)), cache_tokens=window, cache_bytes=0)

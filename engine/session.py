@@ -215,12 +215,16 @@ class ChatSession:
         if not self.messages or self.messages[-1].role != "user":
             raise ValueError("There is no user message to answer.")
         self._cancel.clear()
+        self.prefill_chunk()  # invalid cache settings are reported before anything runs
         prompt = self.render_ids()
         context = self.lm.context_length
-        if len(prompt) >= context:
-            raise ContextOverflowError(len(prompt), context)
         sampling = self.settings.sampling
-        budget = min(sampling.max_new_tokens, context - len(prompt))
+        if self.settings.cache.bounded_length:
+            budget = sampling.max_new_tokens  # positions stay inside the cache window
+        else:
+            if len(prompt) >= context:
+                raise ContextOverflowError(len(prompt), context)
+            budget = min(sampling.max_new_tokens, context - len(prompt))
 
 
         sampler = Sampler(sampling, self.lm.device)
@@ -277,7 +281,7 @@ class ChatSession:
             generated_tokens=len(generated),
             ttft_ms=((first_token_at or ended) - started) * 1000.0,
             decode_tok_s=decode_steps / decode_time if decode_time > 0 else 0.0,
-            cache_tokens=len(self.cached_ids),
+            cache_tokens=caches.seq_length(self.cache),
             cache_bytes=caches.cache_bytes(self.cache),
             finish_reason=finish,
             error=error,
@@ -316,11 +320,26 @@ class ChatSession:
         self._crop(keep)
         reused = len(self.cached_ids)
         rest = prompt[reused:]
+        chunk = self.prefill_chunk()
         logits = None
-        for start in range(0, len(rest), PREFILL_CHUNK):
-            logits = self.forward_logits(rest[start : start + PREFILL_CHUNK])
+        for start in range(0, len(rest), chunk):
+            logits = self.forward_logits(rest[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"
         return reused, logits
+
+    def prefill_chunk(self) -> int:
+        """Tokens per prefill pass. A sink cache's positions reach sinks + window + chunk, which
+        must stay inside the model's context."""
+        spec = self.settings.cache
+        if not spec.bounded_length:
+            return PREFILL_CHUNK
+        room = self.lm.context_length - spec.sink_tokens - spec.window
+        if room < 1:
+            raise caches.CacheConfigError(
+                f"sinks + window ({spec.sink_tokens + spec.window}) must be smaller than the model's context "
+                f"({self.lm.context_length})."
+            )
+        return min(PREFILL_CHUNK, room)
 
     def next_token_logits(self) -> tuple[int, torch.Tensor]:
         """Bring the cache up to the conversation (with the generation prompt) and return

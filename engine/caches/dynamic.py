@@ -13,10 +13,10 @@ from transformers import DynamicCache
 from engine.caches.shape import KVShape
 
 
-def build(config: Any) -> DynamicCache:
+def build(config: Any, spec: Any = None) -> DynamicCache:
     return DynamicCache(config=config)
 
 
-def bytes_for(tokens: int, config: Any, dtype: torch.dtype = torch.float32) -> int:
+def bytes_for(tokens: int, config: Any, spec: Any = None, dtype: torch.dtype = torch.float32) -> int:
     """Bytes a full cache of `tokens` tokens holds: 2 (K and V) × layers × KV heads × head dim × dtype size."""
     return tokens * KVShape.of(config).bytes_per_token(dtype)

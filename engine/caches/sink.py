@@ -1,0 +1,367 @@
+"""Attention sinks (StreamingLLM, Xiao et al. 2023, arXiv 2309.17453): endless chats in constant memory.
+
+The cache keeps the first `sink_tokens` tokens of the conversation (the "attention sinks"
+that softmax leans on) and the most recent `window` tokens, and evicts the middle. Attention
+must see contiguous positions inside the cache, so the keys of the kept recent tokens are
+re-rotated whenever tokens before them are evicted.
+
+transformers 5.x no longer ships a `SinkCache`, and its attention layers no longer pass the
+rotary `cos`/`sin` to `Cache.update`, so this cache computes the rotation itself from the
+model config's RoPE parameters (`RopeRotator`), and the session drives the positions: a
+token fed into a cache that holds `L` tokens gets position `L`, never its absolute index.
+
+Two storage layouts share that logic:
+
+* `sink` keeps keys as the model rotated them (for their current slot). On eviction the
+  kept recent keys are rotated back by the number of evicted tokens, in float32. Eviction
+  happens in batches of `evict_batch` tokens (1/16 of the window), so the cache holds
+  between `window - evict_batch` and `window` recent tokens and each key is re-rotated at
+  most 16 times in its life: rounding does not pile up in half precision.
+* `sink-quantized` keeps the sinks and a recent residual in full precision and the rest of
+  the window as quantized blocks of `residual` tokens whose keys are stored *un-rotated*:
+  a block is quantized once and never re-quantized; on read it is de-quantized and rotated
+  to its current positions. Eviction drops whole blocks.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import Cache
+from transformers.cache_utils import DynamicLayer
+
+from engine.caches.shape import KVShape
+
+
+class SinkUnsupportedError(ValueError):
+    """The model's attention cannot be re-positioned (no standard rotary embedding)."""
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class RopeRotator:
+    """Rotates keys by a number of positions with the model's own RoPE frequencies.
+
+    Built from the config (`rope_parameters` with its `rope_type`, `head_dim`, partial
+    rotary factor), the same way the model's rotary embedding computes its inverse
+    frequencies. The scaling factor some RoPE variants multiply `cos`/`sin` with is left
+    out on purpose: a relative re-rotation must not scale the keys again.
+    """
+
+    def __init__(self, config: Any) -> None:
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        params = getattr(text, "rope_parameters", None) or {}
+        if not params and getattr(text, "rope_theta", None) is None:
+            raise SinkUnsupportedError(
+                f"{getattr(text, 'model_type', 'this model')} has no rotary position embedding, "
+                "so its cached keys cannot be re-positioned for attention sinks."
+            )
+        rope_type = params.get("rope_type", "default")
+        if rope_type == "default":
+            base = float(params.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
+            head_dim = KVShape.of(text).head_dim
+            dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+            inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise SinkUnsupportedError(f"RoPE type {rope_type!r} is not supported by the sink cache.")
+            inv_freq, _scaling = ROPE_INIT_FUNCTIONS[rope_type](text, torch.device("cpu"))
+        self.inv_freq = inv_freq.to(torch.float64)
+        self.rot_dim = 2 * self.inv_freq.numel()
+        self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _cos_sin(self, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (shift, device)
+        if key not in self._tables:
+            angles = shift * self.inv_freq
+            emb = torch.cat((angles, angles))
+            self._tables.clear() if len(self._tables) > 64 else None
+            self._tables[key] = (emb.cos().to(device, torch.float32), emb.sin().to(device, torch.float32))
+        return self._tables[key]
+
+    def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
+        """Move keys rotated for position p to position p + delta (delta may be negative)."""
+        if delta == 0 or keys.shape[-2] == 0:
+            return keys
+        cos, sin = self._cos_sin(delta, keys.device)
+        rot = keys[..., : self.rot_dim].float()
+        moved = rot * cos + _rotate_half(rot) * sin
+        if self.rot_dim < keys.shape[-1]:
+            moved = torch.cat((moved, keys[..., self.rot_dim :].float()), dim=-1)
+        return moved.to(keys.dtype)
+
+    def rotate_positions(self, keys: torch.Tensor, start: int, sign: int = 1) -> torch.Tensor:
+        """Rotate un-rotated keys to positions start, start+1, … (sign=-1 undoes that rotation)."""
+        n = keys.shape[-2]
+        if n == 0:
+            return keys
+        positions = torch.arange(start, start + n, dtype=torch.float64)
+        angles = positions[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((angles, angles), dim=-1)
+        cos = emb.cos().to(keys.device, torch.float32)
+        sin = (sign * emb.sin()).to(keys.device, torch.float32)
+        rot = keys[..., : self.rot_dim].float()
+        moved = rot * cos + _rotate_half(rot) * sin
+        if self.rot_dim < keys.shape[-1]:
+            moved = torch.cat((moved, keys[..., self.rot_dim :].float()), dim=-1)
+        return moved.to(keys.dtype)
+
+
+def evict_batch_for(window: int) -> int:
+    return max(1, window // 16)
+
+
+class SinkLayer(DynamicLayer):
+    """One layer of a sink cache: sinks + recent window, keys stored rotated for their slot."""
+
+    is_croppable = True
+
+    def __init__(self, sink_tokens: int, window: int, rotator: RopeRotator) -> None:
+        super().__init__()
+        self.sink_tokens = sink_tokens
+        self.window = window
+        self.evict_batch = evict_batch_for(window)
+        self.rotator = rotator
+        self.fed = 0  # tokens ever fed into this layer
+        self.evicted = 0  # tokens dropped from the middle
+
+    @property
+    def capacity(self) -> int:
+        return self.sink_tokens + self.window
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        keys, values = super().update(key_states, value_states)
+        self.fed += key_states.shape[-2]
+        stored = keys.shape[-2]
+        if stored > self.capacity:
+            # Evict down to capacity - evict_batch (at least the overflow), keeping the sinks.
+            keep_recent = max(self.window - self.evict_batch, 0)
+            drop = stored - self.sink_tokens - keep_recent
+            recent_k = self.rotator.shift(keys[..., self.sink_tokens + drop :, :], -drop)
+            self.keys = torch.cat((keys[..., : self.sink_tokens, :], recent_k), dim=-2)
+            self.values = torch.cat((values[..., : self.sink_tokens, :], values[..., self.sink_tokens + drop :, :]),
+                                    dim=-2)
+            self.evicted += drop
+        # This forward pass attends to everything, evicted tokens included, at the positions
+        # they were fed with; the eviction only affects later passes.
+        return keys, values
+
+    def removable(self) -> int:
+        """How many of the most recent tokens can be cropped away without losing the stream's order."""
+        stored = self.get_seq_length()
+        return stored if self.evicted == 0 else max(stored - self.sink_tokens, 0)
+
+    def crop_stream(self, remove: int) -> None:
+        if remove:
+            self.crop(-remove)
+            self.fed -= remove
+
+    def reset(self) -> None:
+        super().reset()
+        self.fed = 0
+        self.evicted = 0
+
+
+class QuantizedSinkLayer(SinkLayer):
+    """Sinks and a recent residual in full precision; the rest of the window as quantized blocks.
+
+    Blocks hold un-rotated keys, so they are quantized once and only rotated (never
+    re-quantized) when evictions shift them. Eviction drops whole oldest blocks.
+    """
+
+    keys: torch.Tensor  # the full-precision residual (set on the first update)
+    values: torch.Tensor
+
+    def __init__(self, sink_tokens: int, window: int, rotator: RopeRotator, quantizer: Any, block: int) -> None:
+        super().__init__(sink_tokens, window, rotator)
+        self.quantizer = quantizer  # a transformers QuantizedLayer, used for its _quantize/_dequantize
+        self.block = block
+        # Each block: (quantized un-rotated keys, quantized values, length).
+        self.blocks: list[tuple[Any, Any, int]] = []
+        self.sink_k = torch.empty(0)  # rotated for slots 0..sink-1 (they never move)
+        self.sink_v = torch.empty(0)
+
+    def _block_tokens(self) -> int:
+        return sum(n for _, _, n in self.blocks)
+
+    def get_seq_length(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.sink_k.shape[-2] + self._block_tokens() + self.keys.shape[-2]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states[..., :0, :], value_states[..., :0, :]
+            self.sink_k, self.sink_v = self.keys, self.values
+        self.fed += key_states.shape[-2]
+        # Fill the sinks first.
+        room = self.sink_tokens - self.sink_k.shape[-2]
+        if room > 0:
+            self.sink_k = torch.cat((self.sink_k, key_states[..., :room, :]), dim=-2)
+            self.sink_v = torch.cat((self.sink_v, value_states[..., :room, :]), dim=-2)
+            key_states, value_states = key_states[..., room:, :], value_states[..., room:, :]
+        n_sink = self.sink_k.shape[-2]
+        n_blocks = self._block_tokens()
+        # Full-precision view of the window for this forward pass, at the current slots.
+        parts_k = [self.sink_k]
+        parts_v = [self.sink_v]
+        pos = n_sink
+        for qk, qv, n in self.blocks:
+            parts_k.append(self.rotator.rotate_positions(self.quantizer._dequantize(qk), pos))
+            parts_v.append(self.quantizer._dequantize(qv))
+            pos += n
+        parts_k += [self.keys, key_states]
+        parts_v += [self.values, value_states]
+        keys = torch.cat(parts_k, dim=-2)
+        values = torch.cat(parts_v, dim=-2)
+
+        # New state: residual grows; full blocks of the residual are quantized (un-rotated).
+        residual_k = torch.cat((self.keys, key_states), dim=-2)
+        residual_v = torch.cat((self.values, value_states), dim=-2)
+        start = n_sink + n_blocks  # slot of the residual's first token
+        while residual_k.shape[-2] > self.block:
+            bk = self.rotator.rotate_positions(residual_k[..., : self.block, :], start, sign=-1)
+            bv = residual_v[..., : self.block, :]
+            self.blocks.append((self.quantizer._quantize(bk.contiguous(), axis=self.quantizer.axis_key),
+                                self.quantizer._quantize(bv.contiguous(), axis=self.quantizer.axis_value),
+                                self.block))
+            residual_k, residual_v = residual_k[..., self.block :, :], residual_v[..., self.block :, :]
+            start += self.block
+        # Evict whole oldest blocks while the window overflows.
+        drop = 0
+        while self.blocks and self._block_tokens() + residual_k.shape[-2] > self.window:
+            drop += self.blocks.pop(0)[2]
+        if drop:
+            residual_k = self.rotator.shift(residual_k, -drop)
+            self.evicted += drop
+        self.keys, self.values = residual_k, residual_v
+        return keys, values
+
+    def removable(self) -> int:
+        residual = self.keys.shape[-2] if self.is_initialized else 0
+        if self.evicted == 0 and not self.blocks:
+            return self.get_seq_length()
+        return residual
+
+    def crop_stream(self, remove: int) -> None:
+        if not remove:
+            return
+        residual = self.keys.shape[-2]
+        if remove <= residual:
+            self.keys = self.keys[..., : residual - remove, :]
+            self.values = self.values[..., : residual - remove, :]
+        else:  # only reachable before any block exists: crop into the sinks
+            keep = self.sink_k.shape[-2] - (remove - residual)
+            self.keys = self.keys[..., :0, :]
+            self.values = self.values[..., :0, :]
+            self.sink_k, self.sink_v = self.sink_k[..., :keep, :], self.sink_v[..., :keep, :]
+        self.fed -= remove
+
+    def nbytes(self) -> int:
+        from engine.caches import _tensor_nbytes
+
+        total = 0
+        if self.is_initialized:
+            for t in (self.sink_k, self.sink_v, self.keys, self.values):
+                total += _tensor_nbytes(t)
+        for qk, qv, _ in self.blocks:
+            total += _tensor_nbytes(qk) + _tensor_nbytes(qv)
+        return total
+
+    def reset(self) -> None:
+        super().reset()
+        self.blocks = []
+        self.sink_k = self.sink_v = torch.empty(0)
+
+
+def make_quantizer(spec: Any) -> Any:
+    """A quanto quantized layer, used only for its block quantize/de-quantize functions."""
+    from transformers.cache_utils import QuantoQuantizedLayer
+
+    if spec.backend != "quanto":
+        raise ValueError("sink-quantized stores its window with quanto; HQQ is available for 'quantized' only.")
+    return QuantoQuantizedLayer(nbits=spec.nbits, axis_key=spec.axis_key, axis_value=spec.axis_value,
+                                q_group_size=spec.q_group_size, residual_length=spec.residual)
+
+
+class SinkCache(Cache):
+    """A cache of attention sinks + a recent window, for every layer of the model.
+
+    `crop_to(n)` counts in tokens fed (the conversation's token stream), not tokens stored:
+    it succeeds when the tokens to remove are all still in the kept recent window.
+    """
+
+    def __init__(self, config: Any, spec: Any) -> None:
+        shape = KVShape.of(config)
+        self.rotator = RopeRotator(config)
+        self.spec = spec
+        layers: list[Any]
+        if spec.strategy == "sink-quantized":
+            block = max(1, spec.residual)
+            layers = [QuantizedSinkLayer(spec.sink_tokens, spec.window, self.rotator, make_quantizer(spec), block)
+                      for _ in range(shape.layers)]
+        else:
+            layers = [SinkLayer(spec.sink_tokens, spec.window, self.rotator) for _ in range(shape.layers)]
+        super().__init__(layers=layers)
+
+    @property
+    def sink_layers(self) -> list[SinkLayer]:
+        return self.layers  # type: ignore[return-value]
+
+    @property
+    def fed(self) -> int:
+        return self.sink_layers[0].fed if self.layers else 0
+
+    @property
+    def evicted(self) -> int:
+        return self.sink_layers[0].evicted if self.layers else 0
+
+    def crop_to(self, length: int) -> bool:
+        plans = []
+        for layer in self.sink_layers:
+            remove = layer.fed - length
+            if remove < 0 or remove > layer.removable():
+                return False
+            plans.append(remove)
+        for layer, remove in zip(self.sink_layers, plans, strict=True):
+            layer.crop_stream(remove)
+        return True
+
+    def nbytes(self) -> int:
+        from engine.caches import tensor_bytes
+
+        total = 0
+        for layer in self.layers:
+            total += layer.nbytes() if isinstance(layer, QuantizedSinkLayer) else tensor_bytes(layer)
+        return total
+
+
+def build(config: Any, spec: Any) -> SinkCache:
+    return SinkCache(config, spec)
+
+
+def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes held after `tokens` tokens: never more than sinks + window, whatever the length."""
+    stored = min(tokens, spec.sink_tokens + spec.window)
+    per_token = KVShape.of(config).bytes_per_token(dtype)
+    if spec.strategy != "sink-quantized":
+        return stored * per_token
+    from engine.caches.quantized import bytes_for as quantized_bytes_for
+
+    # Sinks and (up to) one block of residual stay in full precision; the rest is quantized.
+    full = min(stored, spec.sink_tokens + spec.residual)
+    quantized_tokens = stored - full
+    quantized = quantized_bytes_for(quantized_tokens, config, spec.with_changes(strategy="quantized", residual=0),
+                                    dtype) if quantized_tokens else 0
+    return full * per_token + quantized

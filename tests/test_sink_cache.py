@@ -1,0 +1,141 @@
+"""Attention sinks: constant memory, correct re-positioning, endless chats (tiny random models)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from engine import caches
+from engine.caches import CacheConfigError, CacheSpec
+from engine.caches.sink import RopeRotator, SinkCache, evict_batch_for
+from engine.perplexity import perplexity
+from engine.sampling import SamplingSettings
+from engine.session import ChatSession, SessionSettings
+from tests.tiny import tiny_loaded_model
+
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=16, repetition_penalty=1.0)
+TEXT = "Attention sinks let a model read far past its context. " * 40
+
+
+@pytest.fixture(scope="module")
+def one_layer_lm():
+    # With one layer, a token's keys and values depend only on the token and its position, so a
+    # sink cache must equal re-encoding exactly the tokens it kept.
+    return tiny_loaded_model(seed=3, layers=1)
+
+
+def test_rotator_moves_keys_like_the_models_own_rotary_embedding(tiny_lm) -> None:
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    rotary = tiny_lm.model.model.rotary_emb
+    k = torch.randn(1, 2, 5, 16)
+    def rotated_at(start: int) -> torch.Tensor:
+        pos = torch.arange(start, start + 5)[None]
+        cos, sin = rotary(k, pos)
+        return apply_rotary_pos_emb(k, k, cos, sin)[1]
+    rotator = RopeRotator(tiny_lm.config)
+    assert torch.allclose(rotator.shift(rotated_at(40), -33), rotated_at(7), atol=1e-5)
+    assert torch.allclose(rotator.rotate_positions(k, 12), rotated_at(12), atol=1e-5)
+    assert torch.allclose(rotator.rotate_positions(rotated_at(12), 12, sign=-1), k, atol=1e-5)
+
+
+def test_window_holding_the_whole_text_equals_dynamic(tiny_lm) -> None:
+    dynamic = perplexity(tiny_lm, TEXT, CacheSpec())
+    sink = perplexity(tiny_lm, TEXT, CacheSpec("sink", sink_tokens=4, window=4000))
+    assert round(sink.ppl, 4) == round(dynamic.ppl, 4)
+
+
+def test_after_eviction_attention_sees_sinks_and_window_at_contiguous_positions(one_layer_lm) -> None:
+    lm = one_layer_lm
+    spec = CacheSpec("sink", sink_tokens=4, window=64)
+    session = ChatSession(lm, SessionSettings(cache=spec))
+    ids = lm.tokenizer(TEXT, add_special_tokens=False)["input_ids"][:300]
+    for i in range(0, len(ids) - 1, 37):
+        session.forward_logits(ids[i : min(i + 37, len(ids) - 1)])
+    cache = session.cache
+    assert isinstance(cache, SinkCache) and cache.evicted > 0
+    kept = cache.get_seq_length()
+    assert spec.window - evict_batch_for(spec.window) <= kept - spec.sink_tokens <= spec.window
+    logits = session.forward_logits([ids[-1]])
+    # Re-encode exactly the kept tokens (sinks + recent) from scratch at positions 0..n-1.
+    stream = ids[:-1]
+    kept_ids = stream[: spec.sink_tokens] + stream[len(stream) - (kept - spec.sink_tokens) :] + [ids[-1]]
+    fresh = lm.model(input_ids=torch.tensor([kept_ids])).logits[0, -1]
+    assert torch.max(torch.abs(logits - fresh)).item() < 1e-4
+
+
+def test_memory_stays_flat_far_beyond_the_context(tiny_lm) -> None:
+    # 20k tokens through a model whose context is 1,024.
+    spec = CacheSpec("sink", sink_tokens=4, window=256)
+    text = ("Endless chats need constant memory. " * 600)[:20_000]
+    session = ChatSession(tiny_lm, SessionSettings(cache=spec))
+    ids = tiny_lm.tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) >= 20_000 > tiny_lm.context_length
+    sizes = []
+    for i in range(0, len(ids), 500):
+        session.forward_logits(ids[i : i + 500])
+        assert caches.seq_length(session.cache) <= spec.sink_tokens + spec.window
+        sizes.append(caches.cache_bytes(session.cache))
+    assert max(sizes[2:]) == min(sizes[2:])
+    assert max(sizes) <= caches.bytes_for(spec, len(ids), tiny_lm.config)
+    assert caches.bytes_for(spec, len(ids), tiny_lm.config) == caches.bytes_for(spec, 10**6, tiny_lm.config)
+
+
+def test_chat_beyond_the_window_prefills_only_new_tokens(tiny_lm) -> None:
+    spec = CacheSpec("sink", sink_tokens=4, window=128)
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+    previous = 0
+    for i in range(8):
+        result = session.send(f"message number {i}: " + "words " * 10)
+        assert result.stats.reused_tokens == previous
+        assert result.stats.cache_tokens <= spec.sink_tokens + spec.window
+        previous = len(session.cached_ids)
+    assert session.cache.evicted > 0
+
+
+def test_long_first_prompt_keeps_its_tail(tiny_lm) -> None:
+    spec = CacheSpec("sink", sink_tokens=4, window=64)
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+    result = session.send("a long opening message " * 50)  # ~1,200 tokens, longer than context
+    assert result.stats.prompt_tokens > tiny_lm.context_length
+    assert result.stats.finish_reason in ("stop", "length")
+    assert result.stats.cache_tokens <= 68
+
+
+def test_editing_an_evicted_message_recomputes_from_the_kept_text(tiny_lm) -> None:
+    spec = CacheSpec("sink", sink_tokens=4, window=96)
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+    for i in range(5):
+        session.send(f"turn {i} " + "filler " * 12)
+    assert session.cache.evicted > 0
+    result = session.edit(0, "the first message, edited")
+    assert result.stats.reused_tokens == 0  # its tokens were evicted: recomputed
+    fresh = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+    fresh.messages = copy.deepcopy(session.messages[:-1])
+    assert fresh.generate().reply == result.reply
+
+
+def test_regenerate_inside_the_window_reuses_the_cache(tiny_lm) -> None:
+    spec = CacheSpec("sink", sink_tokens=4, window=96)
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+    for i in range(5):
+        session.send(f"turn {i} " + "filler " * 12)
+    result = session.regenerate()
+    assert result.stats.reused_tokens == result.stats.prompt_tokens - 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"sink_tokens": 4, "window": 4}, "larger than the sink"),
+    ({"sink_tokens": -1, "window": 64}, "0 or more"),
+])
+def test_invalid_sink_settings_are_explained(kwargs, message) -> None:
+    with pytest.raises(CacheConfigError, match=message):
+        CacheSpec("sink", **kwargs).validate()
+
+
+def test_window_must_fit_the_context(tiny_lm) -> None:
+    session = ChatSession(tiny_lm, SessionSettings(cache=CacheSpec("sink", sink_tokens=4, window=2000)))
+    with pytest.raises(CacheConfigError, match="context"):
+        session.send("hi")
