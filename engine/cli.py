@@ -9,10 +9,12 @@ import threading
 from collections.abc import Sequence
 from pathlib import Path
 
+import torch
+
 from engine import caches, models
 from engine.caches import CacheSpec
 from engine.sampling import SamplingError, SamplingSettings
-from engine.session import ChatSession, ContextOverflowError, SessionSettings, TurnResult
+from engine.session import OVERFLOW_POLICIES, ChatSession, ContextOverflowError, SessionSettings, TurnResult
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -26,7 +28,30 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache", default="dynamic", choices=caches.STRATEGIES, help="KV cache strategy")
+    d = CacheSpec()
+    g = p.add_argument_group("KV cache")
+    g.add_argument("--cache", default="dynamic", choices=caches.STRATEGIES, help="KV cache strategy")
+    g.add_argument("--sink-tokens", type=int, default=d.sink_tokens, help="sink: first tokens always kept")
+    g.add_argument("--window", type=int, default=d.window, help="sink: most recent tokens kept")
+    g.add_argument("--nbits", type=int, default=None, help="quantized: 2 or 4 bits")
+    g.add_argument("--residual", type=int, default=None, help="quantized: recent tokens kept in full precision")
+    g.add_argument("--q-group-size", type=int, default=None, help="quantized: values per quantization group")
+    g.add_argument("--axis-key", type=int, default=None, choices=(0, -1), help="quantized: 0 per token, -1 per channel")
+    g.add_argument("--axis-value", type=int, default=None, choices=(0, -1))
+    g.add_argument("--backend", default=d.backend, choices=caches.BACKENDS, help="quantized: quanto or hqq")
+    g.add_argument("--max-cache-len", type=int, default=d.max_cache_len, help="static: pre-allocated tokens")
+
+
+def cache_spec_from_args(args: argparse.Namespace) -> CacheSpec:
+    """The CacheSpec the flags ask for; quantization flags left out take the measured defaults for nbits."""
+    spec = CacheSpec(strategy=args.cache, sink_tokens=args.sink_tokens, window=args.window, backend=args.backend,
+                     max_cache_len=args.max_cache_len)
+    quant = {"nbits": args.nbits if args.nbits is not None else spec.nbits}
+    quant.update(caches.quantization_defaults(quant["nbits"]))
+    for name in ("residual", "q_group_size", "axis_key", "axis_value"):
+        if getattr(args, name) is not None:
+            quant[name] = getattr(args, name)
+    return spec.with_changes(**quant)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,10 +69,19 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
     chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
     chat.add_argument("--seed", type=int, default=None)
+    chat.add_argument("--overflow", default="stop", choices=OVERFLOW_POLICIES,
+                      help="when the chat outgrows the model's context: stop, truncate-middle, or switch to sink")
     chat.add_argument("--no-reuse", action="store_true",
                       help="recompute the whole conversation every turn (the baseline reuse is measured against)")
     chat.add_argument("--turns", type=Path, help="file with one user message per line")
     chat.add_argument("--json", action="store_true", help="with --turns: one JSON object per turn")
+
+    adv = sub.add_parser("advise", help="which cache strategy fits this model in this machine's memory")
+    _add_model_args(adv)
+    adv.add_argument("--context", type=int, default=None, help="tokens to plan for (default: the model's context)")
+    adv.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
+    adv.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    adv.add_argument("--json", action="store_true")
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text through a cache strategy")
     _add_model_args(ppl)
@@ -112,9 +146,14 @@ def cmd_chat(args: argparse.Namespace) -> int:
     except SamplingError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    try:
+        spec = cache_spec_from_args(args)
+    except caches.CacheConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     lm = _load(args)
-    settings = SessionSettings(system_prompt=args.system, sampling=sampling, cache=CacheSpec(args.cache),
-                               reuse=not args.no_reuse)
+    settings = SessionSettings(system_prompt=args.system, sampling=sampling, cache=spec,
+                               reuse=not args.no_reuse, overflow=args.overflow)
     session = ChatSession(lm, settings)
     if args.turns:
         lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
@@ -126,6 +165,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 return 1
             if args.json:
                 print(_turn_json(i, result), flush=True)
+            if result.stats.overflow_action:
+                print(f"note: {result.stats.overflow_action}", file=sys.stderr)
         return 0
 
     print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load). "
@@ -151,6 +192,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
             print(f"error: {exc}", file=sys.stderr)
             continue
         s = result.stats
+        if s.overflow_action:
+            print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
         note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
         if s.finish_reason == "cancelled":
             note = " [stopped]"
@@ -163,8 +206,13 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from engine.perplexity import perplexity
 
     text = args.text.read_text(encoding="utf-8")
+    try:
+        spec = cache_spec_from_args(args)
+    except caches.CacheConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     lm = _load(args)
-    result = perplexity(lm, text, CacheSpec(args.cache), max_tokens=args.max_tokens, chunk=args.chunk)
+    result = perplexity(lm, text, spec, max_tokens=args.max_tokens, chunk=args.chunk)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -173,15 +221,41 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_advise(args: argparse.Namespace) -> int:
+    from engine import memory
+
+    config = models.load_config(args.model, offline=not args.online, trust_remote_code=args.trust_remote_code)
+    if args.vram_gib is not None or args.ram_gib is not None:
+        hardware = memory.simulated_hardware(args.vram_gib, args.ram_gib)
+    else:
+        hardware = memory.read_hardware(models.pick_device(args.device))
+    dtype = None if args.dtype == "auto" else models.pick_dtype(torch.device(hardware.device), args.dtype)
+    advice = memory.advise(config, hardware, context=args.context, dtype=dtype)
+    if args.json:
+        print(json.dumps(advice.to_dict()))
+        return 0
+    gib = memory.GIB
+    where = "GPU" if hardware.has_gpu else "RAM"
+    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{' (simulated)' if hardware.simulated else ''}; "
+          f"weights {advice.weights_bytes / gib:.2f} GiB; free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; "
+          f"planning for {advice.context:,} tokens")
+    for e in advice.estimates:
+        print(f"  {e.describe():<58} {e.bytes_at_context / gib:8.2f} GiB at {advice.context:,} tokens")
+    print(advice.explanation)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "chat":
             return cmd_chat(args)
+        if args.command == "advise":
+            return cmd_advise(args)
         return cmd_perplexity(args)
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, UnicodeDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, caches.CacheConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

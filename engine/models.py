@@ -353,3 +353,22 @@ def _explain(source: ModelSource, exc: Exception) -> str:
         return (f"{source.location} is not in the local Hugging Face cache and Cachet is offline. "
                 "Download it once while online, or choose a local folder or GGUF file.")
     return f"Could not load {source.display_name}: {text}"
+
+
+def load_config(spec: str = DEFAULT_MODEL, *, offline: bool = True, trust_remote_code: bool = False) -> Any:
+    """Only a model's config (for the memory advisor): no weights are read."""
+    from transformers import AutoConfig
+
+    source = resolve(spec)
+    with _quiet_transformers():
+        try:
+            if source.kind == "gguf":
+                gguf = Path(source.location)
+                folder = converted_dir(file_sha256(gguf))
+                if (folder / "config.json").is_file():
+                    return AutoConfig.from_pretrained(folder)
+                return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            return AutoConfig.from_pretrained(source.location, trust_remote_code=trust_remote_code,
+                                              **({"local_files_only": True} if offline else {}))
+        except Exception as exc:
+            raise ModelLoadError(_explain(source, exc)) from exc

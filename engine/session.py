@@ -33,8 +33,9 @@ class ContextOverflowError(RuntimeError):
 
     def __init__(self, prompt_tokens: int, context_length: int) -> None:
         super().__init__(
-            f"The conversation is {prompt_tokens} tokens long, but the model reads at most "
-            f"{context_length}. Start a new chat, delete earlier messages, or choose an overflow policy."
+            f"The conversation ({prompt_tokens} tokens) plus room for a reply no longer fits the "
+            f"{context_length} tokens this chat can hold. Choose an overflow policy (truncate the middle, "
+            "or continue with attention sinks), start a new chat, or delete earlier messages."
         )
         self.prompt_tokens = prompt_tokens
         self.context_length = context_length
@@ -68,6 +69,8 @@ class TurnStats:
     cache_bytes: int
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    overflow_action: str | None = None  # what the overflow policy did before this turn, if anything
+    hidden_messages: int = 0  # messages left out of what the model read (truncate-middle)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -79,12 +82,52 @@ class TurnResult:
     stats: TurnStats
 
 
+OVERFLOW_POLICIES = ("stop", "truncate-middle", "sink")
+
+
 @dataclass
 class SessionSettings:
+    """Per-conversation settings.
+
+    overflow: what happens when a conversation no longer fits the model's context (for
+        strategies other than sink): "stop" refuses with a clear message, "truncate-middle"
+        keeps the system prompt and the first exchange and leaves the oldest turns after
+        them out of what the model reads (they stay in the chat), "sink" switches this chat
+        to the sink strategy, keeping its cache.
+    """
+
     system_prompt: str = ""
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     cache: CacheSpec = field(default_factory=CacheSpec)
     reuse: bool = True  # False recomputes the whole conversation every turn (the baseline)
+    overflow: str = "stop"
+
+    def validate(self) -> SessionSettings:
+        self.cache.validate()
+        self.sampling.validate()
+        if self.overflow not in OVERFLOW_POLICIES:
+            raise caches.CacheConfigError(
+                f"Unknown overflow policy {self.overflow!r}; choose one of {', '.join(OVERFLOW_POLICIES)}."
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class ContextStatus:
+    """How full the model's context is for the next turn."""
+
+    prompt_tokens: int
+    context_length: int
+    reserve: int  # tokens kept free for the reply
+    bounded: bool  # the cache strategy holds a bounded window: no limit applies
+
+    @property
+    def fits(self) -> bool:
+        return self.bounded or self.prompt_tokens + self.reserve <= self.context_length
+
+    @property
+    def fraction(self) -> float:
+        return (self.prompt_tokens + self.reserve) / self.context_length
 
 
 def common_prefix_length(a: Sequence[int], b: Sequence[int]) -> int:
@@ -109,10 +152,10 @@ class ChatSession:
         messages: Sequence[Message] | None = None,
     ) -> None:
         self.lm = lm
-        self.settings = settings or SessionSettings()
-        self.settings.cache.validate()
-        self.settings.sampling.validate()
+        self.settings = (settings or SessionSettings()).validate()
         self.messages: list[Message] = list(messages or [])
+        # truncate-middle: messages[2:context_start] are left out of what the model reads.
+        self.context_start = 0
         self.cache: Any = None
         self.cached_ids: list[int] = []
         self._cancel = threading.Event()
@@ -124,7 +167,7 @@ class ChatSession:
         Assistant replies keep the ids the model generated for them whenever that gives the
         same text, so the cache built while generating stays a prefix of the next prompt.
         """
-        msgs = self.messages if messages is None else messages
+        msgs = self.model_messages() if messages is None else messages
         chat: list[dict[str, str]] = []
         if self.settings.system_prompt:
             chat.append({"role": "system", "content": self.settings.system_prompt})
@@ -170,6 +213,54 @@ class ChatSession:
             return None
         return spliced + tail
 
+    def model_messages(self) -> list[Message]:
+        """The messages the model reads: all of them, unless truncate-middle hid the oldest turns."""
+        if self.context_start <= 2:
+            return list(self.messages)
+        return self.messages[:2] + self.messages[self.context_start :]
+
+    @property
+    def hidden_messages(self) -> int:
+        return max(0, self.context_start - 2)
+
+    def context_limit(self) -> int:
+        """Tokens the conversation may fill: the model's context, or a static cache's length if smaller."""
+        spec = self.settings.cache
+        if spec.strategy == "static":
+            return min(self.lm.context_length, spec.max_cache_len)
+        return self.lm.context_length
+
+    def reply_reserve(self) -> int:
+        """Tokens kept free for the reply when checking that a conversation fits."""
+        return min(self.settings.sampling.max_new_tokens, max(self.context_limit() // 8, 1))
+
+    def context_status(self) -> ContextStatus:
+        """How full the context will be on the next turn (the GUI warns before it overflows)."""
+        return ContextStatus(len(self.render_ids()), self.context_limit(), self.reply_reserve(),
+                             self.settings.cache.bounded_length)
+
+    def set_cache_spec(self, spec: CacheSpec) -> str:
+        """Switch this conversation's cache strategy, keeping the conversation.
+
+        The existing cache is converted when possible (see engine.caches.convert); otherwise it
+        is dropped and the next turn recomputes it from the messages.
+
+        Returns:
+            "unchanged", "converted" or "recompute".
+        """
+        from engine.caches.convert import convert
+
+        spec = spec.validate()
+        if spec == self.settings.cache:
+            return "unchanged"
+        converted = convert(self.cache, len(self.cached_ids), spec, self.lm.config) if self.cache is not None else None
+        self.settings.cache = spec
+        if converted is None:
+            self.reset_cache()
+            return "recompute"
+        self.cache = converted
+        return "converted"
+
     def set_system_prompt(self, text: str) -> None:
         self.settings.system_prompt = text
 
@@ -179,6 +270,8 @@ class ChatSession:
     def truncate(self, index: int) -> None:
         """Drop message `index` and everything after it. The cache is cropped lazily next turn."""
         del self.messages[index:]
+        if index < self.context_start:
+            self.context_start = 0
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -206,7 +299,7 @@ class ChatSession:
         """
         if not 0 <= index < len(self.messages) or self.messages[index].role != "user":
             raise IndexError(f"Message {index} is not a user message of this conversation.")
-        del self.messages[index:]
+        self.truncate(index)
         self.messages.append(Message("user", text))
         return self.generate(on_delta)
 
@@ -217,13 +310,15 @@ class ChatSession:
         self._cancel.clear()
         self.prefill_chunk()  # invalid cache settings are reported before anything runs
         prompt = self.render_ids()
-        context = self.lm.context_length
+        context = self.context_limit()
         sampling = self.settings.sampling
+        overflow_action = None
+        if not self.settings.cache.bounded_length and len(prompt) + self.reply_reserve() > context:
+            overflow_action = self._apply_overflow_policy(len(prompt))
+            prompt = self.render_ids()
         if self.settings.cache.bounded_length:
             budget = sampling.max_new_tokens  # positions stay inside the cache window
         else:
-            if len(prompt) >= context:
-                raise ContextOverflowError(len(prompt), context)
             budget = min(sampling.max_new_tokens, context - len(prompt))
 
 
@@ -285,8 +380,34 @@ class ChatSession:
             cache_bytes=caches.cache_bytes(self.cache),
             finish_reason=finish,
             error=error,
+            overflow_action=overflow_action,
+            hidden_messages=self.hidden_messages,
         )
         return TurnResult(reply=reply, stats=stats)
+
+    def _apply_overflow_policy(self, prompt_tokens: int) -> str:
+        """The conversation does not fit: apply the overflow policy or raise ContextOverflowError."""
+        context = self.context_limit()
+        policy = self.settings.overflow
+        if policy == "sink":
+            spec = self.settings.cache
+            sink_tokens = spec.sink_tokens if spec.sink_tokens > 0 else CacheSpec().sink_tokens
+            window = self.lm.context_length - sink_tokens - PREFILL_CHUNK
+            how = self.set_cache_spec(CacheSpec(strategy="sink", sink_tokens=sink_tokens, window=window))
+            return f"switched to the sink strategy ({sink_tokens} sinks, window {window}; cache {how})"
+        if policy == "truncate-middle":
+            original, before = self.context_start, self.hidden_messages
+            start = max(self.context_start, 2)
+            # Drop whole turns after the first exchange, oldest first; the last message stays.
+            while True:
+                self.context_start = start
+                if len(self.render_ids()) + self.reply_reserve() <= context:
+                    return f"left {self.hidden_messages - before} older messages out of the model's view"
+                if start >= len(self.messages) - 1:
+                    break
+                start += 2 if start + 2 <= len(self.messages) - 1 else 1
+            self.context_start = original
+        raise ContextOverflowError(prompt_tokens, context)
 
     # ----- cache plumbing ------------------------------------------------------------------
     def _ensure_cache(self) -> Any:
@@ -355,6 +476,9 @@ class ChatSession:
     def forward_logits(self, ids: list[int], all_positions: bool = False) -> torch.Tensor:
         """Feed `ids` into the cache; return the logits (of the last position, or of every position)."""
         cache = self._ensure_cache()
+        ensure_room = getattr(cache, "ensure_room", None)
+        if callable(ensure_room):
+            ensure_room(len(ids))  # a static cache refuses to overflow, before anything is written
         start = caches.seq_length(cache)
         device = self.lm.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)

@@ -194,14 +194,14 @@ def test_failure_mid_reply_leaves_cache_consistent(tiny_lm, monkeypatch, exc) ->
 
 def test_context_overflow_is_reported_before_generating(tiny_lm) -> None:
     session = make_session(tiny_lm)
-    with pytest.raises(ContextOverflowError, match="at most 1024"):
+    with pytest.raises(ContextOverflowError, match="1024 tokens"):
         session.send("x" * 1100)
     assert session.cache is None or session.cached_ids == []
 
 
 def test_reply_never_exceeds_the_context(tiny_lm) -> None:
     session = make_session(tiny_lm, sampling=SamplingSettings(temperature=0.0, max_new_tokens=500))
-    result = session.send("y" * 980)
+    result = session.send("y" * 850)
     assert result.stats.prompt_tokens + result.stats.generated_tokens <= 1024
 
 
@@ -211,3 +211,60 @@ def test_no_reuse_recomputes_every_turn(tiny_lm) -> None:
     result = session.send("b")
     assert result.stats.reused_tokens == 0
     assert result.stats.cache_tokens == len(session.cached_ids)
+
+
+def test_overflow_stop_refuses_before_generating_and_keeps_the_message(tiny_lm) -> None:
+    session = make_session(tiny_lm, overflow="stop")
+    with pytest.raises(ContextOverflowError, match="overflow policy"):
+        session.send("z" * 1000)
+    assert [m.role for m in session.messages] == ["user"]  # kept, so the user can choose a policy and retry
+
+
+def fill_until_overflow(session: ChatSession) -> None:
+    for i in range(12):
+        session.messages.append(Message("user", f"question {i} " + "q" * 60))
+        session.messages.append(Message("assistant", f"answer {i} " + "a" * 60))
+
+
+def test_overflow_truncate_middle_keeps_first_exchange_and_hides_old_turns(tiny_lm) -> None:
+    session = make_session(tiny_lm, overflow="truncate-middle")
+    fill_until_overflow(session)
+    result = session.send("the newest question")
+    assert result.stats.finish_reason in ("stop", "length")
+    assert result.stats.overflow_action and result.stats.hidden_messages > 0
+    seen = session.model_messages()
+    assert seen[:2] == session.messages[:2]  # first exchange kept
+    assert seen[-2].content == "the newest question"
+    assert len(session.messages) == 12 * 2 + 2  # nothing deleted from the chat
+    follow = session.send("and another")
+    assert follow.stats.reused_tokens == result.stats.cache_tokens or follow.stats.overflow_action
+
+
+def test_overflow_sink_switches_strategy_and_keeps_the_cache(tiny_lm) -> None:
+    session = make_session(tiny_lm, overflow="sink")
+    fill_until_overflow(session)
+    session.messages = session.messages[:10]
+    session.send("short")  # fits: builds a dynamic cache
+    assert session.settings.cache.strategy == "dynamic"
+    fill_until_overflow(session)
+    result = session.send("now it overflows")
+    assert session.settings.cache.strategy == "sink"
+    assert "sink" in (result.stats.overflow_action or "")
+    assert result.stats.reused_tokens > 0  # the dynamic cache was converted, not thrown away
+    assert result.stats.prompt_tokens > tiny_lm.context_length - session.reply_reserve()
+
+
+def test_switching_strategy_keeps_the_conversation(tiny_lm) -> None:
+    from engine.caches import CacheSpec
+
+    session = make_session(tiny_lm)
+    session.send("first")
+    session.send("second")
+    assert session.set_cache_spec(CacheSpec("sink", sink_tokens=4, window=600)) == "converted"
+    result = session.send("third")
+    assert result.stats.reused_tokens > 0
+    fresh = make_session(tiny_lm)
+    fresh.messages = copy.deepcopy(session.messages[:-1])
+    assert fresh.generate().reply == result.reply  # window holds everything: same as dynamic
+    assert session.set_cache_spec(CacheSpec()) == "converted"  # nothing evicted yet: back to dynamic
+    assert session.send("fourth").stats.reused_tokens > 0

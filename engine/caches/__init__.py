@@ -105,6 +105,11 @@ class CacheSpec:
         return self.strategy in ("sink", "sink-quantized")
 
 
+def quantization_defaults(nbits: int) -> dict[str, Any]:
+    """The measured best settings (residual, group size, axes) for `nbits`-bit KV on the default model."""
+    return dict(strategy_module("quantized").default_spec(nbits))
+
+
 def strategy_module(strategy: str) -> ModuleType:
     return importlib.import_module(_MODULES[strategy])
 

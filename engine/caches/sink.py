@@ -154,6 +154,11 @@ class SinkLayer(DynamicLayer):
         # they were fed with; the eviction only affects later passes.
         return keys, values
 
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Everything stored, in full precision, keys rotated for slots 0..n-1."""
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
     def removable(self) -> int:
         """How many of the most recent tokens can be cropped away without losing the stream's order."""
         stored = self.get_seq_length()
@@ -214,17 +219,9 @@ class QuantizedSinkLayer(SinkLayer):
         n_sink = self.sink_k.shape[-2]
         n_blocks = self._block_tokens()
         # Full-precision view of the window for this forward pass, at the current slots.
-        parts_k = [self.sink_k]
-        parts_v = [self.sink_v]
-        pos = n_sink
-        for qk, qv, n in self.blocks:
-            parts_k.append(self.rotator.rotate_positions(self.quantizer._dequantize(qk), pos))
-            parts_v.append(self.quantizer._dequantize(qv))
-            pos += n
-        parts_k += [self.keys, key_states]
-        parts_v += [self.values, value_states]
-        keys = torch.cat(parts_k, dim=-2)
-        values = torch.cat(parts_v, dim=-2)
+        stored_k, stored_v = self.full_kv()
+        keys = torch.cat((stored_k, key_states), dim=-2)
+        values = torch.cat((stored_v, value_states), dim=-2)
 
         # New state: residual grows; full blocks of the residual are quantized (un-rotated).
         residual_k = torch.cat((self.keys, key_states), dim=-2)
@@ -247,6 +244,18 @@ class QuantizedSinkLayer(SinkLayer):
             self.evicted += drop
         self.keys, self.values = residual_k, residual_v
         return keys, values
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        parts_k = [self.sink_k]
+        parts_v = [self.sink_v]
+        pos = self.sink_k.shape[-2]
+        for qk, qv, n in self.blocks:
+            parts_k.append(self.rotator.rotate_positions(self.quantizer._dequantize(qk), pos))
+            parts_v.append(self.quantizer._dequantize(qv))
+            pos += n
+        parts_k.append(self.keys)
+        parts_v.append(self.values)
+        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
 
     def removable(self) -> int:
         residual = self.keys.shape[-2] if self.is_initialized else 0
@@ -286,13 +295,15 @@ class QuantizedSinkLayer(SinkLayer):
 
 
 def make_quantizer(spec: Any) -> Any:
-    """A quanto quantized layer, used only for its block quantize/de-quantize functions."""
-    from transformers.cache_utils import QuantoQuantizedLayer
+    """A quanto quantized layer, used only for its block quantize/de-quantize functions (whose
+    de-quantization needs no compiled kernel, see engine/caches/quantized.py)."""
+    from engine.caches import CacheConfigError
+    from engine.caches.quantized import QuantizedKVLayer
 
     if spec.backend != "quanto":
-        raise ValueError("sink-quantized stores its window with quanto; HQQ is available for 'quantized' only.")
-    return QuantoQuantizedLayer(nbits=spec.nbits, axis_key=spec.axis_key, axis_value=spec.axis_value,
-                                q_group_size=spec.q_group_size, residual_length=spec.residual)
+        raise CacheConfigError("sink-quantized stores its window with quanto; HQQ is available for 'quantized' only.")
+    return QuantizedKVLayer(nbits=spec.nbits, axis_key=spec.axis_key, axis_value=spec.axis_value,
+                            q_group_size=spec.q_group_size, residual_length=spec.residual, block=spec.residual)
 
 
 class SinkCache(Cache):

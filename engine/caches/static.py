@@ -1,0 +1,129 @@
+"""A KV cache pre-allocated to `max_cache_len` tokens (transformers' `StaticCache`).
+
+Its tensors never change shape or address, which is what `torch.compile` with CUDA graphs needs:
+on a GPU, compile the decode step once, e.g.
+`model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)`, and every
+later token reuses the captured graph (several times faster decoding for small models, where
+Python overhead dominates). Prefill should stay eager. Without compilation (the default here, and
+always on CPU) it gives the same logits as the dynamic cache, only with attention over the whole
+pre-allocated length, masked.
+
+The memory is taken in full at the first forward pass. A conversation that would outgrow it is
+refused with `StaticCacheFull` before anything is written, never silently truncated: call
+`ensure_room(n)` before feeding `n` tokens (each layer also checks again in `update`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, cast
+
+import torch
+from transformers.cache_utils import StaticCache, StaticLayer
+
+from engine.caches import CacheConfigError
+from engine.caches.shape import KVShape
+
+
+class StaticCacheFull(ValueError):
+    """Feeding more tokens would overflow the pre-allocated cache; nothing was written."""
+
+    def __init__(self, cached: int, new: int, capacity: int) -> None:
+        super().__init__(
+            f"The static cache holds at most {capacity} tokens; it has {cached} and {new} more would not fit. "
+            "Start a new chat, delete earlier messages, or choose a larger static cache (or another strategy)."
+        )
+        self.cached = cached
+        self.new = new
+        self.capacity = capacity
+
+
+class CroppableStaticLayer(StaticLayer):
+    """A `StaticLayer` that can be cropped and refuses to overflow.
+
+    Its length is `cumulative_length` (a 0-d tensor, so compiled graphs see no new constant);
+    attention masks are computed from it, so cropping only has to lower it. The dropped tail is
+    zeroed anyway so that no stale keys survive.
+    """
+
+    is_croppable = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cached = self.get_length()
+        if cached + key_states.shape[-2] > self.max_cache_len:
+            raise StaticCacheFull(cached, key_states.shape[-2], self.max_cache_len)
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def get_length(self) -> int:
+        return int(self.cumulative_length) if self.is_initialized else 0
+
+    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cached tokens' keys and values (without the unused tail)."""
+        assert self.keys is not None and self.values is not None
+        n = self.get_length()
+        return self.keys[..., :n, :], self.values[..., :n, :]
+
+    @torch.inference_mode()  # the tensors were made by forward passes in inference mode
+    def crop_to(self, length: int) -> bool:
+        if length < 0 or length > self.get_length():
+            return False
+        if self.is_initialized and length < self.get_length():
+            assert self.keys is not None and self.values is not None
+            self.keys[:, :, length:].zero_()
+            self.values[:, :, length:].zero_()
+            self.cumulative_length.fill_(length)
+        return True
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if tokens_to_remove > 0:
+            raise ValueError("crop takes a negative number of tokens to remove.")
+        self.crop_to(self.get_length() + tokens_to_remove)
+
+
+class CroppableStaticCache(StaticCache):
+    """`StaticCache` with `crop_to`, `ensure_room` and `nbytes` for the session."""
+
+    def __init__(self, config: Any, max_cache_len: int) -> None:
+        super().__init__(config=config, max_cache_len=max_cache_len)
+        if any(type(layer) is not StaticLayer for layer in self.layers):
+            kinds = sorted({type(layer).__name__ for layer in self.layers})
+            raise CacheConfigError(f"The static cache supports full-attention models only, not layers of {kinds}.")
+        self.layers = [CroppableStaticLayer(max_cache_len=max_cache_len) for _ in self.layers]
+        self.max_cache_len = max_cache_len
+
+    @property
+    def static_layers(self) -> list[CroppableStaticLayer]:
+        return cast(list[CroppableStaticLayer], self.layers)
+
+    def room(self) -> int:
+        """Tokens that can still be fed."""
+        return self.max_cache_len - int(self.get_seq_length())
+
+    def ensure_room(self, new_tokens: int) -> None:
+        """Raise `StaticCacheFull` if `new_tokens` more tokens would not fit."""
+        if new_tokens > self.room():
+            raise StaticCacheFull(int(self.get_seq_length()), new_tokens, self.max_cache_len)
+
+    def crop_to(self, length: int) -> bool:
+        if any(layer.get_length() < length for layer in self.static_layers):
+            return False
+        return all(layer.crop_to(length) for layer in self.static_layers)
+
+    def nbytes(self) -> int:
+        """Bytes allocated now: nothing before the first forward pass, then the whole pre-allocation."""
+        total = 0
+        for layer in self.static_layers:
+            for tensor in (layer.keys, layer.values):
+                if layer.is_initialized and tensor is not None:
+                    total += tensor.numel() * tensor.element_size()
+        return total
+
+
+def build(config: Any, spec: Any) -> CroppableStaticCache:
+    return CroppableStaticCache(config, max_cache_len=spec.max_cache_len)
+
+
+def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
+    """The full pre-allocation, whatever `tokens` is: `max_cache_len` tokens of K and V in every layer."""
+    return spec.max_cache_len * KVShape.of(config).bytes_per_token(dtype)

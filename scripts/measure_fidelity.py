@@ -1,0 +1,114 @@
+"""Perplexity and memory of each cache strategy on a long text, against the full (dynamic) cache.
+
+    .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of tests/data/alice.txt
+    .venv/bin/python scripts/measure_fidelity.py --max-tokens 2048
+    .venv/bin/python scripts/measure_fidelity.py --search-2bit --max-tokens 2048   # the 2-bit search
+
+The text is fed through each cache in chunks of 64 tokens, as a long chat fills it (see
+engine/perplexity.py). The bundled model is loaded once. A row whose strategy is not available
+here (offloading without a GPU, a missing backend) is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine import caches, models  # noqa: E402
+from engine.caches import CacheSpec  # noqa: E402
+from engine.caches.quantized import default_spec  # noqa: E402
+from engine.perplexity import PerplexityResult, perplexity  # noqa: E402
+
+TEXT = ROOT / "tests" / "data" / "alice.txt"
+
+# One row per strategy setting: add a line to measure another.
+ROWS: list[tuple[str, CacheSpec]] = [
+    ("dynamic", CacheSpec(strategy="dynamic")),
+    ("quantized 4-bit", CacheSpec(strategy="quantized", **default_spec(4))),
+    ("quantized 2-bit", CacheSpec(strategy="quantized", **default_spec(2))),
+    ("static", CacheSpec(strategy="static", max_cache_len=8192)),
+]
+
+
+def two_bit(axis_key: int, axis_value: int, group: int, residual: int) -> tuple[str, CacheSpec]:
+    spec = CacheSpec(strategy="quantized", nbits=2, axis_key=axis_key, axis_value=axis_value,
+                     q_group_size=group, residual=residual)
+    return f"2-bit k{axis_key:+d} v{axis_value:+d} g{group} r{residual}", spec
+
+
+def search_2bit(lm: models.LoadedModel, text: str, max_tokens: int, chunk: int) -> None:
+    """The 2-bit search, in two stages to stay affordable on a CPU: first the four key/value axis
+    pairs (group 64, residual 128), then group size × residual on the best pair."""
+    base = measure(lm, text, [ROWS[0]], max_tokens, chunk)
+    axes = [two_bit(k, v, 64, 128) for k, v in itertools.product((0, -1), (0, -1))]
+    results = measure(lm, text, axes, max_tokens, chunk, base=base["dynamic"], header=False)
+    best = min(axes, key=lambda row: results[row[0]].ppl)[1]
+    print(f"best axes: key {best.axis_key}, value {best.axis_value}", flush=True)
+    grid = itertools.product((32, 64, 128), (32, 64, 128, 256))
+    rows = [two_bit(best.axis_key, best.axis_value, group, residual) for group, residual in grid]
+    results.update(measure(lm, text, [row for row in rows if row[0] not in results], max_tokens, chunk,
+                           base=base["dynamic"], header=False))
+    label = min(results, key=lambda name: results[name].ppl)
+    print(f"best: {label}", flush=True)
+
+
+def measure(lm: models.LoadedModel, text: str, rows: list[tuple[str, CacheSpec]], max_tokens: int, chunk: int,
+            base: PerplexityResult | None = None, header: bool = True) -> dict[str, PerplexityResult]:
+    """Print one table line per row; the first row measured is the reference unless `base` is given."""
+    reasons = caches.availability(lm.device)
+    if header:
+        line = f"{'cache':<30} {'ppl':>8} {'ppl ratio':>9} {'tokens':>7} {'cache MiB':>10} {'bytes ratio':>11} {'s':>6}"
+        print(line)
+        print("-" * len(line))
+    results: dict[str, PerplexityResult] = {}
+    for label, spec in rows:
+        reason = reasons.get(spec.strategy)
+        if reason is not None:
+            print(f"{label:<30} skipped: {reason}")
+            continue
+        if spec.strategy == "static" and spec.max_cache_len < max_tokens:
+            spec = spec.with_changes(max_cache_len=max_tokens)
+        started = time.perf_counter()
+        try:
+            result = perplexity(lm, text, spec, max_tokens=max_tokens, chunk=chunk)
+        except caches.CacheConfigError as exc:
+            print(f"{label:<30} skipped: {exc}")
+            continue
+        seconds = time.perf_counter() - started
+        results[label] = result
+        if base is None:
+            base = result
+        print(
+            f"{label:<30} {result.ppl:8.3f} {result.ppl / base.ppl:9.3f} {result.cache_tokens:7d} "
+            f"{result.cache_bytes / 2**20:10.2f} {result.cache_bytes / max(base.cache_bytes, 1):11.3f} {seconds:6.1f}",
+            flush=True,
+        )
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--max-tokens", type=int, default=8000)
+    parser.add_argument("--chunk", type=int, default=64)
+    parser.add_argument("--search-2bit", action="store_true", help="measure the 2-bit grid instead of the table")
+    parser.add_argument("--model", default="default")
+    args = parser.parse_args(argv)
+
+    lm = models.load(args.model, device="cpu", dtype="float32")
+    text = TEXT.read_text(encoding="utf-8")
+    print(f"model {lm.source.display_name}, {args.max_tokens} tokens of {TEXT.name}, chunks of {args.chunk}")
+    if args.search_2bit:
+        search_2bit(lm, text, args.max_tokens, args.chunk)
+    else:
+        measure(lm, text, ROWS, args.max_tokens, args.chunk)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

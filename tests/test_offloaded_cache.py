@@ -1,0 +1,47 @@
+"""The offloaded cache: refused clearly where there is no GPU; its memory estimates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import caches
+from engine.caches import CacheConfigError, CacheSpec
+from engine.caches import offloaded as offloaded_cache
+
+OFFLOADED = CacheSpec(strategy="offloaded")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")
+def test_without_a_gpu_the_offloaded_cache_is_refused_with_the_reason(tiny_lm) -> None:
+    reason = caches.availability(torch.device("cpu"))["offloaded"]
+    assert reason is not None
+    with pytest.raises(CacheConfigError) as error:
+        caches.build_cache(OFFLOADED, tiny_lm.config)
+    assert str(error.value) == reason
+    assert "no CUDA GPU" in reason
+
+
+def test_offloaded_holds_the_full_cache_in_ram_and_two_layers_on_the_gpu(tiny_lm) -> None:
+    tokens = 1000
+    full = caches.bytes_for(CacheSpec(), tokens, tiny_lm.config)
+    assert caches.bytes_for(OFFLOADED, tokens, tiny_lm.config) == full
+    layers = tiny_lm.config.num_hidden_layers
+    assert offloaded_cache.gpu_bytes_for(tokens, tiny_lm.config) == full * min(2, layers) // layers
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_offloaded_gives_the_dynamic_caches_logits_on_a_gpu(tiny_lm) -> None:
+    model = tiny_lm.model.to("cuda")
+    try:
+        ids = torch.randint(0, 250, (1, 120), device="cuda")
+        with torch.inference_mode():
+            dynamic = model(input_ids=ids, past_key_values=caches.build_cache(CacheSpec(), model.config)).logits
+            cache = caches.build_cache(OFFLOADED, model.config)
+            first = model(input_ids=ids[:, :100], past_key_values=cache).logits
+            second = model(input_ids=ids[:, 100:], past_key_values=cache,
+                           position_ids=torch.arange(100, 120, device="cuda")[None]).logits
+        torch.testing.assert_close(torch.cat([first, second], dim=1), dynamic, rtol=1e-4, atol=1e-4)
+        assert cache.layers[0].keys.device.type == "cpu", "the history lives in RAM between forward passes"
+    finally:
+        tiny_lm.model.to("cpu")

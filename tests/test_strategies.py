@@ -1,0 +1,69 @@
+"""Every strategy keeps the engine-core promises: follow-up turns prefill only new tokens, and
+switching strategy mid-chat keeps the conversation (tiny random model)."""
+
+from __future__ import annotations
+
+import pytest
+
+from engine import caches
+from engine.caches import CacheSpec
+from engine.sampling import SamplingSettings
+from engine.session import ChatSession, SessionSettings
+
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, repetition_penalty=1.0)
+CPU = __import__("torch").device("cpu")
+USABLE = [s for s, reason in caches.availability(CPU).items() if reason is None]
+SPECS = {
+    "dynamic": CacheSpec(),
+    "sink": CacheSpec("sink", sink_tokens=4, window=96),
+    "quantized": CacheSpec("quantized", nbits=4, residual=32, q_group_size=32, axis_key=-1),
+    "sink-quantized": CacheSpec("sink-quantized", sink_tokens=4, window=96, nbits=4, residual=32,
+                                q_group_size=32, axis_key=-1),
+    "static": CacheSpec("static", max_cache_len=1024),
+}
+
+
+@pytest.mark.parametrize("strategy", [s for s in SPECS if s in USABLE])
+def test_follow_up_turns_prefill_only_new_tokens(tiny_lm, strategy) -> None:
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=SPECS[strategy]))
+    previous = 0
+    for i in range(6):
+        result = session.send(f"turn {i}: " + "some words " * 6)
+        assert result.stats.finish_reason in ("stop", "length"), result.stats.error
+        assert result.stats.reused_tokens == previous
+        previous = len(session.cached_ids)
+
+
+@pytest.mark.parametrize("target", [s for s in SPECS if s in USABLE and s != "dynamic"])
+def test_switching_from_dynamic_mid_chat_keeps_the_conversation(tiny_lm, target) -> None:
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY))
+    session.send("hello")
+    session.send("how are you")
+    how = session.set_cache_spec(SPECS[target])
+    assert how in ("converted", "recompute")
+    result = session.send("still here?")
+    assert result.stats.finish_reason in ("stop", "length"), result.stats.error
+    if how == "converted":
+        assert result.stats.reused_tokens > 0
+    assert len(session.messages) == 6
+
+
+def test_offloaded_is_explained_on_a_cpu_only_machine() -> None:
+    reason = caches.availability(CPU)["offloaded"]
+    assert reason and "GPU" in reason
+
+
+def test_static_cache_overflow_is_refused_or_handled_never_truncated(tiny_lm) -> None:
+    from engine.session import ContextOverflowError
+
+    spec = CacheSpec("static", max_cache_len=128)
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+    with pytest.raises(ContextOverflowError, match="128 tokens"):
+        session.send("w" * 200)
+    session.messages.clear()
+    result = session.send("short")
+    assert result.stats.prompt_tokens + result.stats.generated_tokens <= 128
+    session.settings.overflow = "sink"
+    result = session.send("x" * 150)  # migrated to the sink strategy, keeping the chat
+    assert session.settings.cache.strategy == "sink"
+    assert result.stats.finish_reason in ("stop", "length")
