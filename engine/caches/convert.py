@@ -63,20 +63,31 @@ def convert(cache: Cache | None, stream_length: int, spec: CacheSpec, config: An
     content = export_kv(cache)
     if any(kv is None for kv in content):
         return None
+    return fill([kv for kv in content if kv is not None], stream_length, spec, config)
+
+
+def fill(content: list[tuple[torch.Tensor, torch.Tensor]], stream_length: int, spec: CacheSpec,
+         config: Any) -> Cache | None:
+    """A new cache of `spec` fed with per-layer full-precision (keys, values); None if it cannot hold them.
+
+    `stream_length` is how many conversation tokens the content stands for: more than it
+    holds when it comes from a sink cache that evicted tokens (only a sink cache can take that).
+    """
+    stored = content[0][0].shape[-2] if content else 0
+    if stored == 0 or (stored < stream_length and not spec.bounded_length):
+        return None
     target = build_cache(spec, config)
     ensure = getattr(target, "ensure_room", None)
     if callable(ensure):
         try:
-            ensure(content[0][0].shape[-2] if content[0] else 0)  # type: ignore[index]
+            ensure(stored)
         except ValueError:
             return None
-    for idx, kv in enumerate(content):
-        assert kv is not None
-        target.update(kv[0], kv[1], idx)
+    for idx, (keys, values) in enumerate(content):
+        target.update(keys, values, idx)
     if isinstance(target, SinkCache):
-        # The new sink layers count what they were fed; carry over the old stream's history.
-        stored = content[0][0].shape[-2] if content[0] else 0  # type: ignore[index]
+        # The new sink layers count what they were fed; carry over the stream's history.
         for layer in target.sink_layers:
+            layer.evicted += stream_length - layer.fed
             layer.fed = stream_length
-            layer.evicted += stream_length - stored
     return target

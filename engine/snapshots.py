@@ -1,0 +1,163 @@
+"""KV snapshots on disk, so a chat resumes after a restart without recomputing its history.
+
+A snapshot is one safetensors file (never pickle) per conversation: every layer's keys and
+values in full precision (as `engine.caches.convert.export_kv` gives them) plus metadata —
+the exact token ids the cache stands for, the model's identity (file hash + dtype) and the
+cache strategy's parameters. It is used only when all of that matches the session asking
+for it; a stale, mismatched, truncated or corrupt file is deleted and the session recomputes.
+
+Files are written atomically (temp file + `os.replace`) and the folder is kept under a disk
+budget by deleting the least recently used snapshots.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine import paths
+from engine.caches import CacheSpec
+from engine.caches.shape import KVShape
+
+FORMAT = "cachet-kv-1"
+DEFAULT_BUDGET = 4 * 1024**3
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    ok: bool
+    reason: str  # "loaded", "missing", "model changed", "strategy changed", "corrupt", ...
+    seconds: float = 0.0
+    tokens: int = 0
+
+
+class SnapshotStore:
+    def __init__(self, root: Path | None = None, budget_bytes: int = DEFAULT_BUDGET) -> None:
+        self.root = root or paths.cache_dir() / "snapshots"
+        self.budget_bytes = budget_bytes
+
+    def path(self, key: str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+        return self.root / f"{safe}.safetensors"
+
+    # ----- writing -----------------------------------------------------------------------------
+    def save(self, key: str, session: Any) -> Path | None:
+        """Write the session's cache; None when there is nothing to save."""
+        from safetensors.torch import save_file
+
+        from engine.caches.convert import export_kv
+
+        cache = session.cache
+        if cache is None or not session.cached_ids:
+            return None
+        content = export_kv(cache)
+        if any(kv is None for kv in content):
+            return None
+        tensors = {}
+        for i, kv in enumerate(content):
+            assert kv is not None
+            tensors[f"k.{i}"] = kv[0].contiguous().cpu()
+            tensors[f"v.{i}"] = kv[1].contiguous().cpu()
+        meta = {
+            "format": FORMAT,
+            "model": session.lm.identity,
+            "spec": json.dumps(session.settings.cache.to_dict(), sort_keys=True),
+            "token_ids": json.dumps(session.cached_ids),
+            "layers": str(len(content)),
+            "saved": str(time.time()),
+        }
+        self.root.mkdir(parents=True, exist_ok=True)
+        target = self.path(key)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            save_file(tensors, str(tmp), metadata=meta)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        self.enforce_budget(keep=target)
+        return target
+
+    # ----- reading -----------------------------------------------------------------------------
+    def load(self, key: str, session: Any) -> LoadResult:
+        """Restore the session's cache and token ids from its snapshot, if it is valid for it."""
+        from safetensors import safe_open
+
+        from engine.caches.convert import fill
+
+        path = self.path(key)
+        if not path.is_file():
+            return LoadResult(False, "missing")
+        started = time.perf_counter()
+        try:
+            with safe_open(str(path), framework="pt", device=str(session.lm.device)) as fh:
+                meta = fh.metadata() or {}
+                problem = self._mismatch(meta, session)
+                if problem:
+                    self.delete(key)
+                    return LoadResult(False, problem)
+                layers = int(meta["layers"])
+                content = [(fh.get_tensor(f"k.{i}"), fh.get_tensor(f"v.{i}")) for i in range(layers)]
+            ids = [int(t) for t in json.loads(meta["token_ids"])]
+        except Exception as exc:  # truncated or damaged file, bad metadata
+            self.delete(key)
+            return LoadResult(False, f"corrupt ({type(exc).__name__})")
+        dtype = session.lm.dtype
+        content = [(k.to(dtype), v.to(dtype)) for k, v in content]
+        cache = fill(content, len(ids), session.settings.cache, session.lm.config)
+        if cache is None or not _shapes_match(content, session):
+            self.delete(key)
+            return LoadResult(False, "does not fit this cache")
+        session.cache = cache
+        session.cached_ids = ids
+        os.utime(path)  # recently used
+        return LoadResult(True, "loaded", time.perf_counter() - started, len(ids))
+
+    @staticmethod
+    def _mismatch(meta: dict[str, str], session: Any) -> str | None:
+        if meta.get("format") != FORMAT:
+            return "unknown format"
+        if meta.get("model") != session.lm.identity:
+            return "model changed"
+        try:
+            spec = CacheSpec.from_dict(json.loads(meta.get("spec", "{}")))
+        except (ValueError, TypeError):
+            return "corrupt (spec)"
+        if spec != session.settings.cache:
+            return "strategy changed"
+        return None
+
+    # ----- housekeeping ------------------------------------------------------------------------
+    def delete(self, key: str) -> None:
+        self.path(key).unlink(missing_ok=True)
+
+    def files(self) -> list[Path]:
+        return sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime) if self.root.is_dir() else []
+
+    def total_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.files())
+
+    def enforce_budget(self, keep: Path | None = None) -> list[Path]:
+        """Delete least recently used snapshots until the folder fits the budget."""
+        removed = []
+        files = self.files()
+        total = sum(p.stat().st_size for p in files)
+        for p in files:
+            if total <= self.budget_bytes:
+                break
+            if p == keep:
+                continue
+            total -= p.stat().st_size
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+
+def _shapes_match(content: list[Any], session: Any) -> bool:
+    shape = KVShape.of(session.lm.config)
+    return len(content) == shape.layers and all(
+        k.shape[1] == shape.kv_heads and k.shape[-1] == shape.head_dim for k, _ in content
+    )
