@@ -15,8 +15,8 @@ from tests.tiny import tiny_loaded_model
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, repetition_penalty=1.0)
 
 
-def chat(lm, spec: CacheSpec = CacheSpec()) -> ChatSession:
-    session = ChatSession(lm, SessionSettings(sampling=GREEDY, cache=spec))
+def chat(lm, spec: CacheSpec | None = None) -> ChatSession:
+    session = ChatSession(lm, SessionSettings(sampling=GREEDY, cache=spec or CacheSpec()))
     for text in ["first message", "second message", "third"]:
         session.send(text)
     return session
