@@ -434,7 +434,7 @@ class ChatSession:
 
         Returns how many prompt tokens were reused and the logits for the next token.
         """
-        if not self.settings.reuse:
+        if not self.settings.reuse or self.cache is None:
             self.reset_cache()
         # Always leave at least one token to feed: its logits choose the first new token.
         keep = min(common_prefix_length(self.cached_ids, prompt), len(prompt) - 1)
@@ -447,6 +447,17 @@ class ChatSession:
             logits = self.forward_logits(rest[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"
         return reused, logits
+
+    def warm(self) -> int:
+        """Bring the cache up to the conversation so far (no generation prompt); returns tokens reused."""
+        if not self.messages:
+            return 0
+        try:
+            reused, _ = self._prepare(self.render_ids(generation_prompt=False))
+        except Exception:
+            self._resync()
+            raise
+        return reused
 
     def prefill_chunk(self) -> int:
         """Tokens per prefill pass. A sink cache's positions reach sinks + window + chunk, which

@@ -1,0 +1,172 @@
+"""Many conversations, one memory budget: where each conversation's KV cache lives.
+
+The active conversation's cache is on the compute device. Idle caches move, least recently
+used first, to host RAM (pinned when the device is a GPU), then to disk as snapshots
+(engine.snapshots), then are dropped and recomputed from the messages when needed. Moves
+run on a background thread and never touch the conversation that is generating.
+Switching back restores the cache from wherever it is and reports where it came from.
+
+On a CPU-only machine the device and host RAM are the same memory; the two budgets are
+then two shares of it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine import caches
+from engine.snapshots import SnapshotStore
+
+TIERS = ("device", "ram", "disk", "none")
+
+
+@dataclass(frozen=True)
+class Restore:
+    """How a conversation's cache came back when it was activated."""
+
+    source: str  # "device" | "ram" | "disk" | "recomputed" | "empty"
+    seconds: float
+    tokens: int
+
+
+@dataclass
+class _Entry:
+    session: Any
+    tier: str = "device"
+    pending: Future[None] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def move_cache(cache: Any, device: torch.device, pin: bool = False) -> None:
+    """Move every tensor a cache's layers hold (including lists of them) to `device`, in place."""
+    for layer in cache.layers:
+        for name, value in list(vars(layer).items()):
+            if isinstance(value, torch.Tensor):
+                moved = value.to(device, non_blocking=pin)
+                setattr(layer, name, moved.pin_memory() if pin and device.type == "cpu" else moved)
+            elif isinstance(value, list) and value and isinstance(value[0], tuple):
+                setattr(layer, name, [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in item)
+                                      for item in value])
+
+
+class CachePool:
+    """Keeps every conversation's cache within a device budget and a host-RAM budget."""
+
+    def __init__(self, lm: Any, *, device_budget: int, host_budget: int,
+                 snapshots: SnapshotStore | None = None) -> None:
+        self.lm = lm
+        self.device_budget = device_budget
+        self.host_budget = host_budget
+        self.snapshots = snapshots
+        self.entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
+        self.active: str | None = None
+        self._mutex = threading.RLock()
+        self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachet-cache-mover")
+        self.host = torch.device("cpu")
+
+    def close(self) -> None:
+        self._mover.shutdown(wait=True)
+
+    # ----- bookkeeping -------------------------------------------------------------------------
+    def add(self, key: str, session: Any) -> None:
+        with self._mutex:
+            self.entries[key] = _Entry(session)
+            self.entries.move_to_end(key)
+
+    def remove(self, key: str) -> None:
+        with self._mutex:
+            entry = self.entries.pop(key, None)
+        if entry is not None and entry.pending is not None:
+            entry.pending.result()
+        if self.snapshots is not None:
+            self.snapshots.delete(key)
+
+    def tier(self, key: str) -> str:
+        entry = self.entries[key]
+        if entry.session.cache is None and entry.tier in ("device", "ram"):
+            return "none"
+        return entry.tier
+
+    def bytes_in(self, tier: str) -> int:
+        with self._mutex:
+            return sum(caches.cache_bytes(e.session.cache) for e in self.entries.values() if e.tier == tier)
+
+    # ----- activation --------------------------------------------------------------------------
+    def activate(self, key: str) -> Restore:
+        """Make `key` the active conversation with its cache on the device, ready to reuse."""
+        with self._mutex:
+            entry = self.entries[key]
+            self.entries.move_to_end(key)
+            self.active = key
+        if entry.pending is not None:
+            entry.pending.result()  # a move of this cache was under way: let it finish first
+        started = time.perf_counter()
+        with entry.lock:
+            session = entry.session
+            source = entry.tier
+            if source in ("device", "ram") and session.cache is None:
+                source = "none"
+            if source == "ram":
+                move_cache(session.cache, self.lm.device)
+            elif source == "disk":
+                loaded = self.snapshots.load(key, session) if self.snapshots else None
+                source = "disk" if loaded is not None and loaded.ok else "none"
+            if source == "none":
+                source = "recomputed" if session.messages else "empty"
+                session.reset_cache()
+                if session.messages:
+                    session.warm()
+            entry.tier = "device"
+        restore = Restore(source, time.perf_counter() - started, len(session.cached_ids))
+        self.rebalance()
+        return restore
+
+    # ----- budgets -----------------------------------------------------------------------------
+    def rebalance(self, wait: bool = False) -> None:
+        """Schedule moves of idle caches until both budgets hold (in the background)."""
+        with self._mutex:
+            plan: list[tuple[str, str]] = []
+            device = self.bytes_in("device")
+            host = self.bytes_in("ram")
+            for key, entry in self.entries.items():  # least recently used first
+                if key == self.active or entry.session.cache is None:
+                    continue
+                size = caches.cache_bytes(entry.session.cache)
+                if entry.tier == "device" and device > self.device_budget:
+                    device -= size
+                    if host + size <= self.host_budget:
+                        plan.append((key, "ram"))
+                        host += size
+                    else:
+                        plan.append((key, "disk" if self.snapshots else "none"))
+                elif entry.tier == "ram" and host > self.host_budget:
+                    host -= size
+                    plan.append((key, "disk" if self.snapshots else "none"))
+            for key, tier in plan:
+                entry = self.entries[key]
+                entry.tier = tier  # accounted at once; the move itself runs in the background
+                entry.pending = self._mover.submit(self._move, key, entry, tier)
+            futures = [self.entries[k].pending for k, _ in plan]
+        if wait:
+            for f in futures:
+                if f is not None:
+                    f.result()
+
+    def _move(self, key: str, entry: _Entry, tier: str) -> None:
+        with entry.lock:
+            session = entry.session
+            if session.cache is None:
+                return
+            if tier == "ram":
+                move_cache(session.cache, self.host, pin=self.lm.device.type == "cuda")
+                return
+            if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
+                entry.tier = "none"
+            session.reset_cache()  # a snapshot restores cache and ids together, or the turn recomputes

@@ -1,0 +1,70 @@
+"""Many conversations under one memory budget: idle caches move to RAM, disk or nowhere, and
+come back so that the next turn answers exactly as a from-scratch run (tiny random model)."""
+
+from __future__ import annotations
+
+import copy
+
+from engine import caches
+from engine.pool import CachePool
+from engine.sampling import SamplingSettings
+from engine.session import ChatSession, SessionSettings
+from engine.snapshots import SnapshotStore
+
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=8, repetition_penalty=1.0)
+
+
+def new_chat(lm, i: int) -> ChatSession:
+    session = ChatSession(lm, SessionSettings(sampling=GREEDY))
+    session.send(f"conversation {i}: " + "history " * 30)
+    return session
+
+
+def test_budget_holds_and_every_chat_resumes_correctly(tiny_lm, tmp_path) -> None:
+    one = caches.cache_bytes(new_chat(tiny_lm, 0).cache)
+    pool = CachePool(tiny_lm, device_budget=3 * one + one // 2, host_budget=2 * one + one // 2,
+                     snapshots=SnapshotStore(tmp_path))
+    try:
+        sessions = {}
+        for i in range(10):
+            key = f"c{i}"
+            sessions[key] = new_chat(tiny_lm, i)
+            pool.add(key, sessions[key])
+            pool.activate(key)
+            pool.rebalance(wait=True)
+            assert pool.bytes_in("device") <= pool.device_budget + one  # the active chat may grow past it
+            assert pool.bytes_in("ram") <= pool.host_budget
+        tiers = {pool.tier(k) for k in sessions}
+        assert {"device", "ram", "disk"} <= tiers
+        sources = set()
+        for key, session in reversed(sessions.items()):  # most recent first: device, then ram, then disk
+            restore = pool.activate(key)
+            sources.add(restore.source)
+            reused_before = len(session.cached_ids)
+            result = session.send("and a follow-up")
+            assert result.stats.reused_tokens == reused_before > 0
+            fresh = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY))
+            fresh.messages = copy.deepcopy(session.messages[:-1])
+            assert fresh.generate().reply == result.reply
+            pool.rebalance(wait=True)
+        assert {"device", "ram", "disk"} <= sources
+    finally:
+        pool.close()
+
+
+def test_without_snapshots_idle_caches_are_dropped_and_recomputed(tiny_lm) -> None:
+    one = caches.cache_bytes(new_chat(tiny_lm, 0).cache)
+    pool = CachePool(tiny_lm, device_budget=one + one // 2, host_budget=0)
+    try:
+        a, b = new_chat(tiny_lm, 1), new_chat(tiny_lm, 2)
+        pool.add("a", a)
+        pool.activate("a")
+        pool.add("b", b)
+        pool.activate("b")
+        pool.rebalance(wait=True)
+        assert pool.tier("a") == "none"
+        restore = pool.activate("a")
+        assert restore.source == "recomputed" and restore.tokens > 0
+        assert a.send("again").stats.reused_tokens == restore.tokens
+    finally:
+        pool.close()
