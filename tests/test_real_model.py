@@ -35,6 +35,7 @@ def test_second_load_uses_the_converted_copy(real_lm, monkeypatch) -> None:
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.timeout(900)
 def test_six_turns_identical_with_and_without_reuse(real_lm) -> None:
     reuse = ChatSession(real_lm, SessionSettings(sampling=GREEDY))
     baseline = ChatSession(real_lm, SessionSettings(sampling=GREEDY, reuse=False))
@@ -77,3 +78,18 @@ def test_edit_on_real_model_matches_from_scratch(real_lm) -> None:
     fresh.messages = copy.deepcopy(session.messages[:-1])
     assert fresh.generate().reply == result.reply
     assert "Madrid" in result.reply
+
+
+@pytest.mark.timeout(900)
+def test_sink_keeps_streamingllm_quality_on_the_bundled_model(real_lm) -> None:
+    from engine.caches import CacheSpec
+    from engine.perplexity import perplexity, sliding_window_perplexity
+
+    text = (Path(__file__).parent / "data" / "alice.txt").read_text()
+    n, window = 300, 64
+    sink = perplexity(real_lm, text, CacheSpec("sink", sink_tokens=4, window=window), max_tokens=n, chunk=32)
+    no_sink = perplexity(real_lm, text, CacheSpec("sink", sink_tokens=0, window=window + 4), max_tokens=n, chunk=32)
+    oracle = sliding_window_perplexity(real_lm, text, window + 4, max_tokens=n, batch=32)
+    assert sink.ppl <= 1.05 * oracle.ppl  # the paper's result: sinks match re-encoding the window
+    assert no_sink.ppl > 1.3 * sink.ppl  # without sinks the window alone falls apart
+    assert sink.cache_tokens <= window + 4
