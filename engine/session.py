@@ -41,6 +41,10 @@ class ContextOverflowError(RuntimeError):
         self.context_length = context_length
 
 
+class _Cancelled(Exception):
+    """cancel() arrived while the prompt was being prefilled."""
+
+
 @dataclass
 class Message:
     role: str  # "system" is not stored here: the session's system prompt is separate
@@ -321,7 +325,6 @@ class ChatSession:
         else:
             budget = min(sampling.max_new_tokens, context - len(prompt))
 
-
         sampler = Sampler(sampling, self.lm.device)
         decoder = IncrementalDecoder(self.lm.tokenizer)
         stop_ids = self.lm.stop_token_ids
@@ -352,6 +355,8 @@ class ChatSession:
                     break
                 context_ids = torch.cat([context_ids, torch.tensor([token])])
                 logits = self.forward_logits([token])
+        except _Cancelled:
+            finish = "cancelled"
         except Exception as exc:  # torch.OutOfMemoryError included: keep the conversation usable
             finish = "error"
             error = f"{type(exc).__name__}: {exc}"
@@ -444,6 +449,8 @@ class ChatSession:
         chunk = self.prefill_chunk()
         logits = None
         for start in range(0, len(rest), chunk):
+            if self._cancel.is_set():
+                raise _Cancelled  # between prefill chunks: a long prompt stops within one chunk
             logits = self.forward_logits(rest[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"
         return reused, logits
@@ -452,6 +459,7 @@ class ChatSession:
         """Bring the cache up to the conversation so far (no generation prompt); returns tokens reused."""
         if not self.messages:
             return 0
+        self._cancel.clear()
         try:
             reused, _ = self._prepare(self.render_ids(generation_prompt=False))
         except Exception:
@@ -476,6 +484,7 @@ class ChatSession:
     def next_token_logits(self) -> tuple[int, torch.Tensor]:
         """Bring the cache up to the conversation (with the generation prompt) and return
         (reused tokens, the logits of the first reply token), without generating."""
+        self._cancel.clear()
         prompt = self.render_ids()
         try:
             return self._prepare(prompt)

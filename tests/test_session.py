@@ -268,3 +268,27 @@ def test_switching_strategy_keeps_the_conversation(tiny_lm) -> None:
     assert fresh.generate().reply == result.reply  # window holds everything: same as dynamic
     assert session.set_cache_spec(CacheSpec()) == "converted"  # nothing evicted yet: back to dynamic
     assert session.send("fourth").stats.reused_tokens > 0
+
+
+def test_cancel_during_a_long_prefill_stops_between_chunks(tiny_lm, monkeypatch) -> None:
+    import engine.session as session_module
+
+    monkeypatch.setattr(session_module, "PREFILL_CHUNK", 64)
+    session = make_session(tiny_lm)
+    real = session.forward_logits
+    calls = {"n": 0}
+
+    def counting(ids, all_positions=False):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            session.cancel()  # as if the user pressed Stop during the prefill
+        return real(ids, all_positions)
+
+    session.forward_logits = counting
+    result = session.send("p" * 600)  # ~10 chunks of 64
+    assert result.stats.finish_reason == "cancelled"
+    assert calls["n"] == 2 and result.stats.generated_tokens == 0
+    assert session.messages[-1].role == "user"  # nothing half-made was stored as a reply
+    assert_consistent(session)
+    session.forward_logits = real
+    assert session.generate().stats.reused_tokens == 128  # the chunks already done are kept
