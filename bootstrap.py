@@ -84,8 +84,7 @@ def main(argv: list[str]) -> int:
         return 0
     env = dict(os.environ)
     if command == "run":
-        # The desktop window replaces this once app/ lands; until then the terminal chat.
-        cmd = [str(venv_python()), "-m", "engine", "chat", *rest]
+        cmd = [str(venv_python()), "-m", "app", *rest]
     elif command == "engine":
         cmd = [str(venv_python()), "-m", "engine", *rest]
     else:

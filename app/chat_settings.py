@@ -1,0 +1,503 @@
+"""The per-chat settings panel: system prompt, sampling, and the KV cache strategy with what each
+strategy would cost and how long a chat fits in the memory free now.
+
+It edits a copy of the chat's settings; Apply hands the whole new ChatSettings to the window,
+which applies what changed (a new cache strategy makes the worker rebuild the cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import (
+    QAbstractItemView,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QGroupBox,
+    QHBoxLayout,
+    QHeaderView,
+    QLabel,
+    QPlainTextEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QSpinBox,
+    QTreeWidget,
+    QTreeWidgetItem,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.bridge import CacheState, EngineInfo, ModelInfo
+from app.memory import estimate, human_bytes, human_tokens
+from engine.store import ChatSettings
+
+AUTO_TIP = ("“auto” will let Cachet's cache advisor pick a strategy for your memory and chat length. "
+            "Until the advisor exists it means “dynamic”.")
+STRATEGY_TIPS = {
+    "dynamic": "The full cache: every token's keys and values, exact. Grows with the chat.",
+    "sink": "Attention sinks: keeps the first tokens and a recent window, evicts the middle. Bounded size, lossy.",
+    "quantized": "Keys and values stored in 2 or 4 bits, recent tokens in full precision. Lossy.",
+    "sink-quantized": "Attention sinks with quantized storage. Bounded and small, lossy.",
+    "offloaded": "Keeps the cache in RAM and streams it to the GPU layer by layer.",
+    "static": "Pre-allocates a fixed length (enables compiled decoding on GPUs).",
+}
+# Which CacheSpec fields each strategy reads (see CacheSpec's docstring). Fields not listed here
+# (added to CacheSpec later) are shown for every strategy.
+STRATEGY_FIELDS = {
+    "dynamic": (),
+    "offloaded": (),
+    "sink": ("sink_tokens", "window"),
+    "quantized": ("nbits", "residual", "q_group_size", "axis_key", "axis_value", "backend"),
+    "sink-quantized": ("sink_tokens", "window", "nbits", "residual", "q_group_size", "axis_key", "axis_value",
+                       "backend"),
+    "static": ("max_cache_len",),
+}
+AXES = [(0, "per token"), (-1, "per channel")]
+OVERFLOW_LABELS = {"stop": "Stop and tell me", "truncate-middle": "Truncate the middle",
+                   "sink": "Continue with attention sinks"}
+
+
+@dataclass(frozen=True)
+class Param:
+    label: str
+    tip: str
+    choices: tuple[Any, ...] = ()  # values, or (value, label) pairs
+    minimum: int = 0
+    maximum: int = 10_000_000
+
+
+PARAMS: dict[str, Param] = {
+    "sink_tokens": Param("Sink tokens", "The first tokens, always kept: attention leans on them.", maximum=4096),
+    "window": Param("Window", "How many recent tokens are kept.", minimum=2),
+    "nbits": Param("Bits", "Bits per stored value.", choices=(2, 4)),
+    "residual": Param("Full-precision tail", "The most recent tokens kept unquantized."),
+    "q_group_size": Param("Group size", "Values quantized together share a scale.", choices=(16, 32, 64, 128)),
+    "axis_key": Param("Key axis", "Per-channel keys matter most at 2 bits (KIVI).", choices=tuple(AXES)),
+    "axis_value": Param("Value axis", "How values are grouped for quantization.", choices=tuple(AXES)),
+    "backend": Param("Backend", "The quantization library.", choices=("quanto", "hqq")),
+    "max_cache_len": Param("Pre-allocated length", "Tokens the static cache reserves.", minimum=16),
+}
+
+
+def compact_combo() -> QComboBox:
+    """A combo box that does not widen the panel to its longest entry."""
+    combo = QComboBox()
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(8)
+    return combo
+
+
+def human_size(n: int | None) -> str:
+    return "—" if n is None else human_bytes(n)
+
+
+class ChatSettingsPanel(QScrollArea):
+    """Signals: apply_requested(int chat_id, ChatSettings)."""
+
+    apply_requested = Signal(int, object)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("chatSettings")
+        self.setWidgetResizable(True)
+        self.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.chat_id: int | None = None
+        self.loaded: ChatSettings | None = None
+        self.info: EngineInfo | None = None
+        self.model: ModelInfo | None = None
+        self.busy = ""
+        self.free = 0
+        self.reference_tokens = 0
+        self._filling = False
+        self._param_widgets: dict[str, tuple[QLabel, QWidget]] = {}
+
+        body = QWidget()
+        body.setObjectName("chatSettings")
+        outer = QVBoxLayout(body)
+        outer.setContentsMargins(10, 8, 10, 10)
+        outer.setSpacing(10)
+        self.status = QLabel("The model is loading; settings appear when the engine is ready.")
+        self.status.setObjectName("muted")
+        self.status.setWordWrap(True)
+        outer.addWidget(self.status)
+
+        prompt_box = QGroupBox("System prompt")
+        pl = QVBoxLayout(prompt_box)
+        self.system_prompt = QPlainTextEdit()
+        self.system_prompt.setPlaceholderText("Instructions the model reads before the chat (optional)")
+        self.system_prompt.setFixedHeight(80)
+        pl.addWidget(self.system_prompt)
+        outer.addWidget(prompt_box)
+
+        sampling_box = QGroupBox("Sampling")
+        form = QFormLayout(sampling_box)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        self.temperature = self._double(0.0, 5.0, 0.05, 2, "0 = greedy: always the most likely token")
+        self.top_p = self._double(0.01, 1.0, 0.01, 2, "Sample from the smallest set of tokens with this much "
+                                                      "probability")
+        self.top_k = self._int(0, 100_000, "Sample from the k most likely tokens (0 = off)")
+        self.repetition_penalty = self._double(0.5, 3.0, 0.05, 2, "Above 1 discourages repeating tokens")
+        self.max_new_tokens = self._int(1, 1_000_000, "The longest reply, in tokens")
+        self.seed = self._int(-1, 2**31 - 1, "A fixed seed repeats the same reply; “random” does not")
+        self.seed.setSpecialValueText("random")
+        form.addRow("Temperature", self.temperature)
+        form.addRow("Top-p", self.top_p)
+        form.addRow("Top-k", self.top_k)
+        form.addRow("Repetition penalty", self.repetition_penalty)
+        form.addRow("Max new tokens", self.max_new_tokens)
+        form.addRow("Seed", self.seed)
+        outer.addWidget(sampling_box)
+
+        cache_box = QGroupBox("KV cache")
+        cl = QVBoxLayout(cache_box)
+        self.strategies = QTreeWidget()
+        self.strategies.setRootIsDecorated(False)
+        self.strategies.setColumnCount(3)
+        self.strategies.setHeaderLabels(["Strategy", "Size", "Fits now"])
+        self.strategies.setSelectionMode(QAbstractItemView.SelectionMode.SingleSelection)
+        self.strategies.setUniformRowHeights(True)
+        self.strategies.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.strategies.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        header = self.strategies.header()
+        header.setStretchLastSection(False)
+        header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+        header.setSectionResizeMode(1, QHeaderView.ResizeMode.ResizeToContents)
+        header.setSectionResizeMode(2, QHeaderView.ResizeMode.ResizeToContents)
+        cl.addWidget(self.strategies)
+        self.estimate_note = QLabel()
+        self.estimate_note.setObjectName("muted")
+        self.estimate_note.setWordWrap(True)
+        cl.addWidget(self.estimate_note)
+        self.params_form = QFormLayout()
+        self.params_form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+        cl.addLayout(self.params_form)
+        self.strategy_note = QLabel()
+        self.strategy_note.setWordWrap(True)
+        cl.addWidget(self.strategy_note)
+        self.cache_now = QLabel()
+        self.cache_now.setObjectName("muted")
+        self.cache_now.setWordWrap(True)
+        cl.addWidget(self.cache_now)
+        self.overflow = compact_combo()
+        self.overflow.setToolTip("What happens when this chat no longer fits the model's context")
+        self.overflow.currentIndexChanged.connect(self._changed)
+        overflow_label = QLabel("When the chat outgrows the model's context:")
+        overflow_label.setWordWrap(True)
+        cl.addWidget(overflow_label)
+        cl.addWidget(self.overflow)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 0)
+        self.progress.setTextVisible(False)
+        self.progress.setMaximumHeight(6)
+        self.progress.hide()
+        cl.addWidget(self.progress)
+        outer.addWidget(cache_box)
+
+        buttons = QHBoxLayout()
+        buttons.addStretch(1)
+        self.revert_button = QPushButton("Revert")
+        self.apply_button = QPushButton("Apply")
+        self.apply_button.setObjectName("sendButton")
+        buttons.addWidget(self.revert_button)
+        buttons.addWidget(self.apply_button)
+        outer.addLayout(buttons)
+        outer.addStretch(1)
+        self.setWidget(body)
+
+        self.revert_button.clicked.connect(self._revert)
+        self.apply_button.clicked.connect(self._apply)
+        self.system_prompt.textChanged.connect(self._changed)
+        for w in (self.temperature, self.top_p, self.repetition_penalty):
+            w.valueChanged.connect(self._changed)
+        for w in (self.top_k, self.max_new_tokens, self.seed):
+            w.valueChanged.connect(self._changed)
+        self.strategies.currentItemChanged.connect(self._strategy_changed)
+        self._set_enabled()
+
+    # ----- building ------------------------------------------------------------------------------
+    @staticmethod
+    def _double(lo: float, hi: float, step: float, decimals: int, tip: str) -> QDoubleSpinBox:
+        w = QDoubleSpinBox()
+        w.setRange(lo, hi)
+        w.setSingleStep(step)
+        w.setDecimals(decimals)
+        w.setToolTip(tip)
+        return w
+
+    @staticmethod
+    def _int(lo: int, hi: int, tip: str) -> QSpinBox:
+        w = QSpinBox()
+        w.setRange(lo, hi)
+        w.setToolTip(tip)
+        w.setGroupSeparatorShown(True)
+        return w
+
+    def set_engine(self, info: EngineInfo | None, model: ModelInfo | None) -> None:
+        """Build the strategy list and the parameter widgets from what the engine offers."""
+        self.info, self.model = info, model
+        self._filling = True
+        self.strategies.clear()
+        for w in self._param_widgets.values():
+            self.params_form.removeRow(w[1])
+        self._param_widgets = {}
+        if info is not None:
+            for name in ("auto", *info.strategies):
+                item = QTreeWidgetItem([name, "", ""])
+                item.setData(0, Qt.ItemDataRole.UserRole, name)
+                auto_tip = model.auto_reason if model is not None else AUTO_TIP
+                item.setToolTip(0, auto_tip if name == "auto" else STRATEGY_TIPS.get(name, name))
+                reason = model.availability.get(name) if model is not None and name != "auto" else None
+                if reason:
+                    item.setDisabled(True)
+                    for col in range(3):
+                        item.setToolTip(col, f"Not available: {reason}")
+                self.strategies.addTopLevelItem(item)
+            rows = self.strategies.topLevelItemCount()
+            row_h = self.strategies.sizeHintForRow(0) if rows else 20
+            self.strategies.setFixedHeight(self.strategies.header().sizeHint().height() + rows * row_h + 6)
+            self.overflow.clear()
+            for policy, reason in info.overflow_policies.items():
+                self.overflow.addItem(OVERFLOW_LABELS.get(policy, policy), policy)
+                if reason:
+                    item = self.overflow.model().item(self.overflow.count() - 1)  # type: ignore[attr-defined]
+                    item.setEnabled(False)
+                    item.setToolTip(reason)
+            for name, default in info.spec_defaults.items():
+                if name == "strategy":
+                    continue
+                label, widget = self._param_widget(name, default, model)
+                self.params_form.addRow(label, widget)
+                self._param_widgets[name] = (label, widget)
+        self._filling = False
+        if self.chat_id is not None and self.loaded is not None:
+            self._fill(self.loaded)
+        self._set_enabled()
+
+    def _param_widget(self, name: str, default: Any, model: ModelInfo | None) -> tuple[QLabel, QWidget]:
+        meta = PARAMS.get(name, Param(name.replace("_", " ").capitalize(), name))
+        widget: QWidget
+        if meta.choices:
+            combo = compact_combo()
+            for choice in meta.choices:
+                value, text = choice if isinstance(choice, tuple) else (choice, str(choice))
+                combo.addItem(text, value)
+                if name == "backend" and model is not None and model.backend_availability.get(value):
+                    index = combo.count() - 1
+                    item = combo.model().item(index)  # type: ignore[attr-defined]
+                    item.setEnabled(False)
+                    item.setToolTip(f"Not available: {model.backend_availability[value]}")
+            combo.currentIndexChanged.connect(self._changed)
+            widget = combo
+        elif isinstance(default, bool) or not isinstance(default, int):
+            combo = compact_combo()
+            combo.setEditable(True)
+            combo.addItem(str(default), default)
+            combo.currentTextChanged.connect(self._changed)
+            widget = combo
+        else:
+            spin = QSpinBox()
+            spin.setRange(meta.minimum, meta.maximum)
+            spin.setGroupSeparatorShown(True)
+            spin.valueChanged.connect(self._changed)
+            widget = spin
+        widget.setToolTip(meta.tip)
+        label = QLabel(meta.label)
+        label.setToolTip(meta.tip)
+        return label, widget
+
+    # ----- showing a chat ------------------------------------------------------------------------------
+    def show_chat(self, chat_id: int | None, settings: ChatSettings | None, busy: str = "",
+                  cache: CacheState | None = None) -> None:
+        same = chat_id == self.chat_id and settings == self.loaded
+        self.chat_id, self.busy = chat_id, busy
+        if not same:
+            self.loaded = settings
+            if settings is not None:
+                self._fill(settings)
+        self.progress.setVisible(busy == "rebuilding")
+        if cache is not None and cache.where != "none":
+            self.cache_now.setText(f"This chat's cache now: {cache.tokens:,} tokens, {human_size(cache.bytes)} "
+                                   f"({cache.strategy}).")
+            self.reference_tokens = cache.tokens
+        else:
+            self.cache_now.setText("This chat has no cache in memory; the next message builds it.")
+        self._set_enabled()
+
+    def _fill(self, s: ChatSettings) -> None:
+        self._filling = True
+        defaults = self.info.sampling_defaults if self.info else {}
+        sampling = {**defaults, **s.sampling}
+        self.system_prompt.setPlainText(s.system_prompt)
+        self.temperature.setValue(float(sampling.get("temperature", 0.7)))
+        self.top_p.setValue(float(sampling.get("top_p", 1.0)))
+        self.top_k.setValue(int(sampling.get("top_k", 0)))
+        self.repetition_penalty.setValue(float(sampling.get("repetition_penalty", 1.0)))
+        self.max_new_tokens.setValue(int(sampling.get("max_new_tokens", 512)))
+        seed = sampling.get("seed")
+        self.seed.setValue(-1 if seed is None else int(seed))
+        index = self.overflow.findData(s.overflow)
+        self.overflow.setCurrentIndex(max(index, 0))
+        spec = {**(self.info.spec_defaults if self.info else {}), **s.cache}
+        strategy = str(s.cache.get("strategy", "auto"))
+        for i in range(self.strategies.topLevelItemCount()):
+            item = self.strategies.topLevelItem(i)
+            if item.data(0, Qt.ItemDataRole.UserRole) == strategy:
+                self.strategies.setCurrentItem(item)
+        for name, (_label, widget) in self._param_widgets.items():
+            value = spec.get(name)
+            if isinstance(widget, QSpinBox):
+                widget.setValue(int(value or 0))
+            elif isinstance(widget, QComboBox):
+                index = widget.findData(value)
+                if index >= 0:
+                    widget.setCurrentIndex(index)
+                elif widget.isEditable():
+                    widget.setEditText(str(value))
+        self._filling = False
+        self._update_params()
+        self.refresh_estimates()
+
+    def collect(self) -> ChatSettings:
+        """The settings as the panel shows them now."""
+        seed = self.seed.value()
+        sampling = {
+            "temperature": round(self.temperature.value(), 4), "top_p": round(self.top_p.value(), 4),
+            "top_k": self.top_k.value(), "repetition_penalty": round(self.repetition_penalty.value(), 4),
+            "max_new_tokens": self.max_new_tokens.value(), "seed": None if seed < 0 else seed,
+        }
+        base = dict(self.loaded.cache) if self.loaded else {}
+        cache: dict[str, Any] = {**base, "strategy": self.current_strategy()}
+        for name, (_label, widget) in self._param_widgets.items():
+            if isinstance(widget, QSpinBox):
+                cache[name] = widget.value()
+            elif isinstance(widget, QComboBox):
+                data = widget.currentData()
+                cache[name] = data if data is not None and not widget.isEditable() else widget.currentText()
+        overflow = self.overflow.currentData() or (self.loaded.overflow if self.loaded else "stop")
+        return ChatSettings(system_prompt=self.system_prompt.toPlainText().strip(), sampling=sampling, cache=cache,
+                            overflow=str(overflow))
+
+    def current_strategy(self) -> str:
+        item = self.strategies.currentItem()
+        if item is None and self.loaded is not None:
+            return str(self.loaded.cache.get("strategy", "auto"))
+        return str(item.data(0, Qt.ItemDataRole.UserRole)) if item is not None else "auto"
+
+    def select_strategy(self, name: str) -> None:
+        for i in range(self.strategies.topLevelItemCount()):
+            item = self.strategies.topLevelItem(i)
+            if item.data(0, Qt.ItemDataRole.UserRole) == name:
+                self.strategies.setCurrentItem(item)
+                return
+        raise KeyError(name)
+
+    def param_widget(self, name: str) -> QWidget:
+        return self._param_widgets[name][1]
+
+    def dirty(self) -> bool:
+        if self.loaded is None:
+            return False
+        new = self.collect()
+        old = self.loaded
+        defaults_s = self.info.sampling_defaults if self.info else {}
+        defaults_c = self.info.spec_defaults if self.info else {}
+        return (new.system_prompt != old.system_prompt or new.overflow != old.overflow
+                or new.sampling != {**defaults_s, **old.sampling}
+                or new.cache != {**defaults_c, **old.cache, "strategy": old.cache.get("strategy", "auto")})
+
+    # ----- reacting ------------------------------------------------------------------------------------
+    def _strategy_changed(self) -> None:
+        self._update_params()
+        self._changed()
+
+    def _update_params(self) -> None:
+        strategy = self.current_strategy()
+        effective = "dynamic" if strategy == "auto" else strategy
+        used = STRATEGY_FIELDS.get(effective)
+        for name, (label, widget) in self._param_widgets.items():
+            shown = used is None or name in used or not any(name in f for f in STRATEGY_FIELDS.values())
+            label.setVisible(shown)
+            widget.setVisible(shown)
+        notes = []
+        if strategy == "auto" and self.model is not None:
+            effective = str(self.model.auto_cache.get("strategy", "dynamic"))
+            notes.append(f"auto → {effective} on this machine (Cachet's memory advisor).")
+        if self.info is not None and effective in self.info.lossy:
+            notes.append("⚠ Lossy: this strategy changes what the model remembers of the chat; replies can "
+                         "differ from the full cache.")
+        self.strategy_note.setText(" ".join(notes))
+        self.strategy_note.setVisible(bool(notes))
+
+    def _changed(self) -> None:
+        if self._filling:
+            return
+        self.refresh_estimates()
+        self._set_enabled()
+
+    def set_free_memory(self, free: int) -> None:
+        if abs(free - self.free) > 16 * 1024 * 1024:
+            self.free = free
+            self.refresh_estimates()
+
+    def refresh_estimates(self) -> None:
+        model = self.model
+        if model is None or self.info is None or self.strategies.topLevelItemCount() == 0:
+            self.estimate_note.setText("")
+            return
+        tokens = model.context_length
+        base = self.collect().cache
+        for i in range(self.strategies.topLevelItemCount()):
+            item = self.strategies.topLevelItem(i)
+            name = str(item.data(0, Qt.ItemDataRole.UserRole))
+            spec = {**base, **model.auto_cache} if name == "auto" else {**base, "strategy": name}
+            est = estimate(spec, tokens, model.config, model.torch_dtype, self.free)
+            if est.error:
+                item.setText(1, "—")
+                item.setText(2, "—")
+                if not item.isDisabled():
+                    item.setToolTip(1, f"No estimate: {est.error}")
+            else:
+                item.setText(1, human_size(est.bytes_at))
+                item.setText(2, human_tokens(est.tokens_fit))
+        self.estimate_note.setText(
+            f"Size: the cache at the model's full context ({tokens:,} tokens). Fits now: the longest chat whose "
+            f"cache fits in the {human_size(self.free)} free at the moment.")
+
+    def _set_enabled(self) -> None:
+        ready = self.info is not None and self.chat_id is not None
+        for w in (self.system_prompt, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
+                  self.max_new_tokens, self.seed, self.strategies, self.overflow):
+            w.setEnabled(ready)
+        for _label, w in self._param_widgets.values():
+            w.setEnabled(ready)
+        dirty = ready and self.dirty()
+        self.apply_button.setEnabled(dirty and not self.busy)
+        self.revert_button.setEnabled(dirty)
+        if self.chat_id is None:
+            self.status.setText("No chat selected.")
+        elif self.info is None:
+            self.status.setText("The engine is starting; settings appear when it is ready.")
+        elif self.busy == "rebuilding":
+            self.status.setText("Rebuilding this chat's cache…")
+        elif self.busy:
+            self.status.setText("A reply is being written; changes can be applied when it ends.")
+        else:
+            self.status.setText("Changes apply to this chat from its next message.")
+
+    def _revert(self) -> None:
+        if self.loaded is not None:
+            self._fill(self.loaded)
+        self._set_enabled()
+
+    def _apply(self) -> None:
+        if self.chat_id is None or self.loaded is None:
+            return
+        new = self.collect()
+        self.loaded = new
+        self.apply_requested.emit(self.chat_id, new)
+        self._set_enabled()

@@ -1,0 +1,111 @@
+"""The app's global settings: one typed, validated dataclass stored as JSON in the data folder.
+
+Per-chat settings (system prompt, sampling, cache) live with each chat in the store; the
+`default_*` fields here are what a new chat starts with.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from engine import paths
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "settings.json"
+THEMES = ("system", "light", "dark")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class ConfigError(ValueError):
+    """A setting has a value it cannot have; the message names it and says why."""
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    """Every global setting, with its default.
+
+    model: "default" (the bundled SmolLM2-135M-Instruct), a .gguf file, a model folder or a Hub id.
+    kv_budget_mb: how much memory the KV caches of all chats may hold together (0 = no limit);
+        beyond it the caches of the least recently used chats are dropped (recomputed on demand).
+    """
+
+    model: str = "default"
+    device: str = "auto"
+    dtype: str = "auto"
+    online: bool = False  # allow fetching a Hub model that is not in the local cache
+    kv_budget_mb: int = 0
+    theme: str = "system"
+    default_system_prompt: str = ""
+    default_sampling: dict[str, Any] = field(default_factory=dict)  # overrides of SamplingSettings' defaults
+    default_cache: dict[str, Any] = field(default_factory=lambda: {"strategy": "auto"})
+
+    def validate(self) -> AppConfig:
+        if not self.model.strip():
+            raise ConfigError("model: choose 'default', a GGUF file, a model folder or a Hub id.")
+        if not _DEVICE.match(self.device):
+            raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps.")
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
+        if self.kv_budget_mb < 0:
+            raise ConfigError("KV cache budget: must be 0 (no limit) or more megabytes.")
+        if self.theme not in THEMES:
+            raise ConfigError(f"theme: {self.theme!r} is not one of {', '.join(THEMES)}.")
+        if not isinstance(self.default_sampling, dict) or not isinstance(self.default_cache, dict):
+            raise ConfigError("default sampling and cache settings must be objects.")
+        return self
+
+    def with_changes(self, **changes: Any) -> AppConfig:
+        return replace(self, **changes).validate()
+
+    def diff(self, other: AppConfig) -> set[str]:
+        """Names of the settings whose values differ between `self` and `other`."""
+        return {f.name for f in fields(self) if getattr(self, f.name) != getattr(other, f.name)}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AppConfig:
+        """Known keys only; a value of the wrong kind falls back to its default (and is logged)."""
+        config = cls()
+        for f in fields(cls):
+            if f.name not in data:
+                continue
+            try:
+                config = replace(config, **{f.name: data[f.name]}).validate()
+            except (ConfigError, TypeError) as exc:
+                log.warning("Ignoring setting %s: %s", f.name, exc)
+        return config
+
+
+def config_path() -> Path:
+    return paths.data_dir() / CONFIG_NAME
+
+
+def load_config(path: Path | None = None) -> AppConfig:
+    path = path or config_path()
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return AppConfig()
+    except (OSError, ValueError) as exc:
+        log.warning("Could not read %s (%s); using default settings.", path, exc)
+        return AppConfig()
+    return AppConfig.from_dict(data if isinstance(data, dict) else {})
+
+
+def save_config(config: AppConfig, path: Path | None = None) -> None:
+    """Write atomically: a temp file next to the target, then os.replace."""
+    path = path or config_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(config.validate().to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)

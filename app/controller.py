@@ -1,0 +1,375 @@
+"""What the window does with chats, independent of any widget: it persists every message as soon
+as it exists, sends turns to the engine worker, and keeps each chat's live state (queued,
+generating, the reply streaming in, notices, where its cache is).
+
+Streaming replies are written to the store when their first token arrives and then at most
+every `FLUSH_EVERY_S`, so a crash loses at most that much of a reply; the store marks such a
+reply "interrupted" on the next start.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal, Slot
+
+from app.bridge import (
+    CacheChange,
+    CacheState,
+    Engine,
+    HistoryMessage,
+    RebuildDone,
+    TokenDelta,
+    TurnDone,
+    TurnRequest,
+    TurnStarted,
+    effective_cache,
+)
+from app.config import AppConfig
+from app.memory import human_bytes
+from engine.store import ChatSettings, ChatStore, StoredMessage
+
+FLUSH_EVERY_S = 0.5
+NEAR_CONTEXT = 0.85  # warn once a chat uses this share of the model's context
+
+POLICY_LABELS = {
+    "stop": "Stop here",
+    "truncate-middle": "Truncate the middle",
+    "truncate_middle": "Truncate the middle",
+    "truncate": "Truncate the middle",
+    "sink": "Continue with attention sinks",
+    "sinks": "Continue with attention sinks",
+}
+
+
+@dataclass(frozen=True)
+class NoticeAction:
+    key: str  # e.g. "overflow:sink"
+    label: str
+    disabled_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Notice:
+    """A line shown at the end of a chat that is not a message: errors, warnings, progress."""
+
+    kind: str  # "info" | "warning" | "error"
+    text: str
+    actions: tuple[NoticeAction, ...] = ()
+
+
+@dataclass
+class ChatRuntime:
+    state: str = "idle"  # "idle" | "queued" | "generating" | "rebuilding"
+    turn_id: int | None = None
+    reply_id: int | None = None  # the store row of the reply streaming in
+    text: str = ""
+    flushed_at: float = 0.0
+    notices: list[Notice] = field(default_factory=list)
+    cache: CacheState | None = None
+    last_stats: dict[str, Any] | None = None
+    rebuild_from: dict[str, Any] | None = None  # the cache settings to go back to if a rebuild fails
+
+    @property
+    def busy(self) -> bool:
+        return self.state != "idle"
+
+
+class ChatController(QObject):
+    """Signals:
+        chats_changed(): the list of chats, their order or titles changed.
+        messages_changed(int): a chat's messages were added, removed or finished.
+        stream_changed(int): the reply streaming into a chat grew.
+        state_changed(int): a chat's state, notices or cache changed.
+        turn_finished(int): a turn ended and its reply is stored.
+        rebuild_finished(int): a cache strategy switch ended (see the chat's notices).
+        stats_changed(object): the last turn's TurnStats as a dict.
+    """
+
+    chats_changed = Signal()
+    messages_changed = Signal(int)
+    stream_changed = Signal(int)
+    state_changed = Signal(int)
+    turn_finished = Signal(int)
+    rebuild_finished = Signal(int)
+    stats_changed = Signal(object)
+
+    def __init__(self, store: ChatStore, engine: Engine, config: AppConfig, parent: QObject | None = None) -> None:
+        super().__init__(parent)
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self.runtimes: dict[int, ChatRuntime] = {}
+        self.last_deleted: int | None = None
+        self._turn_ids = itertools.count(1)
+        engine.turn_started.connect(self._on_turn_started)
+        engine.token_delta.connect(self._on_delta)
+        engine.turn_done.connect(self._on_turn_done)
+        engine.cache_state.connect(self._on_cache_state)
+        engine.rebuild_done.connect(self._on_rebuild_done)
+
+    def runtime(self, chat_id: int) -> ChatRuntime:
+        return self.runtimes.setdefault(chat_id, ChatRuntime())
+
+    # ----- chats ---------------------------------------------------------------------------------
+    def new_chat(self) -> int:
+        settings = ChatSettings(system_prompt=self.config.default_system_prompt,
+                                sampling=dict(self.config.default_sampling), cache=dict(self.config.default_cache))
+        chat = self.store.create_chat(settings)
+        self.chats_changed.emit()
+        return chat.id
+
+    def rename(self, chat_id: int, title: str) -> None:
+        self.store.rename(chat_id, title)
+        self.chats_changed.emit()
+
+    def delete(self, chat_id: int) -> None:
+        """Hide the chat (undo brings it back until the app quits) and free its cache."""
+        self.stop(chat_id)
+        self.store.delete_chat(chat_id)
+        self.engine.forget(chat_id)
+        self.runtimes.pop(chat_id, None)
+        self.last_deleted = chat_id
+        self.chats_changed.emit()
+
+    def undo_delete(self) -> int | None:
+        chat_id, self.last_deleted = self.last_deleted, None
+        if chat_id is not None:
+            self.store.restore_chat(chat_id)
+            self.chats_changed.emit()
+        return chat_id
+
+    def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
+        """Store new chat settings; a different cache strategy makes the worker rebuild the cache."""
+        old = self.store.chat(chat_id).settings
+        self.store.set_settings(chat_id, settings)
+        self.chats_changed.emit()
+        rt = self.runtime(chat_id)
+        auto = self.engine.model.auto_cache if self.engine.model else None
+        if (effective_cache(old.cache, auto) == effective_cache(settings.cache, auto) or not self.engine.ready
+                or rt.busy):
+            return
+        rt.state = "rebuilding"
+        rt.rebuild_from = old.cache
+        strategy = effective_cache(settings.cache, auto).get("strategy", "dynamic")
+        rt.notices = [Notice("info", f"Switching this chat's cache to “{strategy}”…")]
+        self.state_changed.emit(chat_id)
+        self.engine.change_cache(CacheChange(chat_id, dict(settings.cache), self._history(chat_id),
+                                             settings.system_prompt, dict(settings.sampling)))
+
+    # ----- turns ---------------------------------------------------------------------------------
+    def send(self, chat_id: int, text: str) -> bool:
+        """Store the user's message (committed before anything is generated) and ask for a reply."""
+        text = text.strip()
+        if not text or self.runtime(chat_id).busy:
+            return False
+        history = self._history(chat_id)
+        self.store.add_message(chat_id, "user", text)
+        self.chats_changed.emit()
+        self._start_turn(chat_id, "send", history, text=text)
+        return True
+
+    def regenerate(self, chat_id: int) -> bool:
+        """Replace the last reply (or answer a last user message that has none)."""
+        messages = self.store.messages(chat_id)
+        if not messages or self.runtime(chat_id).busy:
+            return False
+        history = self._history(chat_id, messages)
+        if messages[-1].role == "assistant":
+            self.store.truncate(chat_id, messages[-1].position)
+            self._start_turn(chat_id, "regenerate", history)
+        else:
+            self._start_turn(chat_id, "answer", history)
+        return True
+
+    def edit(self, chat_id: int, position: int, text: str) -> bool:
+        """Replace user message `position`, drop what followed it, and answer it again."""
+        text = text.strip()
+        messages = self.store.messages(chat_id)
+        if (not text or self.runtime(chat_id).busy or not 0 <= position < len(messages)
+                or messages[position].role != "user"):
+            return False
+        history = self._history(chat_id, messages)
+        self.store.truncate(chat_id, position)
+        self.store.add_message(chat_id, "user", text)
+        self.chats_changed.emit()
+        self._start_turn(chat_id, "edit", history, text=text, index=position)
+        return True
+
+    def stop(self, chat_id: int) -> None:
+        rt = self.runtimes.get(chat_id)
+        if rt is not None and rt.turn_id is not None:
+            self.engine.cancel(chat_id, rt.turn_id)
+
+    def act(self, chat_id: int, key: str) -> None:
+        """A notice's button was pressed."""
+        if key.startswith("overflow:"):
+            policy = key.split(":", 1)[1]
+            rt = self.runtime(chat_id)
+            if policy == "stop":
+                rt.notices = [Notice("info", "Stopped. Start a new chat, or edit an earlier message to shorten "
+                                             "this one.")]
+                self.state_changed.emit(chat_id)
+            elif not rt.busy:
+                # the choice is kept with the chat: later turns apply it without asking again
+                chat = self.store.chat(chat_id)
+                self.store.set_settings(chat_id, replace(chat.settings, overflow=policy))
+                self._start_turn(chat_id, "answer", self._history(chat_id))
+
+    def _history(self, chat_id: int, messages: list[StoredMessage] | None = None) -> tuple[HistoryMessage, ...]:
+        msgs = self.store.messages(chat_id) if messages is None else messages
+        return tuple(HistoryMessage(m.role, m.content, m.complete, m.token_ids) for m in msgs)
+
+    def _start_turn(self, chat_id: int, kind: str, history: tuple[HistoryMessage, ...], text: str = "",
+                    index: int = -1) -> None:
+        settings = self.store.chat(chat_id).settings
+        rt = self.runtime(chat_id)
+        rt.state = "queued"
+        rt.turn_id = next(self._turn_ids)
+        rt.reply_id = None
+        rt.text = ""
+        rt.notices = []
+        self.messages_changed.emit(chat_id)
+        self.state_changed.emit(chat_id)
+        self.engine.run_turn(TurnRequest(
+            turn_id=rt.turn_id, chat_id=chat_id, kind=kind, history=history, system_prompt=settings.system_prompt,
+            sampling=dict(settings.sampling), cache=dict(settings.cache), text=text, index=index,
+            overflow=settings.overflow,
+        ))
+
+    @Slot(object)
+    def _on_turn_started(self, event: TurnStarted) -> None:
+        rt = self.runtimes.get(event.chat_id)
+        if rt is not None and rt.turn_id == event.turn_id:
+            rt.state = "generating"
+            self.state_changed.emit(event.chat_id)
+
+    @Slot(object)
+    def _on_delta(self, delta: TokenDelta) -> None:
+        rt = self.runtimes.get(delta.chat_id)
+        if rt is None or rt.turn_id != delta.turn_id:
+            return
+        rt.text += delta.text
+        now = time.monotonic()
+        if rt.reply_id is None:
+            rt.reply_id = self.store.add_message(delta.chat_id, "assistant", rt.text, status="streaming").id
+            rt.flushed_at = now
+            self.messages_changed.emit(delta.chat_id)
+        elif now - rt.flushed_at >= FLUSH_EVERY_S:
+            self.store.update_message(rt.reply_id, content=rt.text)
+            rt.flushed_at = now
+        self.stream_changed.emit(delta.chat_id)
+
+    @Slot(object)
+    def _on_turn_done(self, done: TurnDone) -> None:
+        rt = self.runtimes.get(done.chat_id)
+        if rt is None or rt.turn_id != done.turn_id:
+            return  # the chat was deleted meanwhile
+        status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(done.finish_reason, "error")
+        if done.has_reply:
+            fields: dict[str, Any] = dict(content=done.reply, status=status, token_ids=done.token_ids,
+                                          tokens=len(done.token_ids), stats=done.stats)
+            if rt.reply_id is not None:
+                self.store.update_message(rt.reply_id, **fields)
+            else:
+                self.store.add_message(done.chat_id, "assistant", **fields)
+        elif rt.reply_id is not None:
+            self.store.update_message(rt.reply_id, content=rt.text, status=status)
+        if done.user_tokens is not None:
+            last_user = next((m for m in reversed(self.store.messages(done.chat_id)) if m.role == "user"), None)
+            if last_user is not None:
+                self.store.update_message(last_user.id, tokens=done.user_tokens)
+        rt.notices = self._notices_for(done)
+        rt.state, rt.turn_id, rt.reply_id, rt.text = "idle", None, None, ""
+        if done.stats:
+            rt.last_stats = done.stats
+            self.stats_changed.emit(done.stats)
+        self.messages_changed.emit(done.chat_id)
+        self.state_changed.emit(done.chat_id)
+        self.chats_changed.emit()
+        self.turn_finished.emit(done.chat_id)
+
+    def _notices_for(self, done: TurnDone) -> list[Notice]:
+        if done.finish_reason == "overflow":
+            policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
+            actions = tuple(NoticeAction(f"overflow:{p}", POLICY_LABELS.get(p, p.replace("-", " ").capitalize()),
+                                         reason) for p, reason in policies.items())
+            return [Notice("warning", f"This chat no longer fits the model's context: {done.error}", actions)]
+        if done.finish_reason == "error":
+            return [Notice("error", f"The reply failed: {done.error}")]
+        if done.finish_reason == "cancelled" and not done.has_reply:
+            return [Notice("info", "Stopped before the first token.")]
+        notices = []
+        if done.stats and done.stats.get("overflow_action"):
+            notices.append(Notice("info", f"The chat outgrew the model's context, so Cachet "
+                                          f"{done.stats['overflow_action']}."))
+        model = self.engine.model
+        if done.stats and model is not None and model.context_length:
+            used = int(done.stats.get("prompt_tokens", 0)) + int(done.stats.get("generated_tokens", 0))
+            if used >= NEAR_CONTEXT * model.context_length:
+                notices.append(Notice(
+                    "warning", f"This chat uses {used:,} of the model's {model.context_length:,} tokens of context. "
+                               "When it is full you can stop, or choose how to continue."))
+        if done.finish_reason == "length" and done.stats and model is not None:
+            notices.append(Notice("info", "The reply reached the “max new tokens” limit of this chat."))
+        return notices
+
+    @Slot(object)
+    def _on_cache_state(self, state: CacheState) -> None:
+        if state.chat_id in self.runtimes or self._exists(state.chat_id):
+            self.runtime(state.chat_id).cache = state
+            self.state_changed.emit(state.chat_id)
+
+    @Slot(object)
+    def _on_rebuild_done(self, done: RebuildDone) -> None:
+        rt = self.runtime(done.chat_id)
+        auto = self.engine.model.auto_cache if self.engine.model else None
+        strategy = effective_cache(done.cache, auto).get("strategy", "dynamic")
+        if done.ok:
+            verb = "converted to" if done.how == "converted" else "rebuilt as"
+            rt.notices = [Notice("info", f"Cache {verb} “{strategy}”: {done.tokens:,} tokens, "
+                                         f"{human_bytes(done.bytes)}, in {done.seconds:.1f} s.")]
+        else:
+            if rt.rebuild_from is not None and self._exists(done.chat_id):
+                chat = self.store.chat(done.chat_id)
+                self.store.set_settings(done.chat_id, replace(chat.settings, cache=rt.rebuild_from))
+            rt.notices = [Notice("error", f"Could not switch the cache to “{strategy}”: {done.error} "
+                                          "The chat keeps its previous cache settings.")]
+        rt.state = "idle"
+        rt.rebuild_from = None
+        self.state_changed.emit(done.chat_id)
+        self.chats_changed.emit()
+        self.rebuild_finished.emit(done.chat_id)
+
+    def _exists(self, chat_id: int) -> bool:
+        try:
+            self.store.chat(chat_id)
+        except KeyError:
+            return False
+        return True
+
+    # ----- files ---------------------------------------------------------------------------------
+    def export_json(self, chat_id: int, path: Path) -> None:
+        _atomic_write(path, json.dumps(self.store.export_json(chat_id), indent=2, ensure_ascii=False))
+
+    def export_markdown(self, chat_id: int, path: Path) -> None:
+        _atomic_write(path, self.store.export_markdown(chat_id))
+
+    def import_json(self, path: Path) -> int:
+        """Raises StoreError (or OSError / ValueError) with a message for the user."""
+        chat = self.store.import_json(json.loads(path.read_text(encoding="utf-8")))
+        self.chats_changed.emit()
+        return chat.id
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    import os
+
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)

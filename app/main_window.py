@@ -1,0 +1,523 @@
+"""The main window: the chat list, the conversation with its input, the per-chat settings dock and
+the status bar, wired to the controller and the engine worker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import QCoreApplication, Qt, QTimer
+from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QGuiApplication, QKeySequence
+from PySide6.QtWidgets import (
+    QApplication,
+    QDockWidget,
+    QFileDialog,
+    QHBoxLayout,
+    QLabel,
+    QMainWindow,
+    QMessageBox,
+    QSplitter,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app import theme as themes
+from app.bridge import Engine, EngineInfo, Loader, ModelInfo
+from app.chat_settings import ChatSettingsPanel
+from app.chat_view import ChatView, MessageView, message_views
+from app.composer import Composer
+from app.config import AppConfig, save_config
+from app.controller import ChatController
+from app.markdown_render import MarkdownRenderer
+from app.meters import Meters
+from app.sidebar import ChatEntry, Sidebar
+from engine.store import ChatSettings, ChatStore, StoreError
+
+MEMORY_REFRESH_MS = 1000
+
+
+class MainWindow(QMainWindow):
+    def __init__(self, store: ChatStore, config: AppConfig, loader: Loader, save_settings: bool = True,
+                 parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWindowTitle("Cachet")
+        self.resize(1200, 780)
+        self.store = store
+        self.config = config
+        self.save_settings = save_settings
+        self.current_chat: int | None = None
+        self.theme = themes.resolve(config.theme)
+        self.renderer = MarkdownRenderer(self.theme)
+
+        self.engine = Engine(loader, self)
+        self.controller = ChatController(store, self.engine, config, self)
+
+        # ----- widgets -------------------------------------------------------------------------------
+        self.sidebar = Sidebar()
+        self.chat_view = ChatView(self.renderer)
+        self.composer = Composer()
+        header = QWidget()
+        header.setObjectName("chatHeader")
+        hl = QHBoxLayout(header)
+        hl.setContentsMargins(20, 8, 12, 8)
+        self.title_label = QLabel()
+        self.title_label.setObjectName("chatTitle")
+        self.lossy_badge = QLabel("lossy cache")
+        self.lossy_badge.setObjectName("badge")
+        self.lossy_badge.setProperty("kind", "lossy")
+        self.lossy_badge.setToolTip("This chat's KV cache strategy is lossy: the model may remember parts of the "
+                                    "chat only approximately.")
+        self.lossy_badge.hide()
+        self.context_label = QLabel()
+        self.context_label.setObjectName("muted")
+        self.settings_button = QToolButton()
+        self.settings_button.setText("Chat settings")
+        self.settings_button.setCheckable(True)
+        self.settings_button.setToolTip("Show or hide this chat's settings (Ctrl+Shift+,)")
+        hl.addWidget(self.title_label)
+        hl.addWidget(self.lossy_badge)
+        hl.addStretch(1)
+        hl.addWidget(self.context_label)
+        hl.addWidget(self.settings_button)
+
+        column = QWidget()
+        cl = QVBoxLayout(column)
+        cl.setContentsMargins(0, 0, 0, 0)
+        cl.setSpacing(0)
+        cl.addWidget(header)
+        cl.addWidget(self.chat_view, 1)
+        cl.addWidget(self.composer)
+
+        splitter = QSplitter()
+        splitter.addWidget(self.sidebar)
+        splitter.addWidget(column)
+        splitter.setStretchFactor(1, 1)
+        splitter.setSizes([270, 930])
+        splitter.setChildrenCollapsible(False)
+        self.setCentralWidget(splitter)
+
+        self.settings_panel = ChatSettingsPanel()
+        self.dock = QDockWidget("Chat settings", self)
+        self.dock.setObjectName("chatSettingsDock")
+        self.dock.setWidget(self.settings_panel)
+        self.dock.setFeatures(QDockWidget.DockWidgetFeature.DockWidgetClosable
+                              | QDockWidget.DockWidgetFeature.DockWidgetMovable)
+        self.dock.setMinimumWidth(300)
+        self.addDockWidget(Qt.DockWidgetArea.RightDockWidgetArea, self.dock)
+        self.resizeDocks([self.dock], [380], Qt.Orientation.Horizontal)
+        self.dock.hide()
+        self.meters = Meters(self.statusBar())
+        self._build_menus()
+
+        # ----- wiring ---------------------------------------------------------------------------------
+        self.sidebar.chat_selected.connect(self.select_chat)
+        self.sidebar.new_requested.connect(self.new_chat)
+        self.sidebar.rename_requested.connect(self.controller.rename)
+        self.sidebar.delete_requested.connect(self.delete_chat)
+        self.sidebar.undo_requested.connect(self.undo_delete)
+        self.sidebar.search_changed.connect(lambda _t: self.refresh_sidebar())
+        self.sidebar.export_requested.connect(self._export_dialog)
+        self.composer.send_requested.connect(self._send_from_composer)
+        self.composer.stop_requested.connect(self.stop)
+        self.chat_view.edit_submitted.connect(self._edit_submitted)
+        self.chat_view.regenerate_requested.connect(self.regenerate)
+        self.chat_view.notice_action.connect(self._notice_action)
+        self.chat_view.copied.connect(lambda what: self.statusBar().showMessage(f"Copied the {what}.", 2000))
+        self.settings_button.toggled.connect(self.dock.setVisible)
+        self.dock.visibilityChanged.connect(self.settings_button.setChecked)
+        self.settings_panel.apply_requested.connect(self._apply_chat_settings)
+
+        self.controller.chats_changed.connect(self.refresh_sidebar)
+        self.controller.messages_changed.connect(self._messages_changed)
+        self.controller.stream_changed.connect(self._stream_changed)
+        self.controller.state_changed.connect(self._state_changed)
+        self.controller.stats_changed.connect(self.meters.turn)
+        self.engine.engine_info.connect(self._engine_info)
+        self.engine.load_progress.connect(self._load_progress)
+        self.engine.model_ready.connect(self._model_ready)
+        self.engine.model_failed.connect(self._model_failed)
+
+        app = QGuiApplication.instance()
+        if isinstance(app, QGuiApplication):
+            app.styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
+        self._memory_timer = QTimer(self)
+        self._memory_timer.timeout.connect(self.refresh_memory)
+        self._memory_timer.start(MEMORY_REFRESH_MS)
+
+        self.apply_theme()
+        self.refresh_sidebar()
+        chats = self.store.chats()
+        self.select_chat(chats[0].id if chats else None)
+        if self.store.recovered:
+            self.statusBar().showMessage(
+                f"{self.store.recovered} reply was cut off when Cachet last closed; it is marked “interrupted”."
+                if self.store.recovered == 1 else
+                f"{self.store.recovered} replies were cut off when Cachet last closed; they are marked "
+                "“interrupted”.", 10000)
+        self.composer.input.setFocus()
+
+    def _build_menus(self) -> None:
+        bar = self.menuBar()
+        file_menu = bar.addMenu("&File")
+        self._action(file_menu, "New chat", "Ctrl+N", self.new_chat)
+        self._action(file_menu, "Import chat (JSON)…", None, self._import_dialog)
+        self._action(file_menu, "Export chat as Markdown…", None, lambda: self._export_dialog(self.current_chat, "md"))
+        self._action(file_menu, "Export chat as JSON…", None, lambda: self._export_dialog(self.current_chat, "json"))
+        file_menu.addSeparator()
+        self._action(file_menu, "Settings…", "Ctrl+,", self.open_settings)
+        file_menu.addSeparator()
+        self._action(file_menu, "Quit", QKeySequence.StandardKey.Quit, self.close)
+        chat_menu = bar.addMenu("&Chat")
+        self._action(chat_menu, "Search chats", "Ctrl+F", self.focus_search)
+        self._action(chat_menu, "Stop the reply", "Esc", self._escape)
+        self._action(chat_menu, "Regenerate the last reply", "Ctrl+R", self.regenerate)
+        self._action(chat_menu, "Rename chat", "F2", self._rename_current)
+        self._action(chat_menu, "Chat settings", "Ctrl+Shift+,", self.toggle_chat_settings)
+        view_menu = bar.addMenu("&View")
+        group = QActionGroup(self)
+        self.theme_actions: dict[str, QAction] = {}
+        for key, label in (("system", "Follow the system theme"), ("light", "Light"), ("dark", "Dark")):
+            act = QAction(label, self, checkable=True)
+            act.setChecked(self.config.theme == key)
+            act.triggered.connect(lambda _=False, k=key: self.set_theme(k))
+            group.addAction(act)
+            view_menu.addAction(act)
+            self.theme_actions[key] = act
+
+    def _action(self, menu: object, text: str, shortcut: str | QKeySequence.StandardKey | None,
+                slot: object) -> QAction:
+        act = QAction(text, self)
+        if shortcut is not None:
+            act.setShortcut(QKeySequence(shortcut))
+        act.triggered.connect(slot)  # type: ignore[arg-type]
+        menu.addAction(act)  # type: ignore[attr-defined]
+        self.addAction(act)
+        return act
+
+    # ----- engine lifecycle -----------------------------------------------------------------------
+    def start_engine(self) -> None:
+        """Start the worker and load the model (call after the window is shown)."""
+        self.meters.loading("Starting the engine…")
+        self.engine.set_kv_budget(self.config.kv_budget_mb * 1024 * 1024)
+        self.engine.start()
+        self._update_chat_chrome()
+
+    def shutdown(self) -> None:
+        """Stop every reply, join the worker, and store what was streaming."""
+        self._memory_timer.stop()
+        self.engine.shutdown()
+        # The worker's last answers (the stopped replies) are queued for this thread: deliver them.
+        QCoreApplication.sendPostedEvents(self.engine, 0)
+        for chat_id, rt in list(self.controller.runtimes.items()):
+            if rt.reply_id is not None:
+                self.store.update_message(rt.reply_id, content=rt.text, status="stopped")
+            rt.state = "idle"
+            del chat_id
+
+    def closeEvent(self, event: QCloseEvent) -> None:
+        self.shutdown()
+        self.store.purge_deleted()
+        super().closeEvent(event)
+
+    def _engine_info(self, info: EngineInfo) -> None:
+        self.settings_panel.set_engine(info, self.engine.model)
+        self._show_current_settings()
+
+    def _load_progress(self, text: str) -> None:
+        self.meters.loading(text)
+        self._update_chat_chrome()
+
+    def _model_ready(self, model: ModelInfo) -> None:
+        self.meters.ready(model)
+        self.settings_panel.set_engine(self.engine.info, model)
+        self._show_current_settings()
+        self.refresh_memory()
+        self._update_chat_chrome()
+        self.refresh_sidebar()
+        if self.current_chat is not None:
+            self._messages_changed(self.current_chat)
+
+    def _model_failed(self, message: str) -> None:
+        self.meters.failed(message)
+        self._update_chat_chrome()
+        QMessageBox.warning(self, "The model could not be loaded",
+                            f"{message}\n\nChoose another model in Settings (Ctrl+,).")
+
+    # ----- chats --------------------------------------------------------------------------------------
+    def new_chat(self) -> int:
+        chat_id = self.controller.new_chat()
+        self.sidebar.search.clear()
+        self.select_chat(chat_id)
+        self.composer.input.setFocus()
+        return chat_id
+
+    def select_chat(self, chat_id: int | None) -> None:
+        if chat_id == self.current_chat and chat_id is not None:
+            return
+        self.current_chat = chat_id
+        for i, entry in enumerate(self.sidebar.entries()):
+            if entry.chat_id == chat_id and self.sidebar.list.currentRow() != i:
+                self.sidebar._filling = True
+                self.sidebar.list.setCurrentRow(i)
+                self.sidebar._filling = False
+        self.chat_view.set_messages([])
+        self.chat_view.set_notices([])
+        if chat_id is not None:
+            self._messages_changed(chat_id, scroll_to_end=True)
+            self._state_changed(chat_id)
+        self._update_chat_chrome()
+        self._show_current_settings()
+
+    def delete_chat(self, chat_id: int) -> None:
+        title = self.store.chat(chat_id).title
+        entries = [e.chat_id for e in self.sidebar.entries()]
+        self.controller.delete(chat_id)
+        if chat_id == self.current_chat:
+            rest = [c for c in entries if c != chat_id]
+            after = entries.index(chat_id) if chat_id in entries else 0
+            self.current_chat = None
+            self.select_chat(rest[min(after, len(rest) - 1)] if rest else None)
+        self.sidebar.show_undo(title)
+
+    def undo_delete(self) -> None:
+        chat_id = self.controller.undo_delete()
+        if chat_id is not None:
+            self.select_chat(chat_id)
+
+    def _rename_current(self) -> None:
+        item = self.sidebar.list.currentItem()
+        if item is not None:
+            self.sidebar.list.editItem(item)
+
+    def toggle_chat_settings(self) -> None:
+        self.dock.setVisible(not self.dock.isVisible())
+
+    def focus_search(self) -> None:
+        self.sidebar.search.setFocus()
+        self.sidebar.search.selectAll()
+
+    def refresh_sidebar(self) -> None:
+        info = self.engine.info
+        lossy = info.lossy if info else frozenset()
+        entries = []
+        for chat in self.store.chats(self.sidebar.search.text()):
+            rt = self.controller.runtimes.get(chat.id)
+            strategy = str(chat.settings.cache.get("strategy", "auto"))
+            place = rt.cache.where if rt is not None and rt.cache is not None else "none"
+            busy = rt.state if rt is not None and rt.busy else ""
+            entries.append(ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, strategy in lossy, busy))
+        self.sidebar.set_entries(entries, self.current_chat)
+        self._update_chat_chrome()
+
+    # ----- turns ----------------------------------------------------------------------------------------
+    def _send_from_composer(self, text: str) -> None:
+        if self.current_chat is None:
+            self.new_chat()
+        assert self.current_chat is not None
+        if self.controller.send(self.current_chat, text):
+            self.composer.clear()
+            self.chat_view.following = True
+
+    def send(self, text: str) -> None:
+        """Type `text` into the input and send it (what pressing Enter does)."""
+        self.composer.input.setPlainText(text)
+        self.composer.input.submitted.emit()
+
+    def stop(self) -> None:
+        if self.current_chat is not None:
+            self.controller.stop(self.current_chat)
+
+    def _escape(self) -> None:
+        focus = QApplication.focusWidget()
+        for w in self.chat_view.message_widgets:
+            if w.editor is not None and w.editor is focus:
+                w.cancel_edit()
+                return
+        self.stop()
+
+    def regenerate(self) -> None:
+        if self.current_chat is not None:
+            self.controller.regenerate(self.current_chat)
+            self.chat_view.following = True
+
+    def _edit_submitted(self, position: int, text: str) -> None:
+        if self.current_chat is not None:
+            self.controller.edit(self.current_chat, position, text)
+            self.chat_view.following = True
+
+    def _notice_action(self, key: str) -> None:
+        if self.current_chat is not None:
+            self.controller.act(self.current_chat, key)
+
+    # ----- keeping the view in step -----------------------------------------------------------------
+    def _pending_text(self, state: str) -> str:
+        if self.engine.load_error:
+            return "No model is loaded."
+        if not self.engine.ready:
+            return "Waiting for the model to load… (your message is queued)"
+        if state == "queued":
+            return "Queued: another chat's reply is being written…"
+        return "Reading the conversation…"
+
+    def _views(self, chat_id: int) -> list[MessageView]:
+        rt = self.controller.runtimes.get(chat_id)
+        busy = rt is not None and rt.state in ("queued", "generating")
+        pending = self._pending_text(rt.state) if rt is not None and busy and rt.reply_id is None else None
+        return message_views(self.store.messages(chat_id), rt.text if rt and rt.reply_id else None,
+                             rt.reply_id if rt else None, pending, busy or (rt is not None and rt.busy))
+
+    def _messages_changed(self, chat_id: int, scroll_to_end: bool = False) -> None:
+        if chat_id != self.current_chat:
+            return
+        self.chat_view.set_messages(self._views(chat_id), scroll_to_end=scroll_to_end)
+        self._update_chat_chrome()
+
+    def _stream_changed(self, chat_id: int) -> None:
+        rt = self.controller.runtimes.get(chat_id)
+        if chat_id != self.current_chat or rt is None or rt.reply_id is None:
+            return
+        self.chat_view.update_streaming(MessageView(
+            key=f"m{rt.reply_id}", position=self.chat_view.message_widgets[-1].view.position
+            if self.chat_view.message_widgets else 0, role="assistant", text=rt.text, status="streaming"))
+
+    def _state_changed(self, chat_id: int) -> None:
+        rt = self.controller.runtimes.get(chat_id)
+        info = self.engine.info
+        if rt is not None:
+            chat = next((e for e in self.sidebar.entries() if e.chat_id == chat_id), None)
+            if chat is not None:
+                place = rt.cache.where if rt.cache is not None else "none"
+                lossy = info.lossy if info else frozenset()
+                strategy = self.store.chat(chat_id).settings.cache.get("strategy", "auto")
+                self.sidebar.update_entry(ChatEntry(chat_id, chat.title, chat.updated_at, place, str(strategy),
+                                                    strategy in lossy, rt.state if rt.busy else ""))
+        if chat_id != self.current_chat:
+            return
+        self.chat_view.set_notices(list(rt.notices) if rt is not None else [])
+        self._messages_changed(chat_id)
+        self._show_current_settings()
+
+    def _update_chat_chrome(self) -> None:
+        chat_id = self.current_chat
+        rt = self.controller.runtimes.get(chat_id) if chat_id is not None else None
+        self.composer.set_generating(rt is not None and rt.state in ("queued", "generating"))
+        if chat_id is None:
+            self.title_label.setText("Cachet")
+            self.lossy_badge.hide()
+            self.context_label.setText("")
+            hint = "Type a message below to start a chat." if self.engine.ready or not self.engine.loading else \
+                "Loading the model… You can type your first message already."
+            self.chat_view.set_empty_hint(hint)
+            return
+        chat = self.store.chat(chat_id)
+        self.title_label.setText(chat.title or "New chat")
+        strategy = str(chat.settings.cache.get("strategy", "auto"))
+        info = self.engine.info
+        self.lossy_badge.setVisible(info is not None and strategy in info.lossy)
+        model = self.engine.model
+        if rt is not None and rt.last_stats and model is not None:
+            used = int(rt.last_stats.get("prompt_tokens", 0)) + int(rt.last_stats.get("generated_tokens", 0))
+            self.context_label.setText(f"{used:,} / {model.context_length:,} tokens")
+        else:
+            self.context_label.setText("")
+        hint = "Ask anything. Enter sends, Shift+Enter adds a line." if self.engine.ready or not self.engine.loading \
+            else "Loading the model… You can type your first message already."
+        self.chat_view.set_empty_hint(hint)
+
+    def _show_current_settings(self) -> None:
+        chat_id = self.current_chat
+        if chat_id is None:
+            self.settings_panel.show_chat(None, None)
+            return
+        rt = self.controller.runtimes.get(chat_id)
+        self.settings_panel.show_chat(chat_id, self.store.chat(chat_id).settings, rt.state if rt and rt.busy else "",
+                                      rt.cache if rt else None)
+
+    def _apply_chat_settings(self, chat_id: int, settings: ChatSettings) -> None:
+        self.controller.set_settings(chat_id, settings)
+        self._update_chat_chrome()
+
+    def refresh_memory(self) -> None:
+        warm = [rt.cache for rt in self.controller.runtimes.values() if rt.cache is not None and rt.cache.bytes]
+        free = self.meters.refresh_memory(sum(c.bytes for c in warm), len(warm))
+        if free:
+            self.settings_panel.set_free_memory(free)
+
+    # ----- theme ----------------------------------------------------------------------------------------
+    def set_theme(self, choice: str) -> None:
+        self.apply_config(self.config.with_changes(theme=choice))
+
+    def apply_theme(self) -> None:
+        self.theme = themes.resolve(self.config.theme)
+        app = QGuiApplication.instance()
+        if isinstance(app, QGuiApplication):
+            themes.apply(app, self.theme)
+        self.renderer = MarkdownRenderer(self.theme)
+        self.chat_view.set_renderer(self.renderer)
+        if self.config.theme in self.theme_actions:
+            self.theme_actions[self.config.theme].setChecked(True)
+
+    def _system_scheme_changed(self) -> None:
+        if self.config.theme == "system":
+            self.apply_theme()
+
+    # ----- global settings ------------------------------------------------------------------------------
+    def open_settings(self) -> None:
+        from app.settings_dialog import SettingsDialog
+
+        dialog = SettingsDialog(self.config, self)
+        if dialog.exec():
+            self.apply_config(dialog.result_config())
+
+    def apply_config(self, new: AppConfig) -> None:
+        """Apply only what changed; a different model is loaded in the worker."""
+        changed = new.diff(self.config)
+        if not changed:
+            return
+        self.config = new
+        self.controller.config = new
+        if self.save_settings:
+            save_config(new)
+        if "theme" in changed:
+            self.apply_theme()
+        if "kv_budget_mb" in changed:
+            self.engine.set_kv_budget(new.kv_budget_mb * 1024 * 1024)
+        if changed & {"model", "device", "dtype", "online"}:
+            from app.__main__ import default_loader
+
+            for rt in self.controller.runtimes.values():
+                rt.cache = None
+            self.engine.load(default_loader(new))
+            self.meters.loading("Loading the model…")
+            self.refresh_sidebar()
+
+    # ----- files ---------------------------------------------------------------------------------------
+    def _export_dialog(self, chat_id: int | None, kind: str) -> None:
+        if chat_id is None:
+            return
+        title = self.store.chat(chat_id).title or "chat"
+        safe = "".join(c if c.isalnum() or c in " -_" else "_" for c in title).strip() or "chat"
+        suffix, label = (".md", "Markdown (*.md)") if kind == "md" else (".json", "JSON (*.json)")
+        path, _ = QFileDialog.getSaveFileName(self, "Export chat", str(Path.home() / f"{safe}{suffix}"), label)
+        if not path:
+            return
+        try:
+            if kind == "md":
+                self.controller.export_markdown(chat_id, Path(path))
+            else:
+                self.controller.export_json(chat_id, Path(path))
+        except OSError as exc:
+            QMessageBox.warning(self, "Export failed", str(exc))
+            return
+        self.statusBar().showMessage(f"Exported to {path}", 5000)
+
+    def _import_dialog(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Import a chat", str(Path.home()), "Cachet chat (*.json)")
+        if not path:
+            return
+        try:
+            chat_id = self.controller.import_json(Path(path))
+        except (OSError, ValueError, StoreError) as exc:
+            QMessageBox.warning(self, "Import failed", str(exc))
+            return
+        self.select_chat(chat_id)

@@ -1,0 +1,70 @@
+"""The status bar: model and device, memory held by the weights and by the KV caches and what is
+free (refreshed every second), and the last turn's reuse, time to first token and speed."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar
+
+from app.bridge import ModelInfo
+from app.memory import free_bytes, human_bytes
+
+
+class Meters:
+    def __init__(self, bar: QStatusBar) -> None:
+        self.bar = bar
+        self.model_label = QLabel("Starting…")
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 0)
+        self.progress.setMaximumWidth(120)
+        self.progress.setMaximumHeight(12)
+        self.progress.setTextVisible(False)
+        self.memory_label = QLabel()
+        self.turn_label = QLabel()
+        self.memory_label.setToolTip("Memory held by the model's weights and by the KV caches of all chats, "
+                                     "and what is still free")
+        self.turn_label.setToolTip("The last reply: prompt tokens reused from the cache vs. computed, "
+                                   "time to first token, decoding speed")
+        bar.addWidget(self.model_label)
+        bar.addWidget(self.progress)
+        bar.addPermanentWidget(self.memory_label)
+        bar.addPermanentWidget(self.turn_label)
+        self.model: ModelInfo | None = None
+        self.free = 0
+
+    def loading(self, text: str) -> None:
+        self.model_label.setText(text)
+        self.progress.show()
+
+    def failed(self, text: str) -> None:
+        self.model_label.setText("No model: " + text.split("\n")[0][:120])
+        self.model_label.setToolTip(text)
+        self.progress.hide()
+
+    def ready(self, model: ModelInfo) -> None:
+        self.model = model
+        self.progress.hide()
+        self.model_label.setText(f"{model.name} · {model.device} · {model.dtype}")
+        self.model_label.setToolTip(f"{model.name}\nloaded in {model.load_seconds:.1f} s\n"
+                                    f"context: {model.context_length:,} tokens")
+
+    def refresh_memory(self, kv_bytes: int, warm_chats: int) -> int:
+        """Update the memory meter; returns the free bytes it found."""
+        if self.model is None:
+            self.memory_label.setText("")
+            return 0
+        self.free = free_bytes(self.model.device)
+        where = "VRAM" if self.model.device.startswith("cuda") else "RAM"
+        self.memory_label.setText(
+            f"{where}: weights {human_bytes(self.model.weights_bytes)} · KV {human_bytes(kv_bytes)} "
+            f"({warm_chats} chat{'s' if warm_chats != 1 else ''}) · free {human_bytes(self.free)}")
+        return self.free
+
+    def turn(self, stats: dict[str, Any] | None) -> None:
+        if not stats:
+            self.turn_label.setText("")
+            return
+        self.turn_label.setText(
+            f"Last reply: {stats.get('reused_tokens', 0):,} reused / {stats.get('prefilled_tokens', 0):,} prefilled"
+            f" · TTFT {stats.get('ttft_ms', 0):,.0f} ms · {stats.get('decode_tok_s', 0):.1f} tok/s")

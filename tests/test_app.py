@@ -1,0 +1,460 @@
+"""The desktop window, driven like a user would: replies stream into the right chat, Stop,
+Regenerate and Edit work, chats survive a restart and a kill, and the GUI never waits on the model.
+
+The tiny random model answers (tests/tiny.py); one test uses the bundled model.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from PySide6.QtCore import QCoreApplication, QEvent, Qt
+from PySide6.QtGui import QGuiApplication
+
+from app.config import AppConfig
+from app.main_window import MainWindow
+from engine.store import ChatSettings, ChatStore
+from tests.tiny import tiny_loaded_model
+
+# The offscreen platform warns about a window-manager feature it lacks; nothing of ours.
+pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHORT = {"temperature": 0.0, "max_new_tokens": 12, "repetition_penalty": 1.0}
+LONG = {"temperature": 0.0, "max_new_tokens": 900, "repetition_penalty": 1.0}
+TURN_TIMEOUT = 60_000
+
+MakeWindow = Callable[..., MainWindow]
+
+
+@pytest.fixture
+def make_window(qtbot: Any) -> Iterator[MakeWindow]:
+    """Open main windows on this test's data folder; closing joins each one's worker thread."""
+    made: list[tuple[MainWindow, ChatStore]] = []
+
+    def make(loader: Callable[..., Any] = tiny_loaded_model, sampling: dict[str, Any] | None = None,
+             wait_ready: bool = True) -> MainWindow:
+        store = ChatStore()
+        config = AppConfig(default_sampling=dict(SHORT if sampling is None else sampling))
+        win = MainWindow(store, config, loader, save_settings=False)
+        win.show()
+        made.append((win, store))
+        if wait_ready:
+            with qtbot.waitSignal(win.engine.model_ready, timeout=TURN_TIMEOUT):
+                win.start_engine()
+        return win
+
+    yield make
+    for win, store in made:
+        win.close()
+        assert not win.engine._thread.isRunning()
+        win.deleteLater()  # later tests restyle the whole application: leave no windows behind
+        store.close()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
+
+def send_and_wait(qtbot: Any, win: MainWindow, text: str) -> int:
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        win.send(text)
+    assert win.current_chat is not None
+    return win.current_chat
+
+
+def messages(win: MainWindow, chat_id: int | None = None) -> list[tuple[str, str]]:
+    cid = win.current_chat if chat_id is None else chat_id
+    assert cid is not None
+    return [(m.role, m.status) for m in win.store.messages(cid)]
+
+
+def test_a_reply_streams_token_by_token_and_every_message_is_committed_as_it_exists(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window(sampling={**SHORT, "max_new_tokens": 24})
+    qtbot.keyClick(win, Qt.Key.Key_N, Qt.KeyboardModifier.ControlModifier)
+    chat_id = win.current_chat
+    assert chat_id is not None and win.store.messages(chat_id) == []
+
+    seen: dict[str, Any] = {"deltas": 0}
+
+    def on_started(_event: object) -> None:
+        # the user's message is on disk before anything is generated
+        seen["at_start"] = messages(win, chat_id)
+
+    def on_stream(cid: int) -> None:
+        seen["deltas"] += 1
+        seen.setdefault("at_first_token", messages(win, cid))
+        seen.setdefault("bubbles_while_streaming", win.chat_view.bubble_texts())
+
+    win.engine.turn_started.connect(on_started)
+    win.controller.stream_changed.connect(on_stream)
+    qtbot.keyClicks(win.composer.input, "Hello")
+    qtbot.keyClick(win.composer.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    qtbot.keyClicks(win.composer.input, "there")
+    assert win.composer.input.toPlainText() == "Hello\nthere"  # Shift+Enter is a new line
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        qtbot.keyClick(win.composer.input, Qt.Key.Key_Return)  # Enter sends
+    assert win.composer.input.toPlainText() == ""
+
+    assert seen["at_start"] == [("user", "done")]
+    assert seen["at_first_token"] == [("user", "done"), ("assistant", "streaming")]
+    assert seen["deltas"] > 3
+    assert seen["bubbles_while_streaming"][0] == ("user", "Hello\nthere")
+    stored = win.store.messages(chat_id)
+    assert [(m.role, m.status) for m in stored] == [("user", "done"), ("assistant", "done")]
+    reply = stored[1]
+    assert reply.token_ids and reply.tokens == len(reply.token_ids) and reply.stats
+    assert stored[0].tokens and stored[0].tokens > 0
+    assert win.chat_view.bubble_texts() == [("user", "Hello\nthere"), ("assistant", reply.content)]
+    # per-message token counts on hover, the sidebar names the chat, the meters show the turn
+    assert f"{reply.tokens} tokens" in win.chat_view.message_widgets[1].toolTip()
+    assert "prefilled" in win.chat_view.message_widgets[1].toolTip()
+    assert win.sidebar.entries()[0].title == "Hello"
+    assert win.sidebar.entries()[0].cache_place == "ram"
+    assert "prefilled" in win.meters.turn_label.text()
+    win.refresh_memory()
+    assert "KV" in win.meters.memory_label.text()
+
+
+def test_stop_ends_the_reply_within_a_token_and_keeps_what_was_written(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window(sampling=LONG)
+    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
+        win.send("Write a lot")
+    assert win.composer.button.text() == "Stop"
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        qtbot.keyClick(win.composer.input, Qt.Key.Key_Escape)
+    user, reply = win.store.messages(win.current_chat or 0)
+    assert reply.status == "stopped" and not reply.complete
+    assert reply.stats is not None and reply.stats["finish_reason"] == "cancelled"
+    assert reply.stats["generated_tokens"] < LONG["max_new_tokens"]
+    assert win.composer.button.text() == "Send"
+    assert "stopped" in win.chat_view.message_widgets[-1].status_label.text()
+
+
+def test_regenerate_replaces_the_last_reply_and_reuses_the_cached_prompt(qtbot: Any,
+                                                                           make_window: MakeWindow) -> None:
+    win = make_window()
+    chat_id = send_and_wait(qtbot, win, "Tell me something")
+    first = win.store.messages(chat_id)[1]
+    button = win.chat_view.message_widgets[-1].regen_button
+    assert button.isVisible()
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        qtbot.mouseClick(button, Qt.MouseButton.LeftButton)
+    msgs = win.store.messages(chat_id)
+    assert [m.role for m in msgs] == ["user", "assistant"]
+    assert msgs[1].created_at > first.created_at  # a new row (SQLite may reuse the id)
+    assert msgs[1].stats is not None
+    assert msgs[1].stats["reused_tokens"] == msgs[1].stats["prompt_tokens"] - 1  # all but the token that is fed
+
+
+def test_editing_an_earlier_message_continues_from_there_reusing_the_cache_up_to_it(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    chat_id = win.new_chat()
+    win.store.set_settings(chat_id, ChatSettings(system_prompt="You are a careful assistant for tests.",
+                                                 sampling=SHORT))
+    send_and_wait(qtbot, win, "First question")
+    send_and_wait(qtbot, win, "Second question")
+    assert len(win.store.messages(chat_id)) == 4
+
+    bubble = win.chat_view.widget_for(0)
+    assert bubble is not None and bubble.edit_button.isVisible()
+    qtbot.mouseClick(bubble.edit_button, Qt.MouseButton.LeftButton)
+    assert bubble.editor is not None
+    bubble.editor.setPlainText("First question, edited")
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        qtbot.keyClick(bubble.editor, Qt.Key.Key_Return)
+    msgs = win.store.messages(chat_id)
+    assert [(m.role, m.content) for m in msgs][:1] == [("user", "First question, edited")]
+    assert len(msgs) == 2
+    stats = msgs[1].stats
+    assert stats is not None
+    # the system prompt and the start of the first user turn come from the cache
+    assert stats["reused_tokens"] > len("You are a careful assistant for tests.")
+    assert stats["prefilled_tokens"] < stats["prompt_tokens"]
+
+
+def test_switching_the_cache_strategy_mid_chat_rebuilds_the_cache_with_visible_progress(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    chat_id = send_and_wait(qtbot, win, "Hello cache")
+    win.settings_button.click()
+    panel = win.settings_panel
+    assert win.dock.isVisible() and panel.chat_id == chat_id
+    model = win.engine.model
+    assert model is not None
+    # sink when this engine has it (converted in place, lossy); else dynamic with other parameters
+    target = "sink" if model.availability.get("sink") is None else "dynamic"
+    panel.select_strategy(target)
+    panel.param_widget("window").setValue(2048)  # type: ignore[attr-defined]
+    assert panel.apply_button.isEnabled()
+    seen: list[str] = []
+    win.controller.state_changed.connect(lambda cid: seen.append(win.controller.runtime(cid).state))
+    with qtbot.waitSignal(win.controller.rebuild_finished, timeout=TURN_TIMEOUT):
+        qtbot.mouseClick(panel.apply_button, Qt.MouseButton.LeftButton)
+        assert panel.progress.isVisible()  # visible progress while the worker rebuilds
+    assert "rebuilding" in seen
+    notice = win.controller.runtime(chat_id).notices[0]
+    assert notice.kind == "info" and ("rebuilt" in notice.text or "converted" in notice.text)
+    assert win.store.chat(chat_id).settings.cache["strategy"] == target
+    assert win.store.chat(chat_id).settings.cache["window"] == 2048
+    cache = win.controller.runtime(chat_id).cache
+    assert cache is not None and cache.tokens > 0 and cache.strategy == target
+    assert win.lossy_badge.isVisible() == (target == "sink")
+    send_and_wait(qtbot, win, "And after the switch?")
+    assert win.store.messages(chat_id)[-1].status == "done"
+
+
+def test_a_strategy_that_cannot_be_built_is_reported_in_the_chat_and_rolled_back(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    chat_id = send_and_wait(qtbot, win, "Hello")
+    before = win.store.chat(chat_id).settings
+    bad = ChatSettings(before.system_prompt, before.sampling, {"strategy": "sink", "sink_tokens": 8, "window": 4})
+    with qtbot.waitSignal(win.controller.rebuild_finished, timeout=TURN_TIMEOUT):
+        win.controller.set_settings(chat_id, bad)
+    notice = win.controller.runtime(chat_id).notices[0]
+    assert notice.kind == "error" and "window" in notice.text
+    assert win.store.chat(chat_id).settings.cache == before.cache
+    assert [w.notice.kind for w in win.chat_view.notice_widgets] == ["error"]
+    send_and_wait(qtbot, win, "Still works?")
+    assert win.store.messages(chat_id)[-1].status == "done"
+
+
+def test_a_reply_keeps_streaming_into_its_own_chat_while_another_chat_is_shown(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window(sampling=LONG)
+    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
+        win.send("A long story please")
+    chat_a = win.current_chat
+    assert chat_a is not None
+    chat_b = win.new_chat()
+    win.store.set_settings(chat_b, ChatSettings(sampling=SHORT))
+    assert win.chat_view.bubble_texts() == []
+    grown_from = len(win.controller.runtime(chat_a).text)
+    qtbot.waitUntil(lambda: len(win.controller.runtime(chat_a).text) > grown_from + 5, timeout=TURN_TIMEOUT)
+    win.send("Meanwhile, in chat B")  # queued behind chat A's reply
+    assert win.controller.runtime(chat_b).state == "queued"
+    assert [role for role, _text in win.chat_view.bubble_texts()] == ["user", "assistant"]
+    assert win.chat_view.bubble_texts()[0] == ("user", "Meanwhile, in chat B")
+    assert "Queued" in win.chat_view.bubble_texts()[1][1]
+    # typing stays possible while a reply streams
+    qtbot.keyClicks(win.composer.input, "typing works")
+    assert win.composer.input.toPlainText() == "typing works"
+    win.composer.clear()
+
+    with qtbot.waitSignals([win.controller.turn_finished, win.controller.turn_finished], timeout=TURN_TIMEOUT):
+        win.controller.stop(chat_a)
+    assert messages(win, chat_a) == [("user", "done"), ("assistant", "stopped")]
+    assert messages(win, chat_b) == [("user", "done"), ("assistant", "done")]
+    win.select_chat(chat_a)
+    texts = win.chat_view.bubble_texts()
+    assert texts[0] == ("user", "A long story please")
+    assert texts[1] == ("assistant", win.store.messages(chat_a)[1].content) and len(texts[1][1]) > 5
+
+
+def test_the_view_follows_a_streaming_reply_unless_the_user_scrolled_up(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window(sampling=LONG)
+    win.resize(700, 320)  # a short view, so the reply outgrows it quickly
+    bar = win.chat_view.verticalScrollBar()
+    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
+        win.send("Fill the screen")
+    qtbot.waitUntil(lambda: bar.maximum() > 0, timeout=TURN_TIMEOUT)
+    qtbot.waitUntil(lambda: bar.value() == bar.maximum() and bar.maximum() > 40, timeout=TURN_TIMEOUT)
+    bar.setValue(0)  # the user scrolls up to read
+    grown = bar.maximum()
+    qtbot.waitUntil(lambda: bar.maximum() > grown + 20, timeout=TURN_TIMEOUT)
+    assert bar.value() == 0 and not win.chat_view.following
+    bar.setValue(bar.maximum())  # back at the end: following again
+    grown = bar.maximum()
+    qtbot.waitUntil(lambda: bar.maximum() > grown + 20, timeout=TURN_TIMEOUT)
+    assert bar.value() == bar.maximum()
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        win.stop()
+
+
+def test_messages_typed_while_the_model_loads_are_answered_once_it_is_ready(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    release = threading.Event()
+
+    def slow_loader() -> Any:
+        assert release.wait(30)
+        return tiny_loaded_model()
+
+    win = make_window(loader=slow_loader, wait_ready=False)
+    win.start_engine()
+    win.send("Are you there?")
+    chat_id = win.current_chat
+    assert chat_id is not None
+    assert messages(win, chat_id) == [("user", "done")]
+    assert "Waiting for the model" in win.chat_view.bubble_texts()[-1][1]
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        release.set()
+    assert messages(win, chat_id) == [("user", "done"), ("assistant", "done")]
+
+
+def test_chats_are_all_there_after_a_restart(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    first = send_and_wait(qtbot, win, "Remember me")
+    win.controller.rename(first, "Kept chat")
+    second = win.new_chat()
+    send_and_wait(qtbot, win, "Another one")
+    expected = {cid: win.store.messages(cid) for cid in (first, second)}
+    win.close()
+
+    again = make_window()
+    assert [e.title for e in again.sidebar.entries()] == ["Another one", "Kept chat"]
+    assert again.current_chat == second
+    for cid, msgs in expected.items():
+        assert again.store.messages(cid) == msgs
+    again.select_chat(first)
+    assert again.chat_view.bubble_texts() == [(m.role, m.content) for m in expected[first]]
+    send_and_wait(qtbot, again, "And a follow-up")
+    assert messages(again, first)[-1] == ("assistant", "done")
+
+
+def test_search_rename_delete_and_undo_from_the_sidebar(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    send_and_wait(qtbot, win, "Penguins of the south")
+    win.new_chat()
+    send_and_wait(qtbot, win, "Volcanoes of the north")
+    qtbot.keyClick(win, Qt.Key.Key_F, Qt.KeyboardModifier.ControlModifier)
+    assert win.sidebar.search.hasFocus()
+    qtbot.keyClicks(win.sidebar.search, "penguin")
+    assert [e.title for e in win.sidebar.entries()] == ["Penguins of the south"]
+    win.sidebar.search.clear()
+
+    item = win.sidebar.list.item(0)
+    item.setText("Lava")  # what an inline rename in the list does
+    assert win.store.chats()[0].title == "Lava"
+    victim = win.sidebar.entries()[0].chat_id
+    win.delete_chat(victim)
+    assert [e.title for e in win.sidebar.entries()] == ["Penguins of the south"]
+    assert win.sidebar.undo_bar.isVisible()
+    qtbot.mouseClick(win.sidebar.undo_button, Qt.MouseButton.LeftButton)
+    assert [e.title for e in win.sidebar.entries()] == ["Lava", "Penguins of the south"]
+    assert win.current_chat == victim
+
+
+def test_export_and_import(qtbot: Any, make_window: MakeWindow, tmp_path: Path) -> None:
+    win = make_window()
+    chat_id = send_and_wait(qtbot, win, "Export me")
+    win.controller.export_markdown(chat_id, tmp_path / "chat.md")
+    win.controller.export_json(chat_id, tmp_path / "chat.json")
+    assert (tmp_path / "chat.md").read_text().startswith("# Export me")
+    imported = win.controller.import_json(tmp_path / "chat.json")
+    assert imported != chat_id
+    assert [(m.role, m.content) for m in win.store.messages(imported)] == \
+        [(m.role, m.content) for m in win.store.messages(chat_id)]
+    assert win.store.chat(imported).settings == win.store.chat(chat_id).settings
+
+
+def test_a_chat_beyond_the_context_says_so_and_offers_the_overflow_policies(
+        qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    send_and_wait(qtbot, win, "x" * 1100)  # the tiny model reads 1,024 tokens, one per byte
+    chat_id = win.current_chat
+    assert chat_id is not None
+    assert messages(win, chat_id) == [("user", "done")]
+    [widget] = win.chat_view.notice_widgets
+    assert widget.notice.kind == "warning" and "context" in widget.notice.text
+    labels = {a.label: a.disabled_reason for a in widget.notice.actions}
+    assert labels["Stop here"] is None
+    assert {"Truncate the middle", "Continue with attention sinks"} <= set(labels)
+    if labels["Continue with attention sinks"] is not None:
+        return  # an engine without overflow policies: offered, disabled, with the reason as tooltip
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        win.controller.act(chat_id, "overflow:sink")
+    assert win.store.chat(chat_id).settings.overflow == "sink"  # remembered for the next turns
+    assert messages(win, chat_id)[-1][0] == "assistant"
+    assert any("context" in n.text for n in win.controller.runtime(chat_id).notices)
+
+
+def test_lossy_strategy_shows_a_badge_and_code_blocks_can_be_copied(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    chat_id = win.new_chat()
+    win.store.add_message(chat_id, "user", "Code please")
+    win.store.add_message(chat_id, "assistant", "Here:\n\n```python\nprint('hi')\n```\n<script>alert(1)</script>")
+    win.store.set_settings(chat_id, ChatSettings(cache={"strategy": "quantized"}))
+    win.current_chat = None
+    win.select_chat(chat_id)
+    assert win.lossy_badge.isVisible()
+    bubble = win.chat_view.message_widgets[1]
+    html = bubble.body.text()
+    assert "&lt;script&gt;" in html and "<script>" not in html
+    bubble.body.linkActivated.emit("copy:0")
+    assert QGuiApplication.clipboard().text() == "print('hi')"
+
+
+def test_theme_follows_the_choice(make_window: MakeWindow) -> None:
+    win = make_window()
+    win.set_theme("dark")
+    assert win.palette().window().color().lightness() < 80
+    assert win.renderer.theme.dark
+    win.set_theme("light")
+    assert win.palette().window().color().lightness() > 200
+
+
+@pytest.mark.real_model
+def test_the_bundled_model_answers_in_the_window(qtbot: Any, make_window: MakeWindow, real_lm: Any) -> None:
+    win = make_window(loader=lambda: real_lm, sampling={"temperature": 0.0, "max_new_tokens": 24})
+    chat_id = send_and_wait(qtbot, win, "What is the capital of France?")
+    reply = win.store.messages(chat_id)[1]
+    assert "Paris" in reply.content and reply.status == "done"
+    assert "Paris" in win.chat_view.message_widgets[1].body.text()
+
+
+def test_killing_the_app_mid_reply_loses_only_the_unfinished_part(tmp_path: Path, qtbot: Any) -> None:
+    """A real process, killed with SIGKILL while a reply streams; the next start finds the
+    user's message and the partial reply, marked interrupted."""
+    base = tmp_path / "killed"
+    (base / "data").mkdir(parents=True)
+    (base / "data" / "settings.json").write_text(
+        '{"default_sampling": {"temperature": 0.0, "max_new_tokens": 5000, "repetition_penalty": 1.0}}')
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "CACHET_TEST_TINY_MODEL": "1",
+           "CACHET_TEST_AUTOSEND": "Tell me everything"}
+    proc = subprocess.Popen([sys.executable, "-m", "app", "--data-dir", str(base)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    db_path = base / "data" / "chats.sqlite3"
+
+    def partial_reply_flushed() -> bool:
+        assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+        if not db_path.exists():
+            return False
+        db = sqlite3.connect(db_path, timeout=5)
+        try:
+            rows = db.execute("SELECT status, length(content), updated_at > created_at FROM messages "
+                              "WHERE role = 'assistant'").fetchall()
+        except sqlite3.OperationalError:  # the schema is not created yet
+            return False
+        finally:
+            db.close()
+        # streaming, and written again after its first token
+        return bool(rows) and rows[0][0] == "streaming" and rows[0][1] > 0 and bool(rows[0][2])
+
+    try:
+        qtbot.waitUntil(partial_reply_flushed, timeout=90_000)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        if proc.stderr:
+            proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+
+    store = ChatStore(db_path)
+    try:
+        [chat] = store.chats()
+        user, reply = store.messages(chat.id)
+        assert (user.role, user.content, user.complete) == ("user", "Tell me everything", True)
+        assert reply.role == "assistant" and reply.status == "interrupted" and not reply.complete
+        assert len(reply.content) > 0
+        assert store.recovered == 1
+    finally:
+        store.close()

@@ -1,0 +1,42 @@
+"""The window comes up before anything heavy is imported: torch and transformers load in the
+worker thread, after the window is shown (scripts/startup_time.py measures the time)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_window_is_shown_before_torch_is_imported(tmp_path: Path) -> None:
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "CACHET_PRINT_SHOWN": "1"}
+    out = subprocess.run([sys.executable, "-m", "app", "--data-dir", str(tmp_path), "--exit-when-shown"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    [line] = [ln for ln in out.stdout.splitlines() if ln.startswith("cachet-window-shown")]
+    assert line.endswith("heavy-imports=0")
+    assert (tmp_path / "data" / "chats.sqlite3").is_file()  # --data-dir holds the chats
+
+
+def test_app_config_round_trips_and_rejects_bad_values(tmp_path: Path) -> None:
+    import pytest
+
+    from app.config import AppConfig, ConfigError, load_config, save_config
+
+    path = tmp_path / "settings.json"
+    config = AppConfig(model="/models/x.gguf", device="cuda:1", dtype="bfloat16", kv_budget_mb=2048, theme="dark",
+                       default_sampling={"temperature": 0.2})
+    save_config(config, path)
+    assert load_config(path) == config
+    assert not list(tmp_path.glob(".*.tmp"))  # written through a temp file and os.replace
+    with pytest.raises(ConfigError):
+        config.with_changes(device="gpu")
+    with pytest.raises(ConfigError):
+        config.with_changes(kv_budget_mb=-1)
+    path.write_text('{"theme": "purple", "dtype": "float16", "unknown": 1}')
+    assert load_config(path) == AppConfig(dtype="float16")  # a bad value falls back to its default
+    path.write_text("not json")
+    assert load_config(path) == AppConfig()
