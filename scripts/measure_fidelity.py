@@ -1,7 +1,7 @@
 """Perplexity and memory of each cache strategy on a long text, against the full (dynamic) cache.
 
     .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of tests/data/alice.txt
-    .venv/bin/python scripts/measure_fidelity.py --max-tokens 2048
+    .venv/bin/python scripts/measure_fidelity.py --max-tokens 2048 --only "quantized 4-bit"
     .venv/bin/python scripts/measure_fidelity.py --search-2bit --max-tokens 2048   # the 2-bit search
 
 The text is fed through each cache in chunks of 64 tokens, as a long chat fills it (see
@@ -20,10 +20,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import torch  # noqa: E402
+
 from engine import caches, models  # noqa: E402
 from engine.caches import CacheSpec  # noqa: E402
 from engine.caches.quantized import default_spec  # noqa: E402
-from engine.perplexity import PerplexityResult, perplexity  # noqa: E402
+from engine.perplexity import PerplexityResult, perplexity, sliding_window_perplexity  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "alice.txt"
 
@@ -33,6 +35,13 @@ ROWS: list[tuple[str, CacheSpec]] = [
     ("quantized 4-bit", CacheSpec(strategy="quantized", **default_spec(4))),
     ("quantized 2-bit", CacheSpec(strategy="quantized", **default_spec(2))),
     ("static", CacheSpec(strategy="static", max_cache_len=8192)),
+    ("sink 4+8100 (holds all)", CacheSpec(strategy="sink", sink_tokens=4, window=8100)),
+    ("sink 4+1024", CacheSpec(strategy="sink", sink_tokens=4, window=1024)),
+    ("sink-quantized 4+1024 4-bit",
+     CacheSpec(strategy="sink-quantized", sink_tokens=4, window=1024, **default_spec(4))),
+    ("sink 4+256", CacheSpec(strategy="sink", sink_tokens=4, window=256)),
+    ("sink-quantized 4+256 4-bit", CacheSpec(strategy="sink-quantized", sink_tokens=4, window=256, **default_spec(4))),
+    ("window 260, no sinks", CacheSpec(strategy="sink", sink_tokens=0, window=260)),
 ]
 
 
@@ -92,21 +101,44 @@ def measure(lm: models.LoadedModel, text: str, rows: list[tuple[str, CacheSpec]]
     return results
 
 
+def oracle(lm: models.LoadedModel, text: str, tokens: int, chunk: int) -> None:
+    """The StreamingLLM comparison: sink 4+256 against re-encoding the last 260 tokens for every token."""
+    started = time.perf_counter()
+    reference = sliding_window_perplexity(lm, text, 260, max_tokens=tokens)
+    print(f"\nsliding-window oracle (260 tokens, re-encoded per token), first {tokens} tokens: "
+          f"ppl {reference.ppl:.3f} ({time.perf_counter() - started:.0f} s)")
+    for label, spec in (("sink 4+256", CacheSpec(strategy="sink", sink_tokens=4, window=256)),
+                        ("window 260, no sinks", CacheSpec(strategy="sink", sink_tokens=0, window=260)),
+                        ("dynamic", CacheSpec())):
+        r = perplexity(lm, text, spec, max_tokens=tokens, chunk=chunk)
+        print(f"{label:<30} ppl {r.ppl:8.3f}  ratio to the oracle {r.ppl / reference.ppl:.3f}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--max-tokens", type=int, default=8000)
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--search-2bit", action="store_true", help="measure the 2-bit grid instead of the table")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="measure only these rows (and dynamic)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); 1 is much faster on a busy machine")
     parser.add_argument("--model", default="default")
+    parser.add_argument("--oracle-tokens", type=int, default=1000,
+                        help="also compare sink 4+256 with the sliding-window oracle on this many tokens (0: skip)")
     args = parser.parse_args(argv)
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     lm = models.load(args.model, device="cpu", dtype="float32")
     text = TEXT.read_text(encoding="utf-8")
     print(f"model {lm.source.display_name}, {args.max_tokens} tokens of {TEXT.name}, chunks of {args.chunk}")
     if args.search_2bit:
         search_2bit(lm, text, args.max_tokens, args.chunk)
     else:
-        measure(lm, text, ROWS, args.max_tokens, args.chunk)
+        rows = [row for row in ROWS if args.only is None or row[0] in args.only or row is ROWS[0]]
+        measure(lm, text, rows, args.max_tokens, args.chunk)
+    if args.oracle_tokens:
+        oracle(lm, text, args.oracle_tokens, args.chunk)
     return 0
 
 

@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from transformers import Cache
-from transformers.cache_utils import QuantizedLayer
 
 from engine.caches import CacheSpec, build_cache
 from engine.caches.sink import SinkCache
@@ -27,17 +26,10 @@ def layer_kv(layer: Any) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One layer's content in full precision, keys rotated for slots 0..n-1; None if empty."""
     if not getattr(layer, "is_initialized", False) or layer.get_seq_length() == 0:
         return None
-    full_kv = getattr(layer, "full_kv", None)
+    full_kv = getattr(layer, "full_kv", None)  # our sink and quantized layers de-quantize here
     if callable(full_kv):
         result: tuple[torch.Tensor, torch.Tensor] = full_kv()
         return result
-    if isinstance(layer, QuantizedLayer):
-        parts_k = [layer._dequantize(layer._quantized_keys)]
-        parts_v = [layer._dequantize(layer._quantized_values)]
-        if layer.keys is not None and layer.keys.dim() == 4:
-            parts_k.append(layer.keys)
-            parts_v.append(layer.values)
-        return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
     n = layer.get_seq_length()
     return layer.keys[..., :n, :], layer.values[..., :n, :]
 

@@ -301,7 +301,7 @@ def make_quantizer(spec: Any) -> Any:
     from engine.caches.quantized import QuantizedKVLayer
 
     if spec.backend != "quanto":
-        raise CacheConfigError("sink-quantized stores its window with quanto; HQQ is available for 'quantized' only.")
+        raise CacheConfigError("sink-quantized stores its window with quanto; choose the quanto backend.")
     return QuantizedKVLayer(nbits=spec.nbits, axis_key=spec.axis_key, axis_value=spec.axis_value,
                             q_group_size=spec.q_group_size, residual_length=spec.residual, block=spec.residual)
 
