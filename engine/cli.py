@@ -139,18 +139,10 @@ def _run_turn_interruptible(session: ChatSession, text: str) -> TurnResult:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
-    try:
-        sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                    repetition_penalty=args.repetition_penalty,
-                                    max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
-    except SamplingError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    try:
-        spec = cache_spec_from_args(args)
-    except caches.CacheConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                                repetition_penalty=args.repetition_penalty,
+                                max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
+    spec = cache_spec_from_args(args)
     lm = _load(args)
     settings = SessionSettings(system_prompt=args.system, sampling=sampling, cache=spec,
                                reuse=not args.no_reuse, overflow=args.overflow)
@@ -206,11 +198,7 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     from engine.perplexity import perplexity
 
     text = args.text.read_text(encoding="utf-8")
-    try:
-        spec = cache_spec_from_args(args)
-    except caches.CacheConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    spec = cache_spec_from_args(args)
     lm = _load(args)
     result = perplexity(lm, text, spec, max_tokens=args.max_tokens, chunk=args.chunk)
     if args.json:
@@ -256,6 +244,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (OSError, UnicodeDecodeError, caches.CacheConfigError) as exc:
+    except (SamplingError, caches.CacheConfigError) as exc:  # a setting the user gave is invalid
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -73,3 +73,23 @@ def test_chunking_does_not_change_perplexity(tiny_lm) -> None:
     b = perplexity(tiny_lm, text, chunk=1000)
     assert a.tokens == b.tokens
     assert abs(a.ppl - b.ppl) < 1e-3 * b.ppl
+
+
+def test_invalid_cache_settings_are_explained(tiny_folder, tmp_path, capsys) -> None:
+    turns = tmp_path / "t.txt"
+    turns.write_text("hi\n")
+    assert cli.main(["chat", "--model", str(tiny_folder), "--cache", "sink", "--sink-tokens", "8", "--window", "4",
+                     "--turns", str(turns), "--json"]) == 2
+    assert "window" in capsys.readouterr().err
+    assert cli.main(["chat", "--model", str(tiny_folder), "--cache", "quantized", "--nbits", "3",
+                     "--turns", str(turns), "--json"]) == 2
+    assert "2 or 4 bits" in capsys.readouterr().err
+
+
+def test_sink_chat_from_the_cli_runs_past_the_context(tiny_folder, tmp_path, capsys) -> None:
+    turns = tmp_path / "t.txt"
+    turns.write_text("\n".join("a fairly long line of chat " * 12 for _ in range(8)) + "\n")
+    assert cli.main(["chat", "--model", str(tiny_folder), "--cache", "sink", "--window", "256", "--temperature", "0",
+                     "--max-new-tokens", "8", "--turns", str(turns), "--json"]) == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert records[-1]["prompt_tokens"] > 1024 >= records[-1]["cache_tokens"]
