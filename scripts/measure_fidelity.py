@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
+import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,8 +70,27 @@ def search_2bit(lm: models.LoadedModel, text: str, max_tokens: int, chunk: int) 
     print(f"best: {label}", flush=True)
 
 
+def write_table(path: Path, lm: models.LoadedModel, rows: list[tuple[str, CacheSpec]],
+                results: dict[str, PerplexityResult], tokens: int) -> None:
+    """Save the measured rows as JSON (the app shows each lossy setting's measured cost from it)."""
+    base = results.get(rows[0][0])
+    if base is None:
+        return
+    table = {
+        "model": lm.identity, "text": TEXT.name, "tokens": tokens,
+        "rows": [{"label": label, "spec": spec.to_dict(), "ppl": results[label].ppl,
+                  "ppl_ratio": results[label].ppl / base.ppl, "cache_bytes": results[label].cache_bytes,
+                  "bytes_ratio": results[label].cache_bytes / max(base.cache_bytes, 1)}
+                 for label, spec in rows if label in results],
+    }
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 def measure(lm: models.LoadedModel, text: str, rows: list[tuple[str, CacheSpec]], max_tokens: int, chunk: int,
-            base: PerplexityResult | None = None, header: bool = True) -> dict[str, PerplexityResult]:
+            base: PerplexityResult | None = None, header: bool = True,
+            on_row: Callable[[dict[str, PerplexityResult]], None] | None = None) -> dict[str, PerplexityResult]:
     """Print one table line per row; the first row measured is the reference unless `base` is given."""
     reasons = caches.availability(lm.device)
     if header:
@@ -91,6 +113,8 @@ def measure(lm: models.LoadedModel, text: str, rows: list[tuple[str, CacheSpec]]
             continue
         seconds = time.perf_counter() - started
         results[label] = result
+        if on_row is not None:
+            on_row(results)
         if base is None:
             base = result
         print(
@@ -123,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is much faster on a busy machine")
     parser.add_argument("--model", default="default")
+    parser.add_argument("--write", type=Path, help="also save the table as JSON (e.g. resources/fidelity.json)")
     parser.add_argument("--oracle-tokens", type=int, default=1000,
                         help="also compare sink 4+256 with the sliding-window oracle on this many tokens (0: skip)")
     args = parser.parse_args(argv)
@@ -136,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         search_2bit(lm, text, args.max_tokens, args.chunk)
     else:
         rows = [row for row in ROWS if args.only is None or row[0] in args.only or row is ROWS[0]]
-        measure(lm, text, rows, args.max_tokens, args.chunk)
+        on_row = None
+        if args.write:
+            def on_row(results: dict[str, PerplexityResult]) -> None:
+                write_table(args.write, lm, rows, results, args.max_tokens)
+        measure(lm, text, rows, args.max_tokens, args.chunk, on_row=on_row)
     if args.oracle_tokens:
         oracle(lm, text, args.oracle_tokens, args.chunk)
     return 0
