@@ -320,9 +320,13 @@ class ChatSettingsPanel(QScrollArea):
             if settings is not None:
                 self._fill(settings)
         self.progress.setVisible(busy == "rebuilding")
-        if cache is not None and cache.where != "none":
+        if cache is not None and cache.where == "disk":
+            tokens = f" ({cache.tokens:,} tokens)" if cache.tokens else ""
+            self.cache_now.setText(f"This chat's cache is saved on disk{tokens}; opening the chat restores it.")
+        elif cache is not None and cache.where != "none":
+            place = {"gpu": "on the GPU", "ram": "in RAM"}.get(cache.where, cache.where)
             self.cache_now.setText(f"This chat's cache now: {cache.tokens:,} tokens, {human_size(cache.bytes)} "
-                                   f"({cache.strategy}).")
+                                   f"({cache.strategy}), {place}.")
             self.reference_tokens = cache.tokens
         else:
             self.cache_now.setText("This chat has no cache in memory; the next message builds it.")

@@ -24,6 +24,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.bridge import describe_restore
 from app.controller import Notice
 from app.markdown_render import MarkdownRenderer, plain_html
 
@@ -445,6 +446,9 @@ def _tooltip(m: Any) -> str:
         parts.append(f"prompt {s.get('prompt_tokens', 0):,} tokens: {s.get('reused_tokens', 0):,} reused from the "
                      f"cache, {s.get('prefilled_tokens', 0):,} prefilled")
         parts.append(f"first token after {s.get('ttft_ms', 0):,.0f} ms, {s.get('decode_tok_s', 0):.1f} tokens/s")
+        restore = s.get("restore")
+        if restore and restore.get("source") != "empty":
+            parts.append(describe_restore(restore))
     if not m.complete:
         parts.append({"stopped": "stopped by you", "interrupted": "cut off when Cachet closed unexpectedly",
                       "error": "failed midway", "streaming": "still being written"}.get(m.status, m.status))

@@ -33,8 +33,13 @@ class AppConfig:
     """Every global setting, with its default.
 
     model: "default" (the bundled SmolLM2-135M-Instruct), a .gguf file, a model folder or a Hub id.
-    kv_budget_mb: how much memory the KV caches of all chats may hold together (0 = no limit);
-        beyond it the caches of the least recently used chats are dropped (recomputed on demand).
+    kv_budget_mb: how much GPU memory (RAM on a CPU-only machine) the KV caches of all chats may
+        hold together; 0 = automatic (what the memory advisor finds free once the model is loaded).
+        Beyond it the caches of the least recently used chats move to RAM, then to disk.
+    ram_budget_mb: how much host RAM idle chats' caches may hold; None = automatic (a quarter of
+        the RAM with a GPU; on a CPU-only machine, where the KV budget already is RAM, a small share).
+    disk_budget_mb: how much disk the caches saved as snapshots may take (idle chats beyond the
+        RAM budget, and every chat when Cachet quits, so it resumes after a restart); 0 = none.
     """
 
     model: str = "default"
@@ -42,6 +47,8 @@ class AppConfig:
     dtype: str = "auto"
     online: bool = False  # allow fetching a Hub model that is not in the local cache
     kv_budget_mb: int = 0
+    ram_budget_mb: int | None = None
+    disk_budget_mb: int = 4096
     theme: str = "system"
     default_system_prompt: str = ""
     default_sampling: dict[str, Any] = field(default_factory=dict)  # overrides of SamplingSettings' defaults
@@ -54,8 +61,12 @@ class AppConfig:
             raise ConfigError(f"device: {self.device!r} is not one of auto, cpu, cuda, cuda:N, mps.")
         if self.dtype not in DTYPES:
             raise ConfigError(f"dtype: {self.dtype!r} is not one of {', '.join(DTYPES)}.")
-        if self.kv_budget_mb < 0:
-            raise ConfigError("KV cache budget: must be 0 (no limit) or more megabytes.")
+        if not _is_int(self.kv_budget_mb) or self.kv_budget_mb < 0:
+            raise ConfigError("KV cache budget: must be 0 (automatic) or more megabytes.")
+        if self.ram_budget_mb is not None and (not _is_int(self.ram_budget_mb) or self.ram_budget_mb < 0):
+            raise ConfigError("RAM budget: must be automatic (null) or 0 or more megabytes.")
+        if not _is_int(self.disk_budget_mb) or self.disk_budget_mb < 0:
+            raise ConfigError("Disk budget: must be 0 (no snapshots) or more megabytes.")
         if self.theme not in THEMES:
             raise ConfigError(f"theme: {self.theme!r} is not one of {', '.join(THEMES)}.")
         if not isinstance(self.default_sampling, dict) or not isinstance(self.default_cache, dict):
@@ -84,6 +95,10 @@ class AppConfig:
             except (ConfigError, TypeError) as exc:
                 log.warning("Ignoring setting %s: %s", f.name, exc)
         return config
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def config_path() -> Path:

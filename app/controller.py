@@ -20,9 +20,11 @@ from PySide6.QtCore import QObject, Signal, Slot
 
 from app.bridge import (
     CacheChange,
+    CacheRestored,
     CacheState,
     Engine,
     HistoryMessage,
+    OpenChat,
     RebuildDone,
     TokenDelta,
     TurnDone,
@@ -72,6 +74,7 @@ class ChatRuntime:
     flushed_at: float = 0.0
     notices: list[Notice] = field(default_factory=list)
     cache: CacheState | None = None
+    restore: CacheRestored | None = None  # where the cache came from when the chat was last made active
     last_stats: dict[str, Any] | None = None
     rebuild_from: dict[str, Any] | None = None  # the cache settings to go back to if a rebuild fails
 
@@ -111,6 +114,7 @@ class ChatController(QObject):
         engine.token_delta.connect(self._on_delta)
         engine.turn_done.connect(self._on_turn_done)
         engine.cache_state.connect(self._on_cache_state)
+        engine.cache_restored.connect(self._on_cache_restored)
         engine.rebuild_done.connect(self._on_rebuild_done)
 
     def runtime(self, chat_id: int) -> ChatRuntime:
@@ -123,6 +127,17 @@ class ChatController(QObject):
         chat = self.store.create_chat(settings)
         self.chats_changed.emit()
         return chat.id
+
+    def open_chat(self, chat_id: int) -> None:
+        """The user opened a chat: have the worker bring its cache back now, not at the next message."""
+        if not self.engine.ready or self.runtime(chat_id).busy or not self._exists(chat_id):
+            return
+        messages = self.store.messages(chat_id)
+        if not messages:
+            return
+        settings = self.store.chat(chat_id).settings
+        self.engine.open_chat(OpenChat(chat_id, self._history(chat_id, messages), settings.system_prompt,
+                                       dict(settings.sampling), dict(settings.cache)))
 
     def rename(self, chat_id: int, title: str) -> None:
         self.store.rename(chat_id, title)
@@ -254,6 +269,12 @@ class ChatController(QObject):
         rt = self.runtimes.get(delta.chat_id)
         if rt is None or rt.turn_id != delta.turn_id:
             return
+        if delta.restart:  # the worker writes the reply again (after running out of memory)
+            rt.text = delta.text
+            if rt.reply_id is not None:
+                self.store.update_message(rt.reply_id, content=rt.text)
+            self.stream_changed.emit(delta.chat_id)
+            return
         rt.text += delta.text
         now = time.monotonic()
         if rt.reply_id is None:
@@ -271,6 +292,9 @@ class ChatController(QObject):
         if rt is None or rt.turn_id != done.turn_id:
             return  # the chat was deleted meanwhile
         status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(done.finish_reason, "error")
+        if done.cache is not None and self._exists(done.chat_id):  # the worker switched the strategy
+            chat = self.store.chat(done.chat_id)
+            self.store.set_settings(done.chat_id, replace(chat.settings, cache=dict(done.cache)))
         if done.has_reply:
             fields: dict[str, Any] = dict(content=done.reply, status=status, token_ids=done.token_ids,
                                           tokens=len(done.token_ids), stats=done.stats)
@@ -285,6 +309,8 @@ class ChatController(QObject):
             if last_user is not None:
                 self.store.update_message(last_user.id, tokens=done.user_tokens)
         rt.notices = self._notices_for(done)
+        if done.notice:
+            rt.notices.insert(0, Notice("info", done.notice))
         rt.state, rt.turn_id, rt.reply_id, rt.text = "idle", None, None, ""
         if done.stats:
             rt.last_stats = done.stats
@@ -324,6 +350,11 @@ class ChatController(QObject):
         if state.chat_id in self.runtimes or self._exists(state.chat_id):
             self.runtime(state.chat_id).cache = state
             self.state_changed.emit(state.chat_id)
+
+    @Slot(object)
+    def _on_cache_restored(self, event: CacheRestored) -> None:
+        if event.chat_id in self.runtimes or self._exists(event.chat_id):
+            self.runtime(event.chat_id).restore = event
 
     @Slot(object)
     def _on_rebuild_done(self, done: RebuildDone) -> None:

@@ -22,7 +22,7 @@ from PySide6.QtWidgets import (
 )
 
 from app import theme as themes
-from app.bridge import Engine, EngineInfo, Loader, ModelInfo
+from app.bridge import Budgets, CacheRestored, Engine, EngineInfo, Loader, ModelInfo, describe_restore
 from app.chat_settings import ChatSettingsPanel
 from app.chat_view import ChatView, MessageView, message_views
 from app.composer import Composer
@@ -34,6 +34,15 @@ from app.sidebar import ChatEntry, Sidebar
 from engine.store import ChatSettings, ChatStore, StoreError
 
 MEMORY_REFRESH_MS = 1000
+BUDGET_SETTINGS = {"kv_budget_mb", "ram_budget_mb", "disk_budget_mb"}
+MIB = 1024 * 1024
+
+
+def budgets(config: AppConfig) -> Budgets:
+    """The cache budgets of the global settings, in bytes."""
+    return Budgets(device=config.kv_budget_mb * MIB,
+                   host=None if config.ram_budget_mb is None else config.ram_budget_mb * MIB,
+                   disk=config.disk_budget_mb * MIB)
 
 
 class MainWindow(QMainWindow):
@@ -136,6 +145,7 @@ class MainWindow(QMainWindow):
         self.engine.load_progress.connect(self._load_progress)
         self.engine.model_ready.connect(self._model_ready)
         self.engine.model_failed.connect(self._model_failed)
+        self.engine.cache_restored.connect(self._cache_restored)
 
         app = QGuiApplication.instance()
         if isinstance(app, QGuiApplication):
@@ -198,7 +208,7 @@ class MainWindow(QMainWindow):
     def start_engine(self) -> None:
         """Start the worker and load the model (call after the window is shown)."""
         self.meters.loading("Starting the engine…")
-        self.engine.set_kv_budget(self.config.kv_budget_mb * 1024 * 1024)
+        self.engine.set_budgets(budgets(self.config))
         self.engine.start()
         self._update_chat_chrome()
 
@@ -236,6 +246,12 @@ class MainWindow(QMainWindow):
         self.refresh_sidebar()
         if self.current_chat is not None:
             self._messages_changed(self.current_chat)
+            self.controller.open_chat(self.current_chat)
+
+    def _cache_restored(self, event: CacheRestored) -> None:
+        if event.chat_id == self.current_chat and event.worth_telling:
+            text = describe_restore(event)
+            self.statusBar().showMessage(text[0].upper() + text[1:] + ".", 8000)
 
     def _model_failed(self, message: str) -> None:
         self.meters.failed(message)
@@ -265,6 +281,7 @@ class MainWindow(QMainWindow):
         if chat_id is not None:
             self._messages_changed(chat_id, scroll_to_end=True)
             self._state_changed(chat_id)
+            self.controller.open_chat(chat_id)  # its cache comes back while the user reads
         self._update_chat_chrome()
         self._show_current_settings()
 
@@ -438,7 +455,10 @@ class MainWindow(QMainWindow):
         self._update_chat_chrome()
 
     def refresh_memory(self) -> None:
-        warm = [rt.cache for rt in self.controller.runtimes.values() if rt.cache is not None and rt.cache.bytes]
+        model = self.engine.model
+        here = "gpu" if model is not None and model.device.startswith(("cuda", "mps")) else "ram"
+        warm = [rt.cache for rt in self.controller.runtimes.values()
+                if rt.cache is not None and rt.cache.bytes and rt.cache.where == here]
         free = self.meters.refresh_memory(sum(c.bytes for c in warm), len(warm))
         if free:
             self.settings_panel.set_free_memory(free)
@@ -480,8 +500,8 @@ class MainWindow(QMainWindow):
             save_config(new)
         if "theme" in changed:
             self.apply_theme()
-        if "kv_budget_mb" in changed:
-            self.engine.set_kv_budget(new.kv_budget_mb * 1024 * 1024)
+        if changed & BUDGET_SETTINGS:
+            self.engine.set_budgets(budgets(new))
         if changed & {"model", "device", "dtype", "online"}:
             from app.__main__ import default_loader
 

@@ -7,7 +7,7 @@ from typing import Any
 
 from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar
 
-from app.bridge import ModelInfo
+from app.bridge import ModelInfo, describe_restore
 from app.memory import free_bytes, human_bytes
 
 
@@ -24,8 +24,9 @@ class Meters:
         self.turn_label = QLabel()
         self.memory_label.setToolTip("Memory held by the model's weights and by the KV caches of all chats, "
                                      "and what is still free")
-        self.turn_label.setToolTip("The last reply: prompt tokens reused from the cache vs. computed, "
-                                   "time to first token, decoding speed")
+        self.turn_tip = ("The last reply: prompt tokens reused from the cache vs. computed, time to first token, "
+                         "decoding speed")
+        self.turn_label.setToolTip(self.turn_tip)
         bar.addWidget(self.model_label)
         bar.addWidget(self.progress)
         bar.addPermanentWidget(self.memory_label)
@@ -68,3 +69,7 @@ class Meters:
         self.turn_label.setText(
             f"Last reply: {stats.get('reused_tokens', 0):,} reused / {stats.get('prefilled_tokens', 0):,} prefilled"
             f" · TTFT {stats.get('ttft_ms', 0):,.0f} ms · {stats.get('decode_tok_s', 0):.1f} tok/s")
+        restore = stats.get("restore") or {}
+        # where the cache came from is told when the chat is opened; here only on hover
+        self.turn_label.setToolTip(self.turn_tip + (f"\n{describe_restore(restore)}" if restore.get("source") in
+                                                    ("ram", "disk", "recomputed") else ""))

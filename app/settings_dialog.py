@@ -81,16 +81,23 @@ class SettingsDialog(QDialog):
         self.dtype = QComboBox()
         self.dtype.addItems(list(DTYPES))
         self.dtype.setToolTip("auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU")
-        self.kv_budget = QSpinBox()
-        self.kv_budget.setRange(0, 1_000_000)
-        self.kv_budget.setSuffix(" MiB")
-        self.kv_budget.setSpecialValueText("no limit")
-        self.kv_budget.setGroupSeparatorShown(True)
-        self.kv_budget.setToolTip("The KV caches of all chats together. Beyond it, the chats used longest ago "
-                                  "drop their cache and recompute it when you return to them.")
+        self.kv_budget = _budget_box(0, "automatic",
+                                     "GPU memory (RAM without a GPU) for the KV caches of all chats together. "
+                                     "Beyond it, the caches of the chats used longest ago move to RAM, then to "
+                                     "disk, and come back when you open the chat. Automatic: what is free once "
+                                     "the model is loaded.")
+        self.ram_budget = _budget_box(-1, "automatic",
+                                      "RAM for the caches of idle chats. Automatic: a quarter of the RAM with a "
+                                      "GPU; without one the KV budget already is RAM, so only a small share.")
+        self.disk_budget = _budget_box(0, "no snapshots",
+                                       "Disk space for caches saved as snapshots: idle chats beyond the RAM budget, "
+                                       "and every chat when Cachet quits, so a chat resumes after a restart "
+                                       "without reading it all again.")
         form.addRow("Device", self.device)
         form.addRow("Precision", self.dtype)
         form.addRow("KV cache budget", self.kv_budget)
+        form.addRow("RAM for idle chats", self.ram_budget)
+        form.addRow("Disk for snapshots", self.disk_budget)
         layout.addWidget(run_box)
 
         look_box = QGroupBox("Appearance and chats")
@@ -145,6 +152,8 @@ class SettingsDialog(QDialog):
         self.device.setCurrentText(c.device)
         self.dtype.setCurrentText(c.dtype)
         self.kv_budget.setValue(c.kv_budget_mb)
+        self.ram_budget.setValue(-1 if c.ram_budget_mb is None else c.ram_budget_mb)
+        self.disk_budget.setValue(c.disk_budget_mb)
         self.theme.setCurrentIndex(max(0, self.theme.findData(c.theme)))
         self.default_prompt.setPlainText(c.default_system_prompt)
         self._update_model_fields()
@@ -177,6 +186,8 @@ class SettingsDialog(QDialog):
         return self.original.with_changes(
             model=model, online=self.online.isChecked(), device=self.device.currentText().strip(),
             dtype=self.dtype.currentText(), kv_budget_mb=self.kv_budget.value(),
+            ram_budget_mb=None if self.ram_budget.value() < 0 else self.ram_budget.value(),
+            disk_budget_mb=self.disk_budget.value(),
             theme=str(self.theme.currentData()), default_system_prompt=self.default_prompt.toPlainText().strip(),
         )
 
@@ -188,3 +199,14 @@ class SettingsDialog(QDialog):
             self.error.show()
             return
         super().accept()
+
+
+def _budget_box(minimum: int, special: str, tip: str) -> QSpinBox:
+    """A size in MiB whose lowest value means `special` ("automatic", "no snapshots")."""
+    box = QSpinBox()
+    box.setRange(minimum, 10_000_000)
+    box.setSuffix(" MiB")
+    box.setSpecialValueText(special)
+    box.setGroupSeparatorShown(True)
+    box.setToolTip(tip)
+    return box

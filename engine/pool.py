@@ -75,9 +75,12 @@ class CachePool:
         self._mover.shutdown(wait=True)
 
     # ----- bookkeeping -------------------------------------------------------------------------
-    def add(self, key: str, session: Any) -> None:
+    def add(self, key: str, session: Any, tier: str = "device") -> None:
+        """Register a conversation; `tier="disk"` when a snapshot from an earlier run may hold its cache."""
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {TIERS}, not {tier!r}")
         with self._mutex:
-            self.entries[key] = _Entry(session)
+            self.entries[key] = _Entry(session, tier)
             self.entries.move_to_end(key)
 
     def remove(self, key: str) -> None:
@@ -99,8 +102,12 @@ class CachePool:
             return sum(caches.cache_bytes(e.session.cache) for e in self.entries.values() if e.tier == tier)
 
     # ----- activation --------------------------------------------------------------------------
-    def activate(self, key: str) -> Restore:
-        """Make `key` the active conversation with its cache on the device, ready to reuse."""
+    def activate(self, key: str, warm: bool = True) -> Restore:
+        """Make `key` the active conversation with its cache on the device, ready to reuse.
+
+        With `warm=False` a cache that must be recomputed is left for the next turn (e.g. when
+        the conversation first needs its overflow policy applied).
+        """
         with self._mutex:
             entry = self.entries[key]
             self.entries.move_to_end(key)
@@ -121,7 +128,7 @@ class CachePool:
             if source == "none":
                 source = "recomputed" if session.messages else "empty"
                 session.reset_cache()
-                if session.messages:
+                if session.messages and warm:
                     session.warm()
             entry.tier = "device"
         restore = Restore(source, time.perf_counter() - started, len(session.cached_ids))

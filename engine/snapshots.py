@@ -37,7 +37,8 @@ class LoadResult:
 
 class SnapshotStore:
     def __init__(self, root: Path | None = None, budget_bytes: int = DEFAULT_BUDGET) -> None:
-        self.root = root or paths.cache_dir() / "snapshots"
+        # Next to the chats database: snapshot names are chat ids, which mean nothing elsewhere.
+        self.root = root or paths.data_dir() / "snapshots"
         self.budget_bytes = budget_bytes
 
     def path(self, key: str) -> Path:
