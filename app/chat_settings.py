@@ -434,12 +434,32 @@ class ChatSettingsPanel(QScrollArea):
         if self.info is not None and effective in self.info.lossy:
             notes.append("⚠ Lossy: this strategy changes what the model remembers of the chat; replies can "
                          "differ from the full cache.")
+            notes.append(self._measured_cost(effective))
         self.strategy_note.setText(" ".join(notes))
         self.strategy_note.setVisible(bool(notes))
+
+    def _measured_cost(self, strategy: str) -> str:
+        """The accuracy cost scripts/measure_fidelity.py measured for exactly these settings."""
+        # Imported here: the engine (and torch) is loaded by the time a model is, never at start-up.
+        from engine.caches import CacheConfigError, CacheSpec
+        from engine.caches.fidelity import WARN_ABOVE, measured_cost
+
+        try:
+            spec = CacheSpec.from_dict({**self.collect().cache, "strategy": strategy}).validate()
+        except (CacheConfigError, TypeError, ValueError):
+            return ""
+        cost = measured_cost(spec)
+        if cost is None:
+            return "Its accuracy cost was not measured for these exact settings."
+        text = f"Measured on the bundled model: {cost.describe()}."
+        if cost.warn:
+            text = f"⚠ {text} That is more than {WARN_ABOVE:.0%}: expect noticeably worse replies."
+        return text
 
     def _changed(self) -> None:
         if self._filling:
             return
+        self._update_params()
         self.refresh_estimates()
         self._set_enabled()
 

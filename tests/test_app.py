@@ -458,3 +458,39 @@ def test_killing_the_app_mid_reply_loses_only_the_unfinished_part(tmp_path: Path
         assert store.recovered == 1
     finally:
         store.close()
+
+
+def test_the_settings_panel_shows_the_measured_cost_and_warns_above_ten_percent(
+        qtbot: Any, make_window: MakeWindow, tmp_path: Path, monkeypatch: Any) -> None:
+    import json
+
+    from engine.caches import CacheSpec, fidelity, quantization_defaults
+
+    two_bit = CacheSpec("quantized", **quantization_defaults(2))
+    four_bit = CacheSpec("quantized", **quantization_defaults(4))
+    table = tmp_path / "fidelity.json"
+    table.write_text(json.dumps({"model": "m", "tokens": 8000, "rows": [
+        {"spec": two_bit.to_dict(), "ppl_ratio": 1.161}, {"spec": four_bit.to_dict(), "ppl_ratio": 1.004}]}))
+    monkeypatch.setattr(fidelity, "TABLE", table)
+    from PySide6.QtWidgets import QComboBox
+
+    def set_param(name: str, value: int) -> None:
+        widget = panel.param_widget(name)
+        if isinstance(widget, QComboBox):
+            widget.setCurrentIndex(widget.findData(value))
+        else:
+            widget.setValue(value)  # type: ignore[attr-defined]
+
+    win = make_window()
+    send_and_wait(qtbot, win, "Hello")
+    win.settings_button.click()
+    panel = win.settings_panel
+    panel.select_strategy("quantized")
+    for name, value in quantization_defaults(4).items():
+        set_param(name, value)
+    assert "+0.4% perplexity" in panel.strategy_note.text() and "⚠ Measured" not in panel.strategy_note.text()
+    for name, value in quantization_defaults(2).items():
+        set_param(name, value)
+    assert "⚠ Measured on the bundled model: +16.1% perplexity" in panel.strategy_note.text()
+    set_param("residual", 32)
+    assert "not measured" in panel.strategy_note.text()

@@ -66,8 +66,8 @@ def _load(path: Path) -> dict[tuple[Any, ...], MeasuredCost]:
         return {}
 
 
-def measured_cost(spec: CacheSpec, path: Path = TABLE) -> MeasuredCost | None:
+def measured_cost(spec: CacheSpec, path: Path | None = None) -> MeasuredCost | None:
     """The measured cost of exactly these settings, or None when they were not measured."""
     if spec.strategy in ("dynamic", "static", "offloaded"):
         return MeasuredCost(1.0, 0, "")  # lossless: the same logits as the full cache
-    return _load(path).get(_key(spec))
+    return _load(path or TABLE).get(_key(spec))
