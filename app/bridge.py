@@ -287,6 +287,7 @@ class EngineBridge(QObject):
         cache_restored(CacheRestored): a chat was made active (opened, or before a turn).
         cache_state(CacheState): a chat's cache changed size or place.
         rebuild_started(int), rebuild_done(RebuildDone): a cache strategy switch.
+        status(str): a one-line message for the status bar (e.g. a library being loaded).
     """
 
     engine_info = Signal(object)
@@ -300,6 +301,7 @@ class EngineBridge(QObject):
     cache_state = Signal(object)
     rebuild_started = Signal(int)
     rebuild_done = Signal(object)
+    status = Signal(str)
 
     def __init__(self, snapshot_dir: Path | None = None) -> None:
         super().__init__()
@@ -511,11 +513,11 @@ class EngineBridge(QObject):
             self.rebuild_done.emit(RebuildDone(req.chat_id, False, req.cache, error=_describe(exc)))
             self._emit_state(req.chat_id)
             return
+        self._emit_state(req.chat_id)  # before the notice, so that the meters show the new cache with it
         self.rebuild_done.emit(RebuildDone(
             req.chat_id, True, req.cache, how=how, tokens=len(session.cached_ids),
             bytes=caches.cache_bytes(session.cache), seconds=time.perf_counter() - started,
         ))
-        self._emit_state(req.chat_id)
         self._rebalance()
 
     # ----- the pool ---------------------------------------------------------------------------------
@@ -602,6 +604,8 @@ class EngineBridge(QObject):
         known = {f.name for f in fields(SamplingSettings)}
         sampling_settings = SamplingSettings(**{k: v for k, v in sampling.items() if k in known}).validate()
         spec = CacheSpec.from_dict(self._effective(cache)).validate()
+        if spec.strategy in ("quantized", "sink-quantized"):
+            self._warm_quantization(spec.backend)
         key = str(chat_id)
         session = self._sessions.get(chat_id)
         created = session is None
@@ -622,6 +626,17 @@ class EngineBridge(QObject):
         restore = self._activate(chat_id, session)
         how = "new" if created else self._switch(session, spec)  # after activating: the cache is here now
         return session, restore, how
+
+    def _warm_quantization(self, backend: str) -> None:
+        """Import the quantization library once (seconds), telling the user why the first turn waits."""
+        from engine.caches import quantized
+
+        try:
+            seconds = quantized.warm_up(backend, progress=self.status.emit)
+        except Exception:  # an unusable backend is reported by the cache build with its reason
+            return
+        if seconds >= 0.5:
+            self.status.emit(f"Quantization library ready ({seconds:.1f} s, once per run).")
 
     def _activate(self, chat_id: int, session: Any) -> CacheRestored:
         key = str(chat_id)
@@ -879,6 +894,7 @@ class Engine(QObject):
     cache_state = Signal(object)
     rebuild_started = Signal(int)
     rebuild_done = Signal(object)
+    status = Signal(str)
 
     _load = Signal(object)
     _turn = Signal(object)
@@ -901,8 +917,8 @@ class Engine(QObject):
         self._bridge = EngineBridge(snapshot_dir)
         self._bridge.moveToThread(self._thread)
         self._thread.finished.connect(self._bridge.deleteLater)
-        for name in ("engine_info", "load_progress", "model_ready", "model_failed", "turn_started",
-                     "token_delta", "turn_done", "cache_restored", "cache_state", "rebuild_started", "rebuild_done"):
+        for name in ("engine_info", "load_progress", "model_ready", "model_failed", "turn_started", "token_delta",
+                     "turn_done", "cache_restored", "cache_state", "rebuild_started", "rebuild_done", "status"):
             getattr(self._bridge, name).connect(getattr(self, name))
         self._load.connect(self._bridge.load_model)
         self._turn.connect(self._bridge.run_turn)

@@ -143,6 +143,7 @@ class MainWindow(QMainWindow):
         self.controller.stats_changed.connect(self.meters.turn)
         self.engine.engine_info.connect(self._engine_info)
         self.engine.load_progress.connect(self._load_progress)
+        self.engine.status.connect(lambda text: self.statusBar().showMessage(text, 6000))
         self.engine.model_ready.connect(self._model_ready)
         self.engine.model_failed.connect(self._model_failed)
         self.engine.cache_restored.connect(self._cache_restored)

@@ -45,15 +45,24 @@ class _Entry:
 
 
 def move_cache(cache: Any, device: torch.device, pin: bool = False) -> None:
-    """Move every tensor a cache's layers hold (including lists of them) to `device`, in place."""
+    """Move every tensor a cache's layers hold (including HQQ blocks, and lists of either) to
+    `device`, in place."""
+    from engine.caches.hqq_blocks import HQQBlock
+
+    def move(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            moved = value.to(device, non_blocking=pin)
+            return moved.pin_memory() if pin and device.type == "cpu" else moved
+        if isinstance(value, HQQBlock):
+            return value.to(device, non_blocking=pin, pin=pin and device.type == "cpu")
+        return value
+
     for layer in cache.layers:
         for name, value in list(vars(layer).items()):
-            if isinstance(value, torch.Tensor):
-                moved = value.to(device, non_blocking=pin)
-                setattr(layer, name, moved.pin_memory() if pin and device.type == "cpu" else moved)
+            if isinstance(value, (torch.Tensor, HQQBlock)):
+                setattr(layer, name, move(value))
             elif isinstance(value, list) and value and isinstance(value[0], tuple):
-                setattr(layer, name, [tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in item)
-                                      for item in value])
+                setattr(layer, name, [tuple(move(t) for t in item) for item in value])
 
 
 class CachePool:

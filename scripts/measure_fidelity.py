@@ -37,6 +37,8 @@ ROWS: list[tuple[str, CacheSpec]] = [
     ("dynamic", CacheSpec(strategy="dynamic")),
     ("quantized 4-bit", CacheSpec(strategy="quantized", **default_spec(4))),
     ("quantized 2-bit", CacheSpec(strategy="quantized", **default_spec(2))),
+    ("quantized 4-bit HQQ", CacheSpec(strategy="quantized", backend="hqq", **default_spec(4))),
+    ("quantized 2-bit HQQ", CacheSpec(strategy="quantized", backend="hqq", **default_spec(2))),
     ("static", CacheSpec(strategy="static", max_cache_len=8192)),
     ("sink 4+8100 (holds all)", CacheSpec(strategy="sink", sink_tokens=4, window=8100)),
     ("sink 4+1024", CacheSpec(strategy="sink", sink_tokens=4, window=1024)),
@@ -44,6 +46,8 @@ ROWS: list[tuple[str, CacheSpec]] = [
      CacheSpec(strategy="sink-quantized", sink_tokens=4, window=1024, **default_spec(4))),
     ("sink 4+256", CacheSpec(strategy="sink", sink_tokens=4, window=256)),
     ("sink-quantized 4+256 4-bit", CacheSpec(strategy="sink-quantized", sink_tokens=4, window=256, **default_spec(4))),
+    ("sink-quantized 4+256 4-bit HQQ",
+     CacheSpec(strategy="sink-quantized", sink_tokens=4, window=256, backend="hqq", **default_spec(4))),
     ("window 260, no sinks", CacheSpec(strategy="sink", sink_tokens=0, window=260)),
 ]
 
@@ -72,16 +76,32 @@ def search_2bit(lm: models.LoadedModel, text: str, max_tokens: int, chunk: int) 
 
 def write_table(path: Path, lm: models.LoadedModel, rows: list[tuple[str, CacheSpec]],
                 results: dict[str, PerplexityResult], tokens: int) -> None:
-    """Save the measured rows as JSON (the app shows each lossy setting's measured cost from it)."""
+    """Save the measured rows as JSON (the app shows each lossy setting's measured cost from it).
+
+    Rows measured by an earlier run on the same model, text and length are kept (so `--only` adds
+    to the table instead of replacing it); rows measured now replace theirs."""
     base = results.get(rows[0][0])
     if base is None:
         return
+    kept: dict[str, dict] = {}
+    if path.exists():
+        try:
+            previous = json.loads(path.read_text(encoding="utf-8"))
+            same = (previous.get("model"), previous.get("text"), previous.get("tokens"))
+            if same == (lm.identity, TEXT.name, tokens):
+                kept = {row["label"]: row for row in previous.get("rows", [])}
+        except (OSError, ValueError, KeyError, TypeError):
+            kept = {}
+    for label, spec in rows:
+        if label in results:
+            kept[label] = {"label": label, "spec": spec.to_dict(), "ppl": results[label].ppl,
+                           "ppl_ratio": results[label].ppl / base.ppl, "cache_bytes": results[label].cache_bytes,
+                           "bytes_ratio": results[label].cache_bytes / max(base.cache_bytes, 1)}
+    order = [label for label, _ in ROWS]
     table = {
         "model": lm.identity, "text": TEXT.name, "tokens": tokens,
-        "rows": [{"label": label, "spec": spec.to_dict(), "ppl": results[label].ppl,
-                  "ppl_ratio": results[label].ppl / base.ppl, "cache_bytes": results[label].cache_bytes,
-                  "bytes_ratio": results[label].cache_bytes / max(base.cache_bytes, 1)}
-                 for label, spec in rows if label in results],
+        "rows": sorted(kept.values(),
+                       key=lambda row: order.index(row["label"]) if row["label"] in order else len(order)),
     }
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")

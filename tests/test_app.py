@@ -212,6 +212,38 @@ def test_switching_the_cache_strategy_mid_chat_rebuilds_the_cache_with_visible_p
     assert win.store.messages(chat_id)[-1].status == "done"
 
 
+def test_switching_to_an_hqq_quantized_cache_says_while_it_loads_the_library(
+        qtbot: Any, make_window: MakeWindow, monkeypatch: pytest.MonkeyPatch) -> None:
+    from PySide6.QtWidgets import QComboBox
+
+    from engine.caches import quantized
+
+    monkeypatch.setattr(quantized, "_warmed", set())  # as in a fresh run: the library is not loaded yet
+    win = make_window()
+    chat_id = send_and_wait(qtbot, win, "Hello cache")
+    model = win.engine.model
+    assert model is not None
+    if model.backend_availability.get("hqq") is not None:
+        pytest.skip(str(model.backend_availability["hqq"]))
+    win.settings_button.click()
+    panel = win.settings_panel
+    panel.select_strategy("quantized")
+    backend = panel.param_widget("backend")
+    assert isinstance(backend, QComboBox)
+    backend.setCurrentIndex(backend.findText("hqq"))
+    messages: list[str] = []
+    win.engine.status.connect(messages.append)
+    with qtbot.waitSignal(win.controller.rebuild_finished, timeout=TURN_TIMEOUT):
+        qtbot.mouseClick(panel.apply_button, Qt.MouseButton.LeftButton)
+    assert messages and "Loading the quantization library (HQQ)" in messages[0]
+    assert win.store.chat(chat_id).settings.cache["backend"] == "hqq"
+    cache = win.controller.runtime(chat_id).cache
+    assert cache is not None and cache.strategy == "quantized" and cache.tokens > 0
+    send_and_wait(qtbot, win, "And now in HQQ?")
+    assert int(win.controller.runtime(chat_id).last_stats["reused_tokens"]) > 0
+    assert win.store.messages(chat_id)[-1].status == "done"
+
+
 def test_a_strategy_that_cannot_be_built_is_reported_in_the_chat_and_rolled_back(
         qtbot: Any, make_window: MakeWindow) -> None:
     win = make_window()

@@ -68,3 +68,35 @@ def test_without_snapshots_idle_caches_are_dropped_and_recomputed(tiny_lm) -> No
         assert a.send("again").stats.reused_tokens == restore.tokens
     finally:
         pool.close()
+
+
+def test_moving_a_cache_moves_every_tensor_it_holds_quantized_blocks_included(tiny_lm) -> None:
+    """Idle caches leave the GPU for RAM: nothing of them may stay behind, whatever the strategy
+    (a "meta" device stands in for the other device on a CPU-only machine)."""
+    import torch
+
+    from engine.caches import CacheSpec
+    from engine.caches.hqq_blocks import HQQBlock
+    from engine.pool import move_cache
+
+    specs = [CacheSpec(), CacheSpec("quantized", residual=32, q_group_size=32),
+             CacheSpec("sink-quantized", sink_tokens=4, window=96, residual=32, q_group_size=32)]
+    if caches.backend_availability()["hqq"] is None:
+        specs += [spec.with_changes(backend="hqq") for spec in specs[1:]]
+    def tensors(value: object) -> list[torch.Tensor]:
+        if isinstance(value, torch.Tensor):
+            return [value]
+        if isinstance(value, HQQBlock):
+            return [value.packed, value.scale, value.zero]
+        if isinstance(value, (list, tuple)):
+            return [t for item in value for t in tensors(item)]
+        return []
+
+    for spec in specs:
+        session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
+        session.send("Tell me about moving caches around. " * 8)
+        move_cache(session.cache, torch.device("meta"))
+        left = [f"{spec.strategy}/{spec.backend} layer {i}.{name}"
+                for i, layer in enumerate(session.cache.layers) for name, value in vars(layer).items()
+                if any(t.device.type != "meta" and t.numel() for t in tensors(value))]
+        assert not left, left

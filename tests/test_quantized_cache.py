@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig
 
 from engine import caches
-from engine.caches import CacheConfigError, CacheSpec
+from engine.caches import CacheConfigError, CacheSpec, hqq_blocks
 from engine.caches import quantized as quantized_cache
 from engine.perplexity import perplexity
 from engine.sampling import SamplingSettings
@@ -31,7 +31,15 @@ SETTINGS = [
         (4, -1, 0, 64, 128), (2, -1, 0, 32, 128), (4, 0, 0, 64, 0), (2, -1, -1, 128, 32), (4, 0, -1, 16, 256),
         (2, 0, 0, 128, 64),
     ]
+] + [
+    CacheSpec(strategy="quantized", nbits=nbits, axis_key=axis_key, axis_value=axis_value, q_group_size=group,
+              residual=residual, backend="hqq")
+    for nbits, axis_key, axis_value, group, residual in [(4, -1, 0, 64, 128), (2, -1, 0, 32, 128), (2, 0, -1, 128, 32)]
 ]
+FOUR_BIT_HQQ = FOUR_BIT.with_changes(backend="hqq")
+TWO_BIT_HQQ = TWO_BIT.with_changes(backend="hqq")
+BOTH_BACKENDS = pytest.mark.parametrize("spec", [FOUR_BIT, TWO_BIT, FOUR_BIT_HQQ, TWO_BIT_HQQ],
+                                        ids=["4-bit", "2-bit", "4-bit-hqq", "2-bit-hqq"])
 
 
 def feed(lm, cache, ids: list[int], chunks: list[int]) -> torch.Tensor:
@@ -54,7 +62,7 @@ def random_ids(n: int, seed: int = 0) -> list[int]:
 
 
 def spec_id(spec: CacheSpec) -> str:
-    return f"{spec.nbits}b-k{spec.axis_key}v{spec.axis_value}g{spec.q_group_size}r{spec.residual}"
+    return f"{spec.backend}-{spec.nbits}b-k{spec.axis_key}v{spec.axis_value}g{spec.q_group_size}r{spec.residual}"
 
 
 @pytest.mark.parametrize("spec", SETTINGS, ids=spec_id)
@@ -74,7 +82,7 @@ def test_bytes_for_is_what_the_cache_holds_at_any_length_and_after_crops(tiny_lm
     assert not caches.crop_to(cache, 1), "cannot grow by cropping"
 
 
-@pytest.mark.parametrize("spec", [FOUR_BIT, TWO_BIT], ids=["4-bit", "2-bit"])
+@BOTH_BACKENDS
 def test_bytes_for_matches_the_real_model_shapes(spec) -> None:
     """On SmolLM2's layer shape (3 KV heads of 64) the estimate is exact at chat-like lengths."""
     cache = caches.build_cache(spec, SMOLLM2_SHAPE)
@@ -126,7 +134,7 @@ def _reference_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.cat(unpacked).to(torch.uint8)
 
 
-@pytest.mark.parametrize("spec", [FOUR_BIT, TWO_BIT], ids=["4-bit", "2-bit"])
+@BOTH_BACKENDS
 def test_crop_then_continue_matches_a_fresh_run(tiny_lm, spec) -> None:
     """Editing or regenerating crops the cache back into its quantized part; what follows is
     what a cache that never saw the dropped tokens gives."""
@@ -159,35 +167,76 @@ def test_cropping_within_the_residual_is_exact(tiny_lm) -> None:
     torch.testing.assert_close(continued, fresh, rtol=0, atol=1e-5)
 
 
-def test_a_chat_reuses_the_quantized_cache_across_turns(tiny_lm) -> None:
-    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=TWO_BIT))
+@pytest.mark.parametrize("spec", [TWO_BIT, TWO_BIT_HQQ], ids=["quanto", "hqq"])
+def test_a_chat_reuses_the_quantized_cache_across_turns(tiny_lm, spec) -> None:
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
     previous = 0
     for text in ("Hello there, how are you today?", "Tell me about caches, at some length please.",
                  "And what about quantization?", "Thanks!"):
         stats = session.send(text).stats
         assert stats.error is None
         assert stats.reused_tokens == previous
-        assert stats.cache_bytes == caches.bytes_for(TWO_BIT, stats.cache_tokens, tiny_lm.config)
+        assert stats.cache_bytes == caches.bytes_for(spec, stats.cache_tokens, tiny_lm.config)
         previous = stats.cache_tokens
     assert previous > 200, "long enough that part of the history is quantized"
     regenerated = session.regenerate().stats  # crops back to before the last reply
     assert regenerated.error is None and regenerated.reused_tokens > 0
 
 
-def test_other_backends_are_refused_clearly(tiny_lm) -> None:
-    with pytest.raises(CacheConfigError, match="hqq"):
-        caches.build_cache(CacheSpec(strategy="quantized", backend="hqq"), tiny_lm.config)
+@pytest.mark.parametrize("strategy", ["quantized", "sink-quantized"])
+def test_a_missing_backend_is_explained(tiny_lm, monkeypatch, strategy) -> None:
+    monkeypatch.setattr(caches, "backend_availability",
+                        lambda: {"quanto": None, "hqq": "HQQ is not installed (pip install hqq)."})
+    with pytest.raises(CacheConfigError, match="pip install hqq"):
+        caches.build_cache(CacheSpec(strategy=strategy, backend="hqq", window=256), tiny_lm.config)
+    assert caches.build_cache(CacheSpec(strategy=strategy, window=256), tiny_lm.config) is not None
 
 
-def test_warm_up_is_done_once_even_from_two_threads() -> None:
+def test_hqq_appends_and_crops_without_requantizing() -> None:
+    """HQQ's optimised scales would not come back from de-quantized values, so its blocks are
+    stored as groups that a crop slices and a flush appends to: a crop keeps the very same bytes."""
+    layer = quantized_cache.HQQKVLayer(2, -1, 0, 32, 0, 64)
+    x = torch.randn(1, 3, 256, 64, generator=torch.Generator().manual_seed(5))
+    for n in (64, 64, 128):
+        start = layer.get_seq_length()
+        layer.update(x[..., start : start + n, :], x[..., start : start + n, :])
+    first = hqq_blocks.quantize(x[..., :64, :].contiguous(), -1, 2, 32)
+    whole = layer._quantized_keys
+    assert whole.tokens == 256
+    assert torch.equal(whole.head(64).packed, first.packed) and torch.equal(whole.head(64).scale, first.scale)
+    assert layer.crop_to(128)
+    assert torch.equal(layer._quantized_keys.packed, whole.head(128).packed)
+    error = (layer.full_kv()[0] - x[..., :128, :]).abs().mean()
+    assert 0 < error < 0.5  # 2 bits: lossy, but close
+
+
+@pytest.mark.parametrize("nbits", [2, 4])
+def test_hqq_packing_round_trips(nbits) -> None:
+    ints = torch.randint(0, 2**nbits, (5, 7, 32), generator=torch.Generator().manual_seed(nbits))
+    packed = hqq_blocks._pack(ints, nbits)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 7, 32 * nbits // 8)
+    assert torch.equal(hqq_blocks._unpack(packed, nbits), ints.to(torch.uint8))
+
+
+def test_hqq_fits_two_bits_better_than_min_max() -> None:
+    """What the backend is for: at 2 bits its solver's error is below quanto's min/max rounding."""
+    x = torch.randn(1, 3, 256, 64, generator=torch.Generator().manual_seed(6))
+    quanto = quantized_cache.QuantizedKVLayer(2, -1, 0, 32, 0, 64)
+    quanto_error = (quanto._dequantize(quanto._quantize(x, axis=-1)) - x).pow(2).mean()
+    hqq_error = (hqq_blocks.quantize(x, -1, 2, 32).dequantize() - x).pow(2).mean()
+    assert hqq_error < quanto_error
+
+
+@pytest.mark.parametrize("backend", ["quanto", "hqq"])
+def test_warm_up_is_done_once_even_from_two_threads(backend) -> None:
     results: list[float] = []
-    threads = [threading.Thread(target=lambda: results.append(quantized_cache.warm_up())) for _ in range(2)]
+    threads = [threading.Thread(target=lambda: results.append(quantized_cache.warm_up(backend))) for _ in range(2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     assert len(results) == 2
-    assert quantized_cache.warm_up() == 0.0
+    assert quantized_cache.warm_up(backend) == 0.0
     assert min(results) == 0.0
 
 

@@ -139,3 +139,29 @@ def test_window_must_fit_the_context(tiny_lm) -> None:
     session = ChatSession(tiny_lm, SessionSettings(cache=CacheSpec("sink", sink_tokens=4, window=2000)))
     with pytest.raises(CacheConfigError, match="context"):
         session.send("hi")
+
+
+@pytest.mark.parametrize("backend, residual", [("quanto", 64), ("hqq", 64), ("quanto", 40), ("hqq", 0)])
+def test_sink_quantized_bytes_for_is_what_it_holds_and_stays_flat(tiny_lm, backend, residual) -> None:
+    """The estimate the advisor and the settings panel show is exactly the bytes held, up to and
+    far past the window; the memory stops growing once the window is full. A residual that is
+    not a whole number of groups (or 0) is rounded up to one."""
+    if caches.backend_availability()[backend] is not None:
+        pytest.skip(caches.backend_availability()[backend])
+    spec = CacheSpec("sink-quantized", sink_tokens=4, window=256, nbits=4, residual=residual, q_group_size=32,
+                     axis_key=-1, axis_value=0, backend=backend)
+    cache = caches.build_cache(spec, tiny_lm.config)
+    ids = torch.randint(0, 250, (1, 1200), generator=torch.Generator().manual_seed(7))
+    fed, held = 0, []
+    with torch.inference_mode():
+        for n in (100, 64, 1, 1, 200, 300, 64, 470):
+            positions = torch.arange(fed, fed + n).unsqueeze(0)
+            tiny_lm.model(input_ids=ids[:, fed : fed + n], past_key_values=cache, position_ids=positions,
+                          use_cache=True)
+            fed += n
+            real = caches.cache_bytes(cache)
+            estimate = caches.bytes_for(spec, fed, tiny_lm.config)
+            assert estimate == real, (fed, estimate, real)
+            held.append(real)
+    assert max(held[-3:]) <= max(caches.bytes_for(spec, n, tiny_lm.config) for n in range(10**6, 10**6 + 256))
+    assert max(held) < caches.bytes_for(CacheSpec("sink", sink_tokens=4, window=256), 10**6, tiny_lm.config) * 0.5

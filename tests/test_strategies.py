@@ -21,6 +21,10 @@ SPECS = {
                                 q_group_size=32, axis_key=-1),
     "static": CacheSpec("static", max_cache_len=1024),
 }
+if caches.backend_availability()["hqq"] is None:
+    SPECS["quantized-hqq"] = SPECS["quantized"].with_changes(backend="hqq")
+    SPECS["sink-quantized-hqq"] = SPECS["sink-quantized"].with_changes(backend="hqq")
+USABLE += [name for name, spec in SPECS.items() if name not in USABLE and spec.strategy in USABLE]
 
 
 @pytest.mark.parametrize("strategy", [s for s in SPECS if s in USABLE])

@@ -27,6 +27,8 @@ What differs from transformers' own `QuantizedLayer` (and why):
 What is still slow: importing optimum-quanto (~3 s) and, as in transformers, dequantizing the
 whole history at every forward pass (memory is traded for time). `warm_up()` pays the import once,
 off the UI thread.
+
+With `backend="hqq"` the layers quantize with HQQ's optimiser instead (engine/caches/hqq_blocks.py).
 """
 
 from __future__ import annotations
@@ -241,11 +243,71 @@ class QuantizedKVLayer(QuantoQuantizedLayer):
         return total
 
 
+class HQQKVLayer(QuantizedKVLayer):
+    """The same layer with HQQ's solver (engine/caches/hqq_blocks.py) instead of quanto's min/max.
+
+    Its quantized prefix is appended to and cut without re-quantizing anything (HQQ's optimised
+    scales would not reproduce the same integers from de-quantized values, unlike quanto's).
+    """
+
+    def _quantize(self, tensor: torch.Tensor, axis: int) -> Any:  # type: ignore[override]  # as quanto's
+        from engine.caches import hqq_blocks
+
+        return hqq_blocks.quantize(tensor, axis, self.nbits, self.q_group_size)
+
+    def _dequantize(self, qtensor: Any) -> torch.Tensor:
+        return cast(torch.Tensor, qtensor.dequantize())
+
+    def _quantize_prefix(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Store `keys`/`values` (whose first `_quantized_length` tokens are the stored prefix, de-quantized)."""
+        length, held = keys.shape[-2], self._quantized_length
+        stored_keys, stored_values = self._quantized_keys, self._quantized_values
+        if length == 0:
+            self._quantized_keys = self._quantized_values = None
+        elif stored_keys is None or stored_values is None or held == 0:
+            self._quantized_keys = self._quantize(keys.contiguous(), self.axis_key)
+            self._quantized_values = self._quantize(values.contiguous(), self.axis_value)
+        elif length <= held:
+            self._quantized_keys = stored_keys.head(length)
+            self._quantized_values = stored_values.head(length)
+        else:
+            self._quantized_keys = stored_keys.cat(self._quantize(keys[..., held:, :].contiguous(), self.axis_key))
+            self._quantized_values = stored_values.cat(
+                self._quantize(values[..., held:, :].contiguous(), self.axis_value))
+        self._quantized_length = length
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if not self.is_initialized:
+            return
+        assert self.keys is not None and self.values is not None
+        stored_keys, stored_values = self._quantized_keys, self._quantized_values
+        if stored_keys is not None and stored_values is not None:
+            index = beam_idx.to(stored_keys.packed.device)
+            self._quantized_keys = stored_keys.index_select(index)
+            self._quantized_values = stored_values.index_select(index)
+        index = beam_idx.to(self.keys.device)
+        self.keys = self.keys.index_select(0, index)
+        self.values = self.values.index_select(0, index)
+
+    def nbytes(self) -> int:
+        total = sum(q.nbytes() for q in (self._quantized_keys, self._quantized_values) if q is not None)
+        for t in (self.keys, self.values):
+            if t is not None:
+                total += t.numel() * t.element_size()
+        return total
+
+
+def make_layer(spec: Any, residual: int, block: int) -> QuantizedKVLayer:
+    """A quantized layer for `spec`'s backend (quanto or HQQ)."""
+    kind = HQQKVLayer if spec.backend == "hqq" else QuantizedKVLayer
+    return kind(spec.nbits, spec.axis_key, spec.axis_value, spec.q_group_size, residual, block)
+
+
 class QuantizedKVCache(Cache):
     """A conversation's KV cache in `nbits` bits, with `crop_to` and exact `nbytes` (see the module doc)."""
 
     def __init__(self, config: Any, nbits: int = 4, axis_key: int = -1, axis_value: int = 0,
-                 q_group_size: int = 64, residual: int = 128) -> None:
+                 q_group_size: int = 64, residual: int = 128, backend: str = "quanto") -> None:
         text = config.get_text_config(decoder=True)
         layer_types, _ = get_layer_types_and_kwargs(text)
         other = sorted(set(layer_types) - {"full_attention"})
@@ -255,12 +317,9 @@ class QuantizedKVCache(Cache):
             )
         shape = KVShape.of(config)
         self.nbits, self.q_group_size, self.residual = nbits, q_group_size, residual
-        self.axis_key, self.axis_value = axis_key, axis_value
+        self.axis_key, self.axis_value, self.backend = axis_key, axis_value, backend
         self.block = flush_block(self, shape.head_dim)
-        layers: list[Any] = [
-            QuantizedKVLayer(nbits, axis_key, axis_value, q_group_size, residual, self.block)
-            for _ in range(shape.layers)
-        ]
+        layers: list[Any] = [make_layer(self, residual, self.block) for _ in range(shape.layers)]
         super().__init__(layers=layers)
 
     @property
@@ -282,15 +341,15 @@ class QuantizedKVCache(Cache):
 
 
 def _check_backend(spec: Any) -> None:
-    if spec.backend != "quanto":
-        raise CacheConfigError(
-            f"The {spec.backend!r} backend is not supported by the quantized cache yet; use 'quanto'."
-        )
     from engine.caches import backend_availability
 
-    reason = backend_availability()["quanto"]
-    if reason is not None:
-        raise CacheConfigError(reason)
+    available = backend_availability()
+    if spec.backend not in available:
+        raise CacheConfigError(f"Unknown quantization backend {spec.backend!r}; choose quanto or hqq.")
+    # quanto is needed either way: the layers build on transformers' QuantoQuantizedLayer.
+    for name in dict.fromkeys(("quanto", spec.backend)):
+        if available[name] is not None:
+            raise CacheConfigError(cast(str, available[name]))
 
 
 def build(config: Any, spec: Any) -> QuantizedKVCache:
@@ -302,11 +361,15 @@ def build(config: Any, spec: Any) -> QuantizedKVCache:
                 f"group size {spec.q_group_size} does not fit this model's head size {shape.head_dim}."
             )
     return QuantizedKVCache(config, nbits=spec.nbits, axis_key=spec.axis_key, axis_value=spec.axis_value,
-                            q_group_size=spec.q_group_size, residual=spec.residual)
+                            q_group_size=spec.q_group_size, residual=spec.residual, backend=spec.backend)
 
 
 def _quantized_bytes(elements: int, spec: Any, axis: int, size: int) -> int:
     """Bytes of one quantized tensor of `elements` values: packed integers plus a scale and a shift per group."""
+    if spec.backend == "hqq":
+        from engine.caches.hqq_blocks import block_bytes
+
+        return block_bytes(elements, spec.nbits, spec.q_group_size, size)
     groups = elements // spec.q_group_size
     per_byte = 8 // spec.nbits
     # quanto packs the rows of the grouped tensor: (groups, group size) on axis 0, (group size, groups) on -1
@@ -331,25 +394,26 @@ def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.fl
 
 
 _warm_lock = threading.Lock()
-_warmed = False
+_warmed: set[str] = set()
 
 
-def warm_up(progress: Callable[[str], None] | None = None) -> float:
-    """Import optimum-quanto and quantize/dequantize once, so the first chat turn does not pay it.
+def warm_up(backend: str = "quanto", progress: Callable[[str], None] | None = None) -> float:
+    """Import the quantization library of `backend` and quantize/de-quantize once, so that a chat's
+    first turn does not pay it (importing optimum-quanto takes ~3 s, hqq ~2-5 s on this CPU).
 
     Idempotent and thread-safe; returns the seconds spent (0.0 once done). No kernel is compiled:
     see the module docstring for quanto's C++ extension and why this cache does not use it.
     """
-    global _warmed
     with _warm_lock:
-        if _warmed:
+        if backend in _warmed:
             return 0.0
         started = time.perf_counter()
         if progress is not None:
-            progress("Loading the quantization library…")
-        layer = QuantizedKVLayer(4, -1, 0, 64, 0, 64)
+            progress(f"Loading the quantization library ({'HQQ' if backend == 'hqq' else 'optimum-quanto'})…")
+        kind = HQQKVLayer if backend == "hqq" else QuantizedKVLayer
+        layer = kind(4, -1, 0, 64, 0, 64)
         sample = torch.randn(1, 1, 64, 64)
         layer.update(sample, sample)
         layer.update(sample[..., :1, :], sample[..., :1, :])
-        _warmed = True
+        _warmed.add(backend)
         return time.perf_counter() - started

@@ -25,6 +25,7 @@ Two storage layouts share that logic:
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -285,7 +286,8 @@ class QuantizedSinkLayer(SinkLayer):
             for t in (self.sink_k, self.sink_v, self.keys, self.values):
                 total += _tensor_nbytes(t)
         for qk, qv, _ in self.blocks:
-            total += _tensor_nbytes(qk) + _tensor_nbytes(qv)
+            for q in (qk, qv):
+                total += q.nbytes() if callable(getattr(q, "nbytes", None)) else _tensor_nbytes(q)  # HQQBlock
         return total
 
     def reset(self) -> None:
@@ -295,15 +297,13 @@ class QuantizedSinkLayer(SinkLayer):
 
 
 def make_quantizer(spec: Any) -> Any:
-    """A quanto quantized layer, used only for its block quantize/de-quantize functions (whose
-    de-quantization needs no compiled kernel, see engine/caches/quantized.py)."""
-    from engine.caches import CacheConfigError
-    from engine.caches.quantized import QuantizedKVLayer
+    """A quantized layer of `spec`'s backend (quanto or HQQ), used only for its block quantize and
+    de-quantize functions (quanto's de-quantization needs no compiled kernel here, see
+    engine/caches/quantized.py)."""
+    from engine.caches.quantized import _check_backend, make_layer
 
-    if spec.backend != "quanto":
-        raise CacheConfigError("sink-quantized stores its window with quanto; choose the quanto backend.")
-    return QuantizedKVLayer(nbits=spec.nbits, axis_key=spec.axis_key, axis_value=spec.axis_value,
-                            q_group_size=spec.q_group_size, residual_length=spec.residual, block=spec.residual)
+    _check_backend(spec)
+    return make_layer(spec, spec.residual, spec.residual)
 
 
 class SinkCache(Cache):
@@ -319,7 +319,7 @@ class SinkCache(Cache):
         self.spec = spec
         layers: list[Any]
         if spec.strategy == "sink-quantized":
-            block = max(1, spec.residual)
+            block = quantized_block(spec, shape.head_dim)
             layers = [QuantizedSinkLayer(spec.sink_tokens, spec.window, self.rotator, make_quantizer(spec), block)
                       for _ in range(shape.layers)]
         else:
@@ -362,17 +362,39 @@ def build(config: Any, spec: Any) -> SinkCache:
     return SinkCache(config, spec)
 
 
-def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes held after `tokens` tokens: never more than sinks + window, whatever the length."""
-    stored = min(tokens, spec.sink_tokens + spec.window)
-    per_token = KVShape.of(config).bytes_per_token(dtype)
-    if spec.strategy != "sink-quantized":
-        return stored * per_token
-    from engine.caches.quantized import bytes_for as quantized_bytes_for
+def quantized_block(spec: Any, head_dim: int) -> int:
+    """Tokens per quantized block of a sink-quantized window: the residual, rounded up so that no
+    quantization group straddles two blocks (and at least one token)."""
+    from engine.caches.quantized import token_quantum
 
-    # Sinks and (up to) one block of residual stay in full precision; the rest is quantized.
-    full = min(stored, spec.sink_tokens + spec.residual)
-    quantized_tokens = stored - full
-    quantized = quantized_bytes_for(quantized_tokens, config, spec.with_changes(strategy="quantized", residual=0),
-                                    dtype) if quantized_tokens else 0
-    return full * per_token + quantized
+    quantum = math.lcm(token_quantum(spec.axis_key, spec.q_group_size, head_dim),
+                       token_quantum(spec.axis_value, spec.q_group_size, head_dim))
+    return max(1, math.ceil(spec.residual / quantum)) * quantum
+
+
+def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes held after `tokens` tokens: never more than sinks + window, whatever the length.
+
+    For sink-quantized this follows `QuantizedSinkLayer` exactly: after the sinks, the residual
+    holds 1..block tokens in full precision, every earlier full block is quantized on its own, and
+    the oldest blocks are dropped while blocks + residual exceed the window.
+    """
+    shape = KVShape.of(config)
+    per_token = shape.bytes_per_token(dtype)
+    if spec.strategy != "sink-quantized":
+        return min(tokens, spec.sink_tokens + spec.window) * per_token
+    from engine.caches.quantized import _quantized_bytes
+
+    sinks = min(tokens, spec.sink_tokens)
+    rest = tokens - sinks
+    if rest <= 0:
+        return sinks * per_token
+    block = quantized_block(spec, shape.head_dim)
+    blocks = (rest - 1) // block
+    residual = rest - blocks * block
+    kept = min(blocks, max(0, (spec.window - residual) // block))
+    size = torch.empty((), dtype=dtype).element_size()
+    elements = block * shape.kv_heads * shape.head_dim
+    per_block = shape.layers * (_quantized_bytes(elements, spec, spec.axis_key, size)
+                                + _quantized_bytes(elements, spec, spec.axis_value, size))
+    return (sinks + residual) * per_token + kept * per_block
