@@ -146,25 +146,32 @@ class CachePool:
 
     # ----- budgets -----------------------------------------------------------------------------
     def rebalance(self, wait: bool = False) -> None:
-        """Schedule moves of idle caches until both budgets hold (in the background)."""
+        """Schedule moves of idle caches until both budgets hold (in the background).
+
+        Least recently used first at every step: the oldest idle caches leave the device for RAM,
+        and the oldest of those in RAM (just moved there or not) go on to disk, so RAM always
+        holds the most recently used idle chats.
+        """
         with self._mutex:
-            plan: list[tuple[str, str]] = []
             device = self.bytes_in("device")
             host = self.bytes_in("ram")
-            for key, entry in self.entries.items():  # least recently used first
-                if key == self.active or entry.session.cache is None:
-                    continue
-                size = caches.cache_bytes(entry.session.cache)
-                if entry.tier == "device" and device > self.device_budget:
+            idle = [(key, entry, caches.cache_bytes(entry.session.cache)) for key, entry in self.entries.items()
+                    if key != self.active and entry.session.cache is not None]  # least recently used first
+            target = {key: entry.tier for key, entry, _ in idle}
+            for key, entry, size in idle:
+                if device <= self.device_budget:
+                    break
+                if entry.tier == "device":
+                    target[key] = "ram"
                     device -= size
-                    if host + size <= self.host_budget:
-                        plan.append((key, "ram"))
-                        host += size
-                    else:
-                        plan.append((key, "disk" if self.snapshots else "none"))
-                elif entry.tier == "ram" and host > self.host_budget:
+                    host += size
+            for key, _entry, size in idle:
+                if host <= self.host_budget:
+                    break
+                if target[key] == "ram":
+                    target[key] = "disk" if self.snapshots else "none"
                     host -= size
-                    plan.append((key, "disk" if self.snapshots else "none"))
+            plan = [(key, target[key]) for key, entry, _ in idle if target[key] != entry.tier]
             for key, tier in plan:
                 entry = self.entries[key]
                 entry.tier = tier  # accounted at once; the move itself runs in the background

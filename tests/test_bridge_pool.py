@@ -94,21 +94,24 @@ def test_switching_back_restores_each_chat_from_ram_or_disk_and_the_reply_reuses
     for _ in range(2):
         chats.append(win.new_chat())
         send_and_wait(qtbot, win, PROMPT)
-    qtbot.waitUntil(lambda: [place(win, c) for c in chats] == ["ram", "disk", "ram"], timeout=TIMEOUT)
+    # least recently used first: the oldest chat went on to disk, the newer idle one is in RAM
+    qtbot.waitUntil(lambda: [place(win, c) for c in chats] == ["disk", "ram", "ram"], timeout=TIMEOUT)
     # a CPU-only machine: the active chat's "device" is RAM, and the badge says so
     assert win.controller.runtime(chats[2]).cache.where == "ram"  # type: ignore[union-attr]
 
     sources = {}
-    for chat_id in chats:
+    for chat_id in (chats[1], chats[2], chats[0]):  # back to the recent ones first, then the old one
         restore = open_and_wait(qtbot, win, chat_id)
         sources[chat_id] = restore.source
         assert restore.tokens > 0
         stats = send_and_wait(qtbot, win, "And a follow-up?")
         assert stats["reused_tokens"] > len(PROMPT)  # the whole first exchange came from the cache
         assert stats["restore"]["source"] == restore.source  # told with the reply it served
-    assert sources == {chats[0]: "ram", chats[1]: "disk", chats[2]: "ram"}
-    assert "cache restored from RAM in" in win.chat_view.message_widgets[-1].toolTip()
-    assert "cache restored from RAM in" in win.meters.turn_label.toolTip()
+        if chat_id == chats[1]:
+            assert "cache restored from RAM in" in win.chat_view.message_widgets[-1].toolTip()
+            assert "cache restored from RAM in" in win.meters.turn_label.toolTip()
+    assert sources == {chats[1]: "ram", chats[2]: "ram", chats[0]: "disk"}
+    assert "cache restored from disk in" in win.chat_view.message_widgets[-1].toolTip()
 
 
 def test_a_chat_resumes_from_its_snapshot_after_a_restart(qtbot: Any, make_window: MakeWindow) -> None:

@@ -52,6 +52,24 @@ def test_budget_holds_and_every_chat_resumes_correctly(tiny_lm, tmp_path) -> Non
         pool.close()
 
 
+def test_tiers_follow_recency_ram_holds_the_most_recent_idle_chats(tiny_lm, tmp_path) -> None:
+    """Least recently used first: the newest idle chats are in RAM, the older ones on disk (not
+    the first chats to have gone idle, which would stay in RAM forever)."""
+    one = caches.cache_bytes(new_chat(tiny_lm, 0).cache)
+    pool = CachePool(tiny_lm, device_budget=2 * one + one // 2, host_budget=2 * one + one // 2,
+                     snapshots=SnapshotStore(tmp_path))
+    try:
+        keys = [f"c{i}" for i in range(8)]
+        for i, key in enumerate(keys):
+            pool.add(key, new_chat(tiny_lm, i))
+            pool.activate(key)
+            pool.rebalance(wait=True)
+        tiers = [pool.tier(k) for k in keys]
+        assert tiers == ["disk"] * 4 + ["ram"] * 2 + ["device"] * 2, tiers  # device: the active chat + one
+    finally:
+        pool.close()
+
+
 def test_without_snapshots_idle_caches_are_dropped_and_recomputed(tiny_lm) -> None:
     one = caches.cache_bytes(new_chat(tiny_lm, 0).cache)
     pool = CachePool(tiny_lm, device_budget=one + one // 2, host_budget=0)
