@@ -489,6 +489,8 @@ class MainWindow(QMainWindow):
         dialog = SettingsDialog(self.config, self)
         if dialog.exec():
             self.apply_config(dialog.result_config())
+            if dialog.chosen_data_dir is not None:
+                self.statusBar().showMessage(f"From the next start, chats are kept in {dialog.chosen_data_dir}.", 10000)
 
     def apply_config(self, new: AppConfig) -> None:
         """Apply only what changed; a different model is loaded in the worker."""

@@ -6,6 +6,8 @@ only what differs (a new model means reloading it in the worker).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from PySide6.QtCore import QUrl
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
@@ -110,15 +112,30 @@ class SettingsDialog(QDialog):
         self.default_prompt.setPlaceholderText("System prompt for new chats (optional)")
         form2.addRow("Theme", self.theme)
         form2.addRow("New chats' system prompt", self.default_prompt)
-        data_row = QHBoxLayout()
+        data_row = QVBoxLayout()
+        data_buttons = QHBoxLayout()
         self.data_dir = QLineEdit(str(paths.data_dir()))
         self.data_dir.setReadOnly(True)
-        self.data_dir.setToolTip("Where chats and settings live. Start Cachet with --data-dir DIR (or set "
-                                 "CACHET_DATA_DIR) to use another folder.")
+        self.data_dir.setToolTip("Where chats, settings and cache snapshots live.")
+        self.change_data_dir = QPushButton("Change…")
+        self.default_data_dir = QPushButton("Default")
         open_button = QPushButton("Open")
-        data_row.addWidget(self.data_dir, 1)
-        data_row.addWidget(open_button)
+        data_row.addWidget(self.data_dir)
+        for button in (self.change_data_dir, self.default_data_dir, open_button):
+            data_buttons.addWidget(button)
+        data_buttons.addStretch(1)
+        data_row.addLayout(data_buttons)
+        if paths.data_dir_is_overridden():
+            for button in (self.change_data_dir, self.default_data_dir):
+                button.setEnabled(False)
+                button.setToolTip("This run was started with --data-dir (or CACHET_DATA_DIR), which decides "
+                                  "the folder.")
+        self.data_dir_note = QLabel()
+        self.data_dir_note.setWordWrap(True)
+        self.data_dir_note.hide()
+        self.chosen_data_dir: Path | None = None  # None: unchanged
         form2.addRow("Data folder", data_row)
+        form2.addRow(self.data_dir_note)  # the whole width: a wrapped label in the field column is cut short
         layout.addWidget(look_box)
 
         self.error = QLabel()
@@ -134,6 +151,8 @@ class SettingsDialog(QDialog):
         file_button.clicked.connect(self._choose_file)
         folder_button.clicked.connect(self._choose_folder)
         open_button.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(paths.data_dir()))))
+        self.change_data_dir.clicked.connect(self._choose_data_dir)
+        self.default_data_dir.clicked.connect(lambda: self.set_data_dir(paths.default_data_dir()))
         for b in (self.bundled, self.local, self.hub):
             b.toggled.connect(self._update_model_fields)
         self._fill(config)
@@ -175,6 +194,34 @@ class SettingsDialog(QDialog):
             self.local.setChecked(True)
             self.local_path.setText(path)
 
+    def _choose_data_dir(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Folder for Cachet's chats", str(paths.data_dir()))
+        if folder:
+            self.set_data_dir(Path(folder))
+
+    def set_data_dir(self, folder: Path) -> None:
+        """Choose another data folder (checked now, written on OK, used from the next start)."""
+        self.error.hide()
+        try:
+            folder = paths.check_data_dir(folder)
+        except paths.DataDirError as exc:
+            self.error.setText(str(exc))
+            self.error.show()
+            return
+        current = paths.data_dir()
+        self.chosen_data_dir = None if folder == current else folder
+        self.data_dir.setText(str(folder))
+        if self.chosen_data_dir is None:
+            self.data_dir_note.hide()
+            return
+        self.data_dir_note.setText(
+            f"Used from the next start, for chats and settings. Those in {current} stay there: copy "
+            "them over while Cachet is closed to take them along."
+        )
+        self.data_dir_note.show()
+        self.layout().activate()
+        self.adjustSize()
+
     def result_config(self) -> AppConfig:
         """The edited copy; raises ConfigError when a value is invalid."""
         if self.bundled.isChecked():
@@ -194,7 +241,9 @@ class SettingsDialog(QDialog):
     def accept(self) -> None:
         try:
             self.result_config()
-        except ConfigError as exc:
+            if self.chosen_data_dir is not None:
+                paths.set_data_dir(self.chosen_data_dir)
+        except (ConfigError, paths.DataDirError, OSError) as exc:
             self.error.setText(str(exc))
             self.error.show()
             return

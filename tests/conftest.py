@@ -27,6 +27,7 @@ def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def isolated_dirs(tmp_path: Path, shared_cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     monkeypatch.setenv("CACHET_DATA_DIR", str(tmp_path / "data"))
     monkeypatch.setenv("CACHET_CACHE_DIR", str(shared_cache_dir))
+    monkeypatch.setenv("CACHET_CONFIG_DIR", str(tmp_path / "config"))  # the data-folder choice, never the user's
     yield
 
 

@@ -177,3 +177,18 @@ def test_a_version_1_database_is_migrated_and_keeps_its_chats(tmp_path: Path) ->
     migrated.set_settings(chat.id, ChatSettings(overflow="truncate-middle"))
     assert migrated.chat(chat.id).settings.overflow == "truncate-middle"
     migrated.close()
+
+
+def test_a_damaged_data_folder_choice_falls_back_to_the_default(tmp_path, monkeypatch) -> None:
+    from engine import paths
+
+    monkeypatch.delenv("CACHET_DATA_DIR")
+    monkeypatch.setattr(paths, "default_data_dir", lambda: tmp_path / "default")
+    paths.location_file().parent.mkdir(parents=True, exist_ok=True)
+    for damaged in ("{not json", '{"data_dir": "relative/path"}', '["a list"]', '{"data_dir": 3}'):
+        paths.location_file().write_text(damaged)
+        assert paths.data_dir() == tmp_path / "default"
+    paths.set_data_dir(tmp_path / "chosen")
+    assert paths.data_dir() == tmp_path / "chosen"
+    monkeypatch.setenv("CACHET_DATA_DIR", str(tmp_path / "flag"))  # --data-dir wins over the choice
+    assert paths.data_dir() == tmp_path / "flag"
