@@ -30,7 +30,11 @@ def restarted(lm, old: ChatSession) -> ChatSession:
 
 
 @pytest.mark.parametrize("spec", [CacheSpec(), CacheSpec("sink", sink_tokens=4, window=64),
-                                  CacheSpec("quantized", nbits=4, residual=32, q_group_size=32, axis_key=-1)])
+                                  CacheSpec("quantized", nbits=4, residual=32, q_group_size=32, axis_key=-1),
+                                  CacheSpec("quantized", nbits=4, residual=32, q_group_size=32, axis_key=-1,
+                                            backend="hqq"),
+                                  CacheSpec("sink-quantized", sink_tokens=4, window=64, residual=32,
+                                            q_group_size=32, backend="hqq")])
 def test_resume_from_snapshot_reuses_everything_and_answers_the_same(tiny_lm, tmp_path, spec) -> None:
     store = SnapshotStore(tmp_path)
     before = chat(tiny_lm, spec)
