@@ -475,6 +475,11 @@ class EngineBridge(QObject):
         has_reply = last is not None and last.role == "assistant"
         user = next((m for m in reversed(session.messages) if m.role == "user"), None)
         stats = result.stats
+        asked = self._effective(req.cache).get("strategy")
+        if switched is None and stats.overflow_action and session.settings.cache.strategy != asked:
+            # The overflow policy moved the chat to another strategy (attention sinks): keep it, or the
+            # next turn would switch back to the stored one and recompute the whole chat every time.
+            switched = session.settings.cache.to_dict()
         self._emit_state(req.chat_id)  # before the turn's end, so that the end finds it current
         self.turn_done.emit(TurnDone(
             req.chat_id, req.turn_id, result.reply, stats.finish_reason, has_reply=has_reply,

@@ -407,6 +407,13 @@ def test_a_chat_beyond_the_context_says_so_and_offers_the_overflow_policies(
     assert win.store.chat(chat_id).settings.overflow == "sink"  # remembered for the next turns
     assert messages(win, chat_id)[-1][0] == "assistant"
     assert any("context" in n.text for n in win.controller.runtime(chat_id).notices)
+    # The chat now is a sink chat: stored as such (lossy badge), and the next turn reuses its cache
+    # instead of switching back and recomputing everything.
+    assert win.store.chat(chat_id).settings.cache["strategy"] == "sink"
+    assert win.lossy_badge.isVisible()
+    send_and_wait(qtbot, win, "and one more")
+    stats = win.controller.runtime(chat_id).last_stats
+    assert int(stats["reused_tokens"]) > 900, stats
 
 
 def test_lossy_strategy_shows_a_badge_and_code_blocks_can_be_copied(qtbot: Any, make_window: MakeWindow) -> None:
