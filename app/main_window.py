@@ -22,7 +22,16 @@ from PySide6.QtWidgets import (
 )
 
 from app import theme as themes
-from app.bridge import Budgets, CacheRestored, Engine, EngineInfo, Loader, ModelInfo, describe_restore
+from app.bridge import (
+    Budgets,
+    CacheRestored,
+    Engine,
+    EngineInfo,
+    Loader,
+    ModelInfo,
+    describe_restore,
+    effective_cache,
+)
 from app.chat_settings import ChatSettingsPanel
 from app.chat_view import ChatView, MessageView, message_views
 from app.composer import Composer
@@ -314,16 +323,24 @@ class MainWindow(QMainWindow):
         self.sidebar.search.setFocus()
         self.sidebar.search.selectAll()
 
+    def _strategy(self, cache: dict[str, object]) -> tuple[str, bool]:
+        """A chat's strategy as shown ("auto: quantized" once the advisor has chosen) and whether it is lossy."""
+        stored = str(cache.get("strategy", "auto"))
+        model, info = self.engine.model, self.engine.info
+        effective = stored
+        if stored == "auto" and model is not None:
+            effective = str(effective_cache(dict(cache), model.auto_cache).get("strategy", "dynamic"))
+        label = f"auto: {effective}" if stored == "auto" and model is not None else stored
+        return label, info is not None and effective in info.lossy
+
     def refresh_sidebar(self) -> None:
-        info = self.engine.info
-        lossy = info.lossy if info else frozenset()
         entries = []
         for chat in self.store.chats(self.sidebar.search.text()):
             rt = self.controller.runtimes.get(chat.id)
-            strategy = str(chat.settings.cache.get("strategy", "auto"))
+            strategy, lossy = self._strategy(chat.settings.cache)
             place = rt.cache.where if rt is not None and rt.cache is not None else "none"
             busy = rt.state if rt is not None and rt.busy else ""
-            entries.append(ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, strategy in lossy, busy))
+            entries.append(ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, lossy, busy))
         self.sidebar.set_entries(entries, self.current_chat)
         self._update_chat_chrome()
 
@@ -400,15 +417,13 @@ class MainWindow(QMainWindow):
 
     def _state_changed(self, chat_id: int) -> None:
         rt = self.controller.runtimes.get(chat_id)
-        info = self.engine.info
         if rt is not None:
             chat = next((e for e in self.sidebar.entries() if e.chat_id == chat_id), None)
             if chat is not None:
                 place = rt.cache.where if rt.cache is not None else "none"
-                lossy = info.lossy if info else frozenset()
-                strategy = self.store.chat(chat_id).settings.cache.get("strategy", "auto")
-                self.sidebar.update_entry(ChatEntry(chat_id, chat.title, chat.updated_at, place, str(strategy),
-                                                    strategy in lossy, rt.state if rt.busy else ""))
+                strategy, lossy = self._strategy(self.store.chat(chat_id).settings.cache)
+                self.sidebar.update_entry(ChatEntry(chat_id, chat.title, chat.updated_at, place, strategy,
+                                                    lossy, rt.state if rt.busy else ""))
         if chat_id != self.current_chat:
             return
         self.chat_view.set_notices(list(rt.notices) if rt is not None else [])
@@ -429,9 +444,7 @@ class MainWindow(QMainWindow):
             return
         chat = self.store.chat(chat_id)
         self.title_label.setText(chat.title or "New chat")
-        strategy = str(chat.settings.cache.get("strategy", "auto"))
-        info = self.engine.info
-        self.lossy_badge.setVisible(info is not None and strategy in info.lossy)
+        self.lossy_badge.setVisible(self._strategy(chat.settings.cache)[1])
         model = self.engine.model
         if rt is not None and rt.last_stats and model is not None:
             used = int(rt.last_stats.get("prompt_tokens", 0)) + int(rt.last_stats.get("generated_tokens", 0))

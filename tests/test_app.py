@@ -575,3 +575,20 @@ def test_the_data_folder_can_be_moved_from_the_settings(
     locked = SettingsDialog(AppConfig())
     qtbot.addWidget(locked)
     assert not locked.change_data_dir.isEnabled() and "--data-dir" in locked.change_data_dir.toolTip()
+
+
+def test_auto_shows_the_strategy_the_advisor_chose_and_its_lossy_badge(qtbot: Any, make_window: MakeWindow) -> None:
+    from dataclasses import replace
+
+    win = make_window()
+    chat_id = win.new_chat()
+    assert win.store.chat(chat_id).settings.cache.get("strategy", "auto") == "auto"
+    entry = next(e for e in win.sidebar.entries() if e.chat_id == chat_id)
+    assert entry.strategy == "auto: dynamic" and not win.lossy_badge.isVisible()
+    model = win.engine.model
+    assert model is not None
+    win.engine.model = replace(model, auto_cache={"strategy": "quantized", "nbits": 4})  # a smaller machine
+    win.refresh_sidebar()
+    entry = next(e for e in win.sidebar.entries() if e.chat_id == chat_id)
+    assert entry.strategy == "auto: quantized" and entry.lossy
+    assert win.lossy_badge.isVisible()
