@@ -146,6 +146,10 @@ class ChatController(QObject):
     def delete(self, chat_id: int) -> None:
         """Hide the chat (undo brings it back until the app quits) and free its cache."""
         self.stop(chat_id)
+        rt = self.runtimes.get(chat_id)
+        if rt is not None and rt.reply_id is not None:
+            # The turn's end will not reach a deleted chat: settle its reply now (undo brings it back).
+            self.store.update_message(rt.reply_id, content=rt.text, status="stopped")
         self.store.delete_chat(chat_id)
         self.engine.forget(chat_id)
         self.runtimes.pop(chat_id, None)

@@ -592,3 +592,21 @@ def test_auto_shows_the_strategy_the_advisor_chose_and_its_lossy_badge(qtbot: An
     entry = next(e for e in win.sidebar.entries() if e.chat_id == chat_id)
     assert entry.strategy == "auto: quantized" and entry.lossy
     assert win.lossy_badge.isVisible()
+
+
+def test_a_chat_deleted_mid_reply_comes_back_with_its_reply_stopped(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window(sampling=LONG)
+    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
+        win.send("Write a lot")
+    chat_id = win.current_chat
+    assert chat_id is not None
+    win.delete_chat(chat_id)
+    qtbot.wait(300)  # the worker ends the turn meanwhile; its end no longer reaches the deleted chat
+    qtbot.mouseClick(win.sidebar.undo_button, Qt.MouseButton.LeftButton)
+    assert win.current_chat == chat_id
+    user, reply = win.store.messages(chat_id)
+    assert reply.status == "stopped", reply.status
+    assert not win.controller.runtime(chat_id).busy
+    with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
+        win.send("And now?")  # the chat goes on
+    assert win.store.messages(chat_id)[-1].status in ("done", "stopped")
