@@ -149,7 +149,7 @@ class MainWindow(QMainWindow):
         self.controller.messages_changed.connect(self._messages_changed)
         self.controller.stream_changed.connect(self._stream_changed)
         self.controller.state_changed.connect(self._state_changed)
-        self.controller.stats_changed.connect(self.meters.turn)
+        self.controller.turn_finished.connect(self._turn_finished)
         self.engine.engine_info.connect(self._engine_info)
         self.engine.load_progress.connect(self._load_progress)
         self.engine.status.connect(lambda text: self.statusBar().showMessage(text, 6000))
@@ -288,12 +288,25 @@ class MainWindow(QMainWindow):
                 self.sidebar._filling = False
         self.chat_view.set_messages([])
         self.chat_view.set_notices([])
+        self.meters.turn(self._last_stats(chat_id) if chat_id is not None else None)
         if chat_id is not None:
             self._messages_changed(chat_id, scroll_to_end=True)
             self._state_changed(chat_id)
             self.controller.open_chat(chat_id)  # its cache comes back while the user reads
         self._update_chat_chrome()
         self._show_current_settings()
+
+    def _last_stats(self, chat_id: int) -> dict[str, object] | None:
+        """The chat's last reply's figures: from this run, else as stored with the reply."""
+        rt = self.controller.runtimes.get(chat_id)
+        if rt is not None and rt.last_stats:
+            return dict(rt.last_stats)
+        reply = next((m for m in reversed(self.store.messages(chat_id)) if m.role == "assistant" and m.stats), None)
+        return dict(reply.stats) if reply is not None and reply.stats else None
+
+    def _turn_finished(self, chat_id: int) -> None:
+        if chat_id == self.current_chat:  # the meters show the chat on screen, not one in the background
+            self.meters.turn(self._last_stats(chat_id))
 
     def delete_chat(self, chat_id: int) -> None:
         title = self.store.chat(chat_id).title

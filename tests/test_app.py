@@ -610,3 +610,19 @@ def test_a_chat_deleted_mid_reply_comes_back_with_its_reply_stopped(qtbot: Any, 
     with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
         win.send("And now?")  # the chat goes on
     assert win.store.messages(chat_id)[-1].status in ("done", "stopped")
+
+
+def test_the_last_reply_meter_follows_the_chat_on_screen(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    first = send_and_wait(qtbot, win, "A short question")
+    first_text = win.meters.turn_label.text()
+    assert first_text.startswith("Last reply:")
+    second = win.new_chat()
+    assert win.meters.turn_label.text() == ""  # a new chat has no last reply
+    send_and_wait(qtbot, win, "Another question, somewhat longer than the first one was")
+    second_text = win.meters.turn_label.text()
+    assert second_text.startswith("Last reply:") and second_text != first_text
+    win.select_chat(first)
+    assert win.meters.turn_label.text() == first_text
+    win.select_chat(second)
+    assert win.meters.turn_label.text() == second_text
