@@ -238,9 +238,27 @@ class SettingsDialog(QDialog):
             theme=str(self.theme.currentData()), default_system_prompt=self.default_prompt.toPlainText().strip(),
         )
 
+    def check_model(self) -> None:
+        """A local model must be there now (a GGUF file, or a folder with config.json): say so here
+        rather than after the window has tried to load it. Hub ids are checked when loaded."""
+        from engine.sources import ModelLoadError, resolve
+
+        if not self.local.isChecked():
+            return
+        path = self.local_path.text().strip()
+        if not path:
+            raise ConfigError("Model: choose a GGUF file or a model folder.")
+        try:
+            source = resolve(path)
+        except ModelLoadError as exc:
+            raise ConfigError(f"Model: {exc}") from exc
+        if source.kind == "hub":
+            raise ConfigError(f"Model: there is no file or folder at {path}.")
+
     def accept(self) -> None:
         try:
             self.result_config()
+            self.check_model()
             if self.chosen_data_dir is not None:
                 paths.set_data_dir(self.chosen_data_dir)
         except (ConfigError, paths.DataDirError, OSError) as exc:

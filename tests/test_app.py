@@ -626,3 +626,27 @@ def test_the_last_reply_meter_follows_the_chat_on_screen(qtbot: Any, make_window
     assert win.meters.turn_label.text() == first_text
     win.select_chat(second)
     assert win.meters.turn_label.text() == second_text
+
+
+def test_the_settings_refuse_a_local_model_that_is_not_there(qtbot: Any, tmp_path: Path) -> None:
+    from app.settings_dialog import SettingsDialog
+
+    dialog = SettingsDialog(AppConfig())
+    qtbot.addWidget(dialog)
+    not_a_model = tmp_path / "notes.txt"
+    not_a_model.write_text("hello")
+    empty_folder = tmp_path / "empty"
+    empty_folder.mkdir()
+    for path, says in ((tmp_path / "missing.gguf", "does not exist"), (not_a_model, "not a .gguf"),
+                       (empty_folder, "no config.json")):
+        dialog.local.setChecked(True)
+        dialog.local_path.setText(str(path))
+        dialog.accept()
+        assert dialog.result() == 0 and dialog.error.isVisibleTo(dialog), path
+        assert says in dialog.error.text(), dialog.error.text()
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    dialog.local_path.setText(str(folder))
+    dialog.accept()
+    assert dialog.result() == 1
