@@ -39,6 +39,11 @@ from engine.store import ChatSettings, ChatStore, StoredMessage
 FLUSH_EVERY_S = 0.5
 NEAR_CONTEXT = 0.85  # warn once a chat uses this share of the model's context
 
+POLICY_PLANS = {  # "When this chat is full, Cachet will …"
+    "stop": "stop and ask",
+    "truncate-middle": "leave the oldest turns after the first exchange out of the model's view",
+    "sink": "continue with attention sinks (the oldest middle of the chat is forgotten)",
+}
 POLICY_LABELS = {
     "stop": "Stop here",
     "truncate-middle": "Truncate the middle",
@@ -227,6 +232,15 @@ class ChatController(QObject):
 
     def act(self, chat_id: int, key: str) -> None:
         """A notice's button was pressed."""
+        if key.startswith("when-full:"):  # chosen ahead of time: applied when the context is full
+            policy = key.split(":", 1)[1]
+            chat = self.store.chat(chat_id)
+            self.store.set_settings(chat_id, replace(chat.settings, overflow=policy))
+            self.runtime(chat_id).notices = [Notice("info", f"When this chat is full, Cachet will "
+                                                            f"{POLICY_PLANS.get(policy, policy)}.")]
+            self.state_changed.emit(chat_id)
+            self.chats_changed.emit()
+            return
         if key.startswith("overflow:"):
             policy = key.split(":", 1)[1]
             rt = self.runtime(chat_id)
@@ -342,9 +356,14 @@ class ChatController(QObject):
         if done.stats and model is not None and model.context_length:
             used = int(done.stats.get("prompt_tokens", 0)) + int(done.stats.get("generated_tokens", 0))
             if used >= NEAR_CONTEXT * model.context_length:
+                policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
+                current = self.store.chat(done.chat_id).settings.overflow if self._exists(done.chat_id) else "stop"
+                actions = tuple(NoticeAction(f"when-full:{p}", POLICY_LABELS.get(p, p.replace("-", " ").capitalize()),
+                                             reason) for p, reason in policies.items() if p != current)
                 notices.append(Notice(
                     "warning", f"This chat uses {used:,} of the model's {model.context_length:,} tokens of context. "
-                               "When it is full you can stop, or choose how to continue."))
+                               f"When it is full, Cachet will {POLICY_PLANS.get(current, 'stop and ask')} — "
+                               "or choose now:", actions))
         if done.finish_reason == "length" and done.stats and model is not None:
             notices.append(Notice("info", "The reply reached the “max new tokens” limit of this chat."))
         return notices

@@ -650,3 +650,21 @@ def test_the_settings_refuse_a_local_model_that_is_not_there(qtbot: Any, tmp_pat
     dialog.local_path.setText(str(folder))
     dialog.accept()
     assert dialog.result() == 1
+
+
+def test_near_the_context_the_chat_offers_the_policies_ahead_of_time(qtbot: Any, make_window: MakeWindow) -> None:
+    win = make_window()
+    chat_id = send_and_wait(qtbot, win, "y" * 880)  # the tiny model reads 1,024 tokens, one per byte
+    widgets = [w for w in win.chat_view.notice_widgets if "When it is full" in w.notice.text]
+    [widget] = widgets
+    assert widget.notice.kind == "warning" and "When it is full, Cachet will stop and ask" in widget.notice.text
+    keys = {a.key for a in widget.notice.actions}
+    assert {"when-full:truncate-middle", "when-full:sink"} <= keys and "when-full:stop" not in keys
+    win.controller.act(chat_id, "when-full:sink")
+    assert win.store.chat(chat_id).settings.overflow == "sink"
+    assert "continue with attention sinks" in win.controller.runtime(chat_id).notices[0].text
+    send_and_wait(qtbot, win, "z" * 200)  # overflows now: applied without asking
+    assert win.store.messages(chat_id)[-1].role == "assistant"
+    assert win.store.chat(chat_id).settings.cache["strategy"] == "sink"
+    assert not any(n.actions and n.actions[0].key.startswith("overflow:")
+                   for n in win.controller.runtime(chat_id).notices)
