@@ -165,3 +165,32 @@ def test_sink_quantized_bytes_for_is_what_it_holds_and_stays_flat(tiny_lm, backe
             held.append(real)
     assert max(held[-3:]) <= max(caches.bytes_for(spec, n, tiny_lm.config) for n in range(10**6, 10**6 + 256))
     assert max(held) < caches.bytes_for(CacheSpec("sink", sink_tokens=4, window=256), 10**6, tiny_lm.config) * 0.5
+
+
+@pytest.mark.parametrize("strategy", ["sink", "sink-quantized"])
+def test_a_forward_pass_failing_midway_never_leaves_layers_that_disagree(tiny_lm, strategy) -> None:
+    """Layers are updated one after the other: if a later layer fails after an earlier one has
+    evicted (or quantized a block), the cache cannot be cropped back consistently and is rebuilt."""
+    attention = tiny_lm.model.model.layers[1].self_attn
+    original = attention.forward
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated out-of-memory in layer 1")
+
+    spec = CacheSpec(strategy=strategy, sink_tokens=4, window=40, residual=8, q_group_size=16)
+    for n in range(20, 90, 3):
+        session = ChatSession(tiny_lm, SessionSettings(cache=spec))
+        session.forward_logits([10 + i % 200 for i in range(n)])
+        attention.forward = fail
+        try:
+            with pytest.raises(RuntimeError):
+                session.forward_logits([7])
+            session._resync()
+        finally:
+            attention.forward = original
+        if session.cache is not None:
+            layers = session.cache.sink_layers
+            assert len({layer.get_seq_length() for layer in layers}) == 1, n
+            assert len({layer.evicted for layer in layers}) == 1, n
+            assert len({layer.fed for layer in layers}) == 1 and layers[0].fed == len(session.cached_ids), n
+        session.forward_logits([8, 9, 10])  # and the chat goes on

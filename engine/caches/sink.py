@@ -339,6 +339,11 @@ class SinkCache(Cache):
         return self.sink_layers[0].evicted if self.layers else 0
 
     def crop_to(self, length: int) -> bool:
+        """False when the stream cannot be cut there — or when the layers disagree on what they
+        evicted (a forward pass that failed after some layers had evicted): the caller then
+        recomputes instead of attending at mismatched positions."""
+        if len({(layer.evicted, len(getattr(layer, "blocks", ()))) for layer in self.sink_layers}) > 1:
+            return False
         plans = []
         for layer in self.sink_layers:
             remove = layer.fed - length
@@ -347,7 +352,7 @@ class SinkCache(Cache):
             plans.append(remove)
         for layer, remove in zip(self.sink_layers, plans, strict=True):
             layer.crop_stream(remove)
-        return True
+        return len({layer.get_seq_length() for layer in self.sink_layers}) == 1
 
     def nbytes(self) -> int:
         from engine.caches import tensor_bytes
