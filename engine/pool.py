@@ -12,6 +12,7 @@ then two shares of it.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from engine.snapshots import SnapshotStore
 
 TIERS = ("device", "ram", "disk", "none")
 
+
+log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Restore:
@@ -137,6 +140,7 @@ class CachePool:
             if source == "none":
                 source = "recomputed" if session.messages else "empty"
                 session.reset_cache()
+                entry.tier = "device"  # whatever warming does, the cache it builds is on the device
                 if session.messages and warm:
                     session.warm()
             entry.tier = "device"
@@ -176,7 +180,7 @@ class CachePool:
                 entry = self.entries[key]
                 entry.tier = tier  # accounted at once; the move itself runs in the background
                 entry.pending = self._mover.submit(self._move, key, entry, tier)
-            futures = [self.entries[k].pending for k, _ in plan]
+            futures = [e.pending for e in self.entries.values()]  # wait=True: every move under way, not only these
         if wait:
             for f in futures:
                 if f is not None:
@@ -187,9 +191,14 @@ class CachePool:
             session = entry.session
             if session.cache is None:
                 return
-            if tier == "ram":
-                move_cache(session.cache, self.host, pin=self.lm.device.type == "cuda")
-                return
-            if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
+            try:
+                if tier == "ram":
+                    move_cache(session.cache, self.host, pin=self.lm.device.type == "cuda")
+                    return
+                if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
+                    entry.tier = "none"
+            except Exception as exc:  # out of RAM, disk full, folder gone: the chat recomputes, never breaks
+                log.warning("could not move the cache of %s to %s (%s: %s); it will be recomputed",
+                            key, tier, type(exc).__name__, exc)
                 entry.tier = "none"
             session.reset_cache()  # a snapshot restores cache and ids together, or the turn recomputes

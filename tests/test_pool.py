@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from engine import caches
 from engine.pool import CachePool
 from engine.sampling import SamplingSettings
@@ -118,3 +120,47 @@ def test_moving_a_cache_moves_every_tensor_it_holds_quantized_blocks_included(ti
                 for i, layer in enumerate(session.cache.layers) for name, value in vars(layer).items()
                 if any(t.device.type != "meta" and t.numel() for t in tensors(value))]
         assert not left, left
+
+
+def test_a_move_that_fails_costs_a_recompute_never_the_chat(tiny_lm, tmp_path, monkeypatch) -> None:
+    one = caches.cache_bytes(new_chat(tiny_lm, 0).cache)
+    store = SnapshotStore(tmp_path)
+
+    def disk_full(key, session):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(store, "save", disk_full)
+    pool = CachePool(tiny_lm, device_budget=one + one // 2, host_budget=0, snapshots=store)
+    try:
+        a, b = new_chat(tiny_lm, 1), new_chat(tiny_lm, 2)
+        pool.add("a", a)
+        pool.activate("a")
+        pool.add("b", b)
+        pool.activate("b")
+        pool.rebalance(wait=True)
+        assert pool.tier("a") == "none" and a.cache is None  # could not be saved: dropped, not stuck
+        restore = pool.activate("a")
+        assert restore.source == "recomputed"
+        result = a.send("and a follow-up")
+        assert result.stats.error is None and result.stats.reused_tokens > 0
+        pool.remove("a")
+    finally:
+        pool.close()
+
+
+def test_warming_that_fails_still_counts_the_cache_on_the_device(tiny_lm) -> None:
+    pool = CachePool(tiny_lm, device_budget=10**9, host_budget=0)
+    try:
+        a = new_chat(tiny_lm, 1)
+        pool.add("a", a, tier="disk")  # nothing on disk: activating recomputes
+
+        def fail() -> None:
+            a.cache = caches.build_cache(a.settings.cache, tiny_lm.config)
+            raise RuntimeError("cancelled while warming")
+
+        a.warm = fail
+        with pytest.raises(RuntimeError):
+            pool.activate("a")
+        assert pool.entries["a"].tier == "device"
+    finally:
+        pool.close()
