@@ -247,7 +247,8 @@ class ChatSession:
         """Switch this conversation's cache strategy, keeping the conversation.
 
         The existing cache is converted when possible (see engine.caches.convert); otherwise it
-        is dropped and the next turn recomputes it from the messages.
+        is dropped and the next turn recomputes it from the messages. Going from a quantized
+        cache to an exact one (dynamic, static, offloaded) always recomputes.
 
         Returns:
             "unchanged", "converted" or "recompute".
@@ -257,7 +258,11 @@ class ChatSession:
         spec = spec.validate()
         if spec == self.settings.cache:
             return "unchanged"
-        converted = convert(self.cache, len(self.cached_ids), spec, self.lm.config) if self.cache is not None else None
+        # Leaving a quantized cache for an exact one recomputes: converting would carry the
+        # quantization error into a cache that promises the same logits as recomputing.
+        exact_again = self.settings.cache.strategy in ("quantized", "sink-quantized") and not spec.is_lossy
+        converted = (convert(self.cache, len(self.cached_ids), spec, self.lm.config)
+                     if self.cache is not None and not exact_again else None)
         self.settings.cache = spec
         if converted is None:
             self.reset_cache()

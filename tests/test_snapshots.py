@@ -87,3 +87,30 @@ def test_disk_budget_evicts_least_recently_used(tiny_lm, tmp_path) -> None:
         store.save(key, session)
     names = {p.stem for p in store.files()}
     assert names == {"b", "c"} and store.total_bytes() <= store.budget_bytes
+
+
+def test_a_snapshot_whose_ids_and_tensors_disagree_is_not_used(tiny_lm, tmp_path) -> None:
+    """Well-formed files that do not add up (ids cut short, one layer shorter) are refused too."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    store = SnapshotStore(tmp_path)
+    session = chat(tiny_lm)
+    path = store.save("c", session)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    tensors = load_file(str(path))
+    ids = json.loads(meta["token_ids"])
+    cases = [
+        (tensors, {**meta, "token_ids": json.dumps(ids[:-5])}),
+        ({**tensors, "k.1": tensors["k.1"][..., :-3, :].contiguous(), "v.1": tensors["v.1"][..., :-3, :].contiguous()},
+         meta),
+    ]
+    for content, metadata in cases:
+        save_file(content, str(path), metadata=metadata)
+        fresh = restarted(tiny_lm, session)
+        result = store.load("c", fresh)
+        assert not result.ok and not path.exists() and fresh.cache is None
+        assert fresh.send("works anyway").stats.reused_tokens == 0

@@ -71,3 +71,17 @@ def test_static_cache_overflow_is_refused_or_handled_never_truncated(tiny_lm) ->
     result = session.send("x" * 150)  # migrated to the sink strategy, keeping the chat
     assert session.settings.cache.strategy == "sink"
     assert result.stats.finish_reason in ("stop", "length")
+
+
+@pytest.mark.parametrize("source", [s for s in ("quantized", "sink-quantized") if s in USABLE])
+def test_leaving_a_quantized_cache_for_an_exact_one_recomputes_it(tiny_lm, source) -> None:
+    """Dynamic promises the logits of a recompute: a de-quantized history would break that."""
+    import torch
+
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=SPECS[source]))
+    for text in ("hello there " * 6, "and more words " * 6, "again " * 6):
+        session.send(text)
+    assert session.set_cache_spec(CacheSpec()) == "recompute"
+    fresh = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY))
+    fresh.messages = list(session.messages)
+    torch.testing.assert_close(session.next_token_logits(), fresh.next_token_logits(), rtol=0, atol=1e-5)

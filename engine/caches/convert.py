@@ -66,8 +66,10 @@ def fill(content: list[tuple[torch.Tensor, torch.Tensor]], stream_length: int, s
     holds when it comes from a sink cache that evicted tokens (only a sink cache can take that).
     """
     stored = content[0][0].shape[-2] if content else 0
-    if stored == 0 or (stored < stream_length and not spec.bounded_length):
+    if stored == 0 or (stored < stream_length and not spec.bounded_length) or stored > stream_length:
         return None
+    if any(k.shape[-2] != stored or v.shape[-2] != stored for k, v in content):
+        return None  # layers that disagree on what they hold (a damaged or hand-made snapshot)
     target = build_cache(spec, config)
     ensure = getattr(target, "ensure_room", None)
     if callable(ensure):
