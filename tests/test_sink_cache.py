@@ -135,6 +135,15 @@ def test_invalid_sink_settings_are_explained(kwargs, message) -> None:
         CacheSpec("sink", **kwargs).validate()
 
 
+def test_a_sink_quantized_residual_must_fit_in_its_window(tiny_lm) -> None:
+    with pytest.raises(CacheConfigError, match="smaller than the window"):
+        CacheSpec("sink-quantized", sink_tokens=4, window=600, residual=640).validate()
+    # 40 tokens, in groups of 32 tokens per channel, make blocks of 64: more than a window of 48
+    spec = CacheSpec("sink-quantized", sink_tokens=4, window=48, residual=40, q_group_size=32, axis_key=-1)
+    with pytest.raises(CacheConfigError, match="smaller than one quantized block"):
+        caches.build_cache(spec.validate(), tiny_lm.config)
+
+
 def test_window_must_fit_the_context(tiny_lm) -> None:
     session = ChatSession(tiny_lm, SessionSettings(cache=CacheSpec("sink", sink_tokens=4, window=2000)))
     with pytest.raises(CacheConfigError, match="context"):

@@ -80,6 +80,11 @@ class CacheSpec:
                 raise CacheConfigError(f"group size must be 16, 32, 64 or 128, not {self.q_group_size}.")
             if self.axis_key not in (0, -1) or self.axis_value not in (0, -1):
                 raise CacheConfigError("quantization axes must be 0 (per token) or -1 (per channel).")
+        if self.strategy == "sink-quantized" and self.residual >= self.window:
+            raise CacheConfigError(
+                f"the full-precision residual ({self.residual}) must be smaller than the window ({self.window}): "
+                "the window is stored as quantized blocks of that many tokens."
+            )
         if self.strategy == "static" and self.max_cache_len < 16:
             raise CacheConfigError(f"the static cache needs at least 16 tokens, not {self.max_cache_len}.")
         return self

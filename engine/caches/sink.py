@@ -320,6 +320,13 @@ class SinkCache(Cache):
         layers: list[Any]
         if spec.strategy == "sink-quantized":
             block = quantized_block(spec, shape.head_dim)
+            if block > spec.window:
+                from engine.caches import CacheConfigError
+
+                raise CacheConfigError(
+                    f"the window ({spec.window}) is smaller than one quantized block ({block} tokens: the residual "
+                    f"rounded up to whole groups of {spec.q_group_size}); make the window larger."
+                )
             layers = [QuantizedSinkLayer(spec.sink_tokens, spec.window, self.rotator, make_quantizer(spec), block)
                       for _ in range(shape.layers)]
         else:
