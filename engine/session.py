@@ -196,16 +196,18 @@ class ChatSession:
         `plain` exactly, i.e. the piece boundaries do not change the tokenization.
         """
         offset = len(chat) - len(msgs)  # the system prompt, if any, comes first
-        pos = 0
+        pos = 0  # where the text not yet tokenized starts
+        cursor = 0  # where the next message's text is searched from: past every earlier message
         canonical: list[int] = []
         spliced: list[int] = []
         for i, entry in enumerate(chat):
             content = entry["content"]
             if not content:
                 continue
-            at = text.find(content, pos)
+            at = text.find(content, cursor)
             if at < 0:
                 return None  # the template changed the text (e.g. trimmed it)
+            cursor = at + len(content)
             msg = msgs[i - offset] if i >= offset else None
             if msg is not None and msg.role == "assistant" and msg.token_ids:
                 before = self._tokenize(text[pos:at])

@@ -93,3 +93,23 @@ def test_sink_keeps_streamingllm_quality_on_the_bundled_model(real_lm) -> None:
     assert sink.ppl <= 1.05 * oracle.ppl  # the paper's result: sinks match re-encoding the window
     assert no_sink.ppl > 1.3 * sink.ppl  # without sinks the window alone falls apart
     assert sink.cache_tokens <= window + 4
+
+
+def test_a_replys_generated_ids_go_where_the_reply_is_not_into_an_earlier_message(real_lm) -> None:
+    """The user quoted the reply's text before it was written: the generated ids still belong to
+    the reply (found after the user's message), or reuse breaks from the user's message on."""
+    tok = real_lm.tokenizer
+    session = ChatSession(real_lm, SessionSettings())
+    def ids(text: str) -> list[int]:
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    # a word and a split of it that the tokenizer would not make (as sampling sometimes does)
+    reply, generated = next((word, ids(word[:1]) + ids(word[1:])) for word in ("Hello", "Paris", "Ember", "Sure")
+                            if ids(word[:1]) + ids(word[1:]) != ids(word))
+    session.messages = [Message("user", f"Say {reply}"), Message("assistant", reply, token_ids=tuple(generated))]
+    ids = session.render_ids()
+    text = tok.apply_chat_template([{"role": m.role, "content": m.content} for m in session.messages],
+                                   tokenize=False)
+    before_reply = tok(text[: text.rfind(reply)], add_special_tokens=False)["input_ids"]
+    assert ids[: len(before_reply)] == before_reply  # the user's message is tokenized as it reads
+    assert ids[len(before_reply) : len(before_reply) + len(generated)] == generated
