@@ -389,7 +389,9 @@ def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.fl
 
     For sink-quantized this follows `QuantizedSinkLayer` exactly: after the sinks, the residual
     holds 1..block tokens in full precision, every earlier full block is quantized on its own, and
-    the oldest blocks are dropped while blocks + residual exceed the window.
+    the oldest blocks are dropped while blocks + residual exceed the window. That is the
+    memory of a chat fed `tokens` tokens; after an edit cropped its recent tokens it holds less
+    until it has grown again (what is really held is always `cache_bytes`, which the UI shows).
     """
     shape = KVShape.of(config)
     per_token = shape.bytes_per_token(dtype)
