@@ -275,6 +275,10 @@ def effective_cache(cache: dict[str, Any], auto: dict[str, Any] | None = None) -
     return spec
 
 
+class _Closing(Exception):
+    """The app is quitting while a model loads."""
+
+
 class EngineBridge(QObject):
     """Owns the LoadedModel, one ChatSession per chat and the pool that keeps their caches; runs
     in the worker thread.
@@ -352,10 +356,18 @@ class EngineBridge(QObject):
         try:
             self.load_progress.emit("Starting the engine…")
             self.engine_info.emit(self._engine_info())
-            lm = call_loader(loader, self.load_progress.emit)
+            def progress(text: str) -> None:
+                if self.closing:  # the app quits: stop at the loader's next step instead of finishing
+                    raise _Closing
+                self.load_progress.emit(text)
+
+            lm = call_loader(loader, progress)
             info = self._model_info(lm)
             self.lm = lm
             self._start_pool()
+        except _Closing:
+            self.lm = None
+            return
         except Exception as exc:  # a model that fails to load must never take the app down
             self.lm = None
             self.model_failed.emit(_describe(exc))

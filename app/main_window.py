@@ -235,6 +235,8 @@ class MainWindow(QMainWindow):
             del chat_id
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        self.hide()  # gone at once, even while the worker finishes a step of loading or saves caches
+        QCoreApplication.processEvents()
         self.shutdown()
         self.store.purge_deleted()
         super().closeEvent(event)

@@ -668,3 +668,26 @@ def test_near_the_context_the_chat_offers_the_policies_ahead_of_time(qtbot: Any,
     assert win.store.chat(chat_id).settings.cache["strategy"] == "sink"
     assert not any(n.actions and n.actions[0].key.startswith("overflow:")
                    for n in win.controller.runtime(chat_id).notices)
+
+
+def test_closing_while_the_model_loads_does_not_wait_for_the_load(qtbot: Any, make_window: MakeWindow) -> None:
+    import time
+
+    steps: list[str] = []
+
+    def slow_loader(progress: Callable[[str], None]) -> Any:
+        for i in range(40):  # a long load in steps, as converting a GGUF file is
+            progress(f"step {i}")
+            steps.append(f"step {i}")
+            time.sleep(0.1)
+        return tiny_loaded_model()
+
+    win = make_window(loader=slow_loader, wait_ready=False)
+    with qtbot.waitSignal(win.engine.load_progress, timeout=TURN_TIMEOUT):
+        win.start_engine()
+    qtbot.waitUntil(lambda: len(steps) >= 2, timeout=TURN_TIMEOUT)
+    started = time.perf_counter()
+    win.close()
+    assert time.perf_counter() - started < 1.5  # the loader stops at its next step (0.1 s here)
+    assert not win.isVisible() and not win.engine._thread.isRunning()
+    assert len(steps) < 40
