@@ -486,9 +486,10 @@ class MainWindow(QMainWindow):
     def refresh_memory(self) -> None:
         model = self.engine.model
         here = "gpu" if model is not None and model.device.startswith(("cuda", "mps")) else "ram"
-        warm = [rt.cache for rt in self.controller.runtimes.values()
-                if rt.cache is not None and rt.cache.bytes and rt.cache.where == here]
-        free = self.meters.refresh_memory(sum(c.bytes for c in warm), len(warm))
+        held = [rt.cache for rt in self.controller.runtimes.values() if rt.cache is not None and rt.cache.bytes]
+        warm = [c for c in held if c.where == here]
+        idle = [c for c in held if c.where == "ram" and here != "ram"]  # with a GPU: moved to RAM
+        free = self.meters.refresh_memory(sum(c.bytes for c in warm), len(warm), sum(c.bytes for c in idle), len(idle))
         if free:
             self.settings_panel.set_free_memory(free)
 

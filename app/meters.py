@@ -50,16 +50,23 @@ class Meters:
         self.model_label.setToolTip(f"{model.name}\nloaded in {model.load_seconds:.1f} s\n"
                                     f"context: {model.context_length:,} tokens")
 
-    def refresh_memory(self, kv_bytes: int, warm_chats: int) -> int:
-        """Update the memory meter; returns the free bytes it found."""
+    def refresh_memory(self, kv_bytes: int, warm_chats: int, ram_kv_bytes: int = 0, ram_chats: int = 0) -> int:
+        """Update the memory meter; returns the free bytes it found on the model's device.
+
+        With a GPU, the caches of idle chats moved to RAM are shown after the GPU's figures.
+        """
         if self.model is None:
             self.memory_label.setText("")
             return 0
         self.free = free_bytes(self.model.device)
-        where = "VRAM" if self.model.device.startswith("cuda") else "RAM"
-        self.memory_label.setText(
-            f"{where}: weights {human_bytes(self.model.weights_bytes)} · KV {human_bytes(kv_bytes)} "
-            f"({warm_chats} chat{'s' if warm_chats != 1 else ''}) · free {human_bytes(self.free)}")
+        on_gpu = self.model.device.startswith(("cuda", "mps"))
+        text = (f"{'VRAM' if on_gpu else 'RAM'}: weights {human_bytes(self.model.weights_bytes)} · "
+                f"KV {human_bytes(kv_bytes)} ({warm_chats} chat{'s' if warm_chats != 1 else ''}) · "
+                f"free {human_bytes(self.free)}")
+        if on_gpu:
+            text += (f"  |  RAM: KV {human_bytes(ram_kv_bytes)} ({ram_chats} idle chat{'s' if ram_chats != 1 else ''})"
+                     f" · free {human_bytes(free_bytes('cpu'))}")
+        self.memory_label.setText(text)
         return self.free
 
     def turn(self, stats: dict[str, Any] | None) -> None:

@@ -691,3 +691,26 @@ def test_closing_while_the_model_loads_does_not_wait_for_the_load(qtbot: Any, ma
     assert time.perf_counter() - started < 1.5  # the loader stops at its next step (0.1 s here)
     assert not win.isVisible() and not win.engine._thread.isRunning()
     assert len(steps) < 40
+
+
+def test_with_a_gpu_the_meter_also_counts_idle_caches_moved_to_ram(qtbot: Any, make_window: MakeWindow,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the window is told it has one, and where each chat's cache is."""
+    from dataclasses import replace
+
+    from app import meters
+    from app.bridge import CacheState
+
+    win = make_window()
+    model = win.engine.model
+    assert model is not None
+    win.engine.model = replace(model, device="cuda:0")
+    win.meters.model = win.engine.model
+    monkeypatch.setattr(meters, "free_bytes", lambda device: 8 * 2**30 if device.startswith("cuda") else 2**30)
+    a, b, c = win.new_chat(), win.new_chat(), win.new_chat()
+    for chat_id, where, size in ((a, "gpu", 3 * 2**20), (b, "ram", 5 * 2**20), (c, "ram", 7 * 2**20)):
+        win.controller.runtime(chat_id).cache = CacheState(chat_id, where, 100, size, "dynamic")
+    win.refresh_memory()
+    text = win.meters.memory_label.text()
+    assert text.startswith("VRAM:") and "KV 3.0 MiB (1 chat)" in text and "free 8.0 GiB" in text
+    assert "RAM: KV 12.0 MiB (2 idle chats) · free 1.0 GiB" in text
