@@ -338,6 +338,23 @@ class ChatController(QObject):
         self.chats_changed.emit()
         self.turn_finished.emit(done.chat_id)
 
+    def near_context_notice(self, chat_id: int, stats: dict[str, Any] | None) -> Notice | None:
+        """The warning for a chat whose last turn used most of the model's context, with the
+        overflow policies to choose ahead of time; None when it is not near the limit."""
+        model = self.engine.model
+        if not stats or model is None or not model.context_length:
+            return None
+        used = int(stats.get("prompt_tokens", 0)) + int(stats.get("generated_tokens", 0))
+        if used < NEAR_CONTEXT * model.context_length:
+            return None
+        policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
+        current = self.store.chat(chat_id).settings.overflow if self._exists(chat_id) else "stop"
+        actions = tuple(NoticeAction(f"when-full:{p}", POLICY_LABELS.get(p, p.replace("-", " ").capitalize()),
+                                     reason) for p, reason in policies.items() if p != current)
+        return Notice("warning", f"This chat uses {used:,} of the model's {model.context_length:,} tokens of context. "
+                                 f"When it is full, Cachet will {POLICY_PLANS.get(current, 'stop and ask')} — "
+                                 "or choose now:", actions)
+
     def _notices_for(self, done: TurnDone) -> list[Notice]:
         if done.finish_reason == "overflow":
             policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
@@ -353,17 +370,9 @@ class ChatController(QObject):
             notices.append(Notice("info", f"The chat outgrew the model's context, so Cachet "
                                           f"{done.stats['overflow_action']}."))
         model = self.engine.model
-        if done.stats and model is not None and model.context_length:
-            used = int(done.stats.get("prompt_tokens", 0)) + int(done.stats.get("generated_tokens", 0))
-            if used >= NEAR_CONTEXT * model.context_length:
-                policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
-                current = self.store.chat(done.chat_id).settings.overflow if self._exists(done.chat_id) else "stop"
-                actions = tuple(NoticeAction(f"when-full:{p}", POLICY_LABELS.get(p, p.replace("-", " ").capitalize()),
-                                             reason) for p, reason in policies.items() if p != current)
-                notices.append(Notice(
-                    "warning", f"This chat uses {used:,} of the model's {model.context_length:,} tokens of context. "
-                               f"When it is full, Cachet will {POLICY_PLANS.get(current, 'stop and ask')} — "
-                               "or choose now:", actions))
+        near = self.near_context_notice(done.chat_id, done.stats)
+        if near is not None:
+            notices.append(near)
         if done.finish_reason == "length" and done.stats and model is not None:
             notices.append(Notice("info", "The reply reached the “max new tokens” limit of this chat."))
         return notices

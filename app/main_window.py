@@ -251,6 +251,8 @@ class MainWindow(QMainWindow):
 
     def _model_ready(self, model: ModelInfo) -> None:
         self.meters.ready(model)
+        if self.current_chat is not None:
+            self._restore_notices(self.current_chat)  # the context length is known now
         self.settings_panel.set_engine(self.engine.info, model)
         self._show_current_settings()
         self.refresh_memory()
@@ -292,6 +294,7 @@ class MainWindow(QMainWindow):
         self.chat_view.set_notices([])
         self.meters.turn(self._last_stats(chat_id) if chat_id is not None else None)
         if chat_id is not None:
+            self._restore_notices(chat_id)
             self._messages_changed(chat_id, scroll_to_end=True)
             self._state_changed(chat_id)
             self.controller.open_chat(chat_id)  # its cache comes back while the user reads
@@ -305,6 +308,15 @@ class MainWindow(QMainWindow):
             return dict(rt.last_stats)
         reply = next((m for m in reversed(self.store.messages(chat_id)) if m.role == "assistant" and m.stats), None)
         return dict(reply.stats) if reply is not None and reply.stats else None
+
+    def _restore_notices(self, chat_id: int) -> None:
+        """A chat reopened after a restart says again when it is near the context limit."""
+        rt = self.controller.runtime(chat_id)
+        if not rt.notices and not rt.last_stats and not rt.busy:
+            near = self.controller.near_context_notice(chat_id, self._last_stats(chat_id))
+            if near is not None:
+                rt.notices = [near]
+                self.chat_view.set_notices(list(rt.notices))
 
     def _turn_finished(self, chat_id: int) -> None:
         if chat_id == self.current_chat:  # the meters show the chat on screen, not one in the background
@@ -461,8 +473,9 @@ class MainWindow(QMainWindow):
         self.title_label.setText(chat.title or "New chat")
         self.lossy_badge.setVisible(self._strategy(chat.settings.cache)[1])
         model = self.engine.model
-        if rt is not None and rt.last_stats and model is not None:
-            used = int(rt.last_stats.get("prompt_tokens", 0)) + int(rt.last_stats.get("generated_tokens", 0))
+        stats = self._last_stats(chat_id)  # this run's last reply, or the stored one after a restart
+        if stats and model is not None:
+            used = int(str(stats.get("prompt_tokens", 0))) + int(str(stats.get("generated_tokens", 0)))
             self.context_label.setText(f"{used:,} / {model.context_length:,} tokens")
         else:
             self.context_label.setText("")

@@ -348,6 +348,9 @@ def test_chats_are_all_there_after_a_restart(qtbot: Any, make_window: MakeWindow
         assert again.store.messages(cid) == msgs
     again.select_chat(first)
     assert again.chat_view.bubble_texts() == [(m.role, m.content) for m in expected[first]]
+    # how full the context is, and the last reply's figures, come back with the chat
+    assert again.context_label.text().endswith(" / 1,024 tokens") and again.context_label.text() != ""
+    assert again.meters.turn_label.text().startswith("Last reply:")
     send_and_wait(qtbot, again, "And a follow-up")
     assert messages(again, first)[-1] == ("assistant", "done")
 
@@ -663,6 +666,11 @@ def test_near_the_context_the_chat_offers_the_policies_ahead_of_time(qtbot: Any,
     win.controller.act(chat_id, "when-full:sink")
     assert win.store.chat(chat_id).settings.overflow == "sink"
     assert "continue with attention sinks" in win.controller.runtime(chat_id).notices[0].text
+    win.close()
+    win = make_window()  # after a restart the chat still says how full it is, and what will happen
+    assert win.current_chat == chat_id
+    [widget] = [w for w in win.chat_view.notice_widgets if "When it is full" in w.notice.text]
+    assert "continue with attention sinks" in widget.notice.text
     send_and_wait(qtbot, win, "z" * 200)  # overflows now: applied without asking
     assert win.store.messages(chat_id)[-1].role == "assistant"
     assert win.store.chat(chat_id).settings.cache["strategy"] == "sink"
