@@ -42,7 +42,13 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
     args = parser.parse_args()
     data = Path(tempfile.mkdtemp(prefix="cachet-shots-"))
-    os.environ["CACHET_DATA_DIR"] = str(data)
+    # A throwaway data folder chosen as a user would (so the settings show it as changeable),
+    # with the choice itself kept in a throwaway config folder, never the user's.
+    os.environ.pop("CACHET_DATA_DIR", None)
+    os.environ["CACHET_CONFIG_DIR"] = str(data / "config")
+    from engine import paths
+
+    paths.set_data_dir(data / "data")
 
     from PySide6.QtCore import QEventLoop, Qt, QTimer
     from PySide6.QtWidgets import QApplication
