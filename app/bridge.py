@@ -279,9 +279,9 @@ class _Closing(Exception):
     """The app is quitting while a model loads."""
 
 
-class EngineBridge(QObject):
-    """Owns the LoadedModel, one ChatSession per chat and the pool that keeps their caches; runs
-    in the worker thread.
+class EngineSignals(QObject):
+    """The worker's answers, declared once: the bridge emits them in the worker thread and the
+    GUI-thread Engine re-emits them (connected signal to signal, so they arrive queued).
 
     Signals:
         engine_info(EngineInfo): the engine is imported.
@@ -306,6 +306,16 @@ class EngineBridge(QObject):
     rebuild_started = Signal(int)
     rebuild_done = Signal(object)
     status = Signal(str)
+
+
+ANSWERS = ("engine_info", "load_progress", "model_ready", "model_failed", "turn_started", "token_delta", "turn_done",
+           "cache_restored", "cache_state", "rebuild_started", "rebuild_done", "status")
+
+
+class EngineBridge(EngineSignals):
+    """Owns the LoadedModel, one ChatSession per chat and the pool that keeps their caches; runs
+    in the worker thread and answers through the EngineSignals.
+    """
 
     def __init__(self, snapshot_dir: Path | None = None) -> None:
         super().__init__()
@@ -893,25 +903,12 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-class Engine(QObject):
+class Engine(EngineSignals):
     """The GUI thread's handle on the worker: starts it, sends it requests, re-emits its answers.
 
     The bridge's signals are connected signal-to-signal to these, whose owner lives in the GUI
     thread, so every answer arrives queued on the GUI thread.
     """
-
-    engine_info = Signal(object)
-    load_progress = Signal(str)
-    model_ready = Signal(object)
-    model_failed = Signal(str)
-    turn_started = Signal(object)
-    token_delta = Signal(object)
-    turn_done = Signal(object)
-    cache_restored = Signal(object)
-    cache_state = Signal(object)
-    rebuild_started = Signal(int)
-    rebuild_done = Signal(object)
-    status = Signal(str)
 
     _load = Signal(object)
     _turn = Signal(object)
@@ -934,8 +931,7 @@ class Engine(QObject):
         self._bridge = EngineBridge(snapshot_dir)
         self._bridge.moveToThread(self._thread)
         self._thread.finished.connect(self._bridge.deleteLater)
-        for name in ("engine_info", "load_progress", "model_ready", "model_failed", "turn_started", "token_delta",
-                     "turn_done", "cache_restored", "cache_state", "rebuild_started", "rebuild_done", "status"):
+        for name in ANSWERS:
             getattr(self._bridge, name).connect(getattr(self, name))
         self._load.connect(self._bridge.load_model)
         self._turn.connect(self._bridge.run_turn)
