@@ -229,14 +229,15 @@ class QuantizedKVLayer(QuantoQuantizedLayer):
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         raise NotImplementedError("The quantized cache holds one conversation (batch size 1).")
 
+    def quantized_nbytes(self, q: Any) -> int:
+        """Bytes of one quantized tensor made by `_quantize`: packed integers, scales and shifts."""
+        packed = q._data._data
+        return int(packed.numel() * packed.element_size() + q._scale.numel() * q._scale.element_size()
+                   + q._shift.numel() * q._shift.element_size())
+
     def nbytes(self) -> int:
-        """Bytes really held: packed integers, scales and shifts, and the full-precision residual."""
-        total = 0
-        for q in (self._quantized_keys, self._quantized_values):
-            if q is not None:
-                packed = q._data._data
-                total += packed.numel() * packed.element_size()
-                total += q._scale.numel() * q._scale.element_size() + q._shift.numel() * q._shift.element_size()
+        """Bytes really held: the quantized prefix and the full-precision residual."""
+        total = sum(self.quantized_nbytes(q) for q in (self._quantized_keys, self._quantized_values) if q is not None)
         for t in (self.keys, self.values):
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -289,12 +290,8 @@ class HQQKVLayer(QuantizedKVLayer):
         self.keys = self.keys.index_select(0, index)
         self.values = self.values.index_select(0, index)
 
-    def nbytes(self) -> int:
-        total = sum(q.nbytes() for q in (self._quantized_keys, self._quantized_values) if q is not None)
-        for t in (self.keys, self.values):
-            if t is not None:
-                total += t.numel() * t.element_size()
-        return total
+    def quantized_nbytes(self, q: Any) -> int:
+        return int(q.nbytes())
 
 
 def make_layer(spec: Any, residual: int, block: int) -> QuantizedKVLayer:
@@ -410,8 +407,9 @@ def warm_up(backend: str = "quanto", progress: Callable[[str], None] | None = No
         started = time.perf_counter()
         if progress is not None:
             progress(f"Loading the quantization library ({'HQQ' if backend == 'hqq' else 'optimum-quanto'})…")
-        kind = HQQKVLayer if backend == "hqq" else QuantizedKVLayer
-        layer = kind(4, -1, 0, 64, 0, 64)
+        from engine.caches import CacheSpec
+
+        layer = make_layer(CacheSpec(strategy="quantized", backend=backend, nbits=4, q_group_size=64), 0, 64)
         sample = torch.randn(1, 1, 64, 64)
         layer.update(sample, sample)
         layer.update(sample[..., :1, :], sample[..., :1, :])

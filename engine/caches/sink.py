@@ -286,8 +286,7 @@ class QuantizedSinkLayer(SinkLayer):
             for t in (self.sink_k, self.sink_v, self.keys, self.values):
                 total += _tensor_nbytes(t)
         for qk, qv, _ in self.blocks:
-            for q in (qk, qv):
-                total += q.nbytes() if callable(getattr(q, "nbytes", None)) else _tensor_nbytes(q)  # HQQBlock
+            total += self.quantizer.quantized_nbytes(qk) + self.quantizer.quantized_nbytes(qv)
         return total
 
     def reset(self) -> None:
