@@ -57,7 +57,7 @@ def move_cache(cache: Any, device: torch.device, pin: bool = False) -> None:
             moved = value.to(device, non_blocking=pin)
             return moved.pin_memory() if pin and device.type == "cpu" else moved
         if isinstance(value, HQQBlock):
-            return value.to(device, non_blocking=pin, pin=pin and device.type == "cpu")
+            return value.map(move)
         return value
 
     for layer in cache.layers:

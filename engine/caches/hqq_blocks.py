@@ -18,7 +18,8 @@ axes instead, where `axis=0` groups elements that lie far apart in memory (`resh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -77,12 +78,10 @@ class HQQBlock:
         whole = (tokens * self.head_dim) % self.group == 0 if self.axis == 0 else tokens % self.group == 0
         if not whole:
             raise ValueError(f"a cut after {tokens} tokens falls inside a quantization group of {self.group}")
-        groups = self._groups(tokens)
         cut = [slice(None)] * self.packed.dim()
-        cut[self._group_dim] = slice(0, groups)
+        cut[self._group_dim] = slice(0, self._groups(tokens))
         index = tuple(cut)
-        return HQQBlock(self.packed[index].clone(), self.scale[index].clone(), self.zero[index].clone(),
-                        self.axis, self.nbits, self.group, tokens, self.head_dim)
+        return replace(self.map(lambda t: t[index].clone()), tokens=tokens)
 
     def cat(self, other: HQQBlock) -> HQQBlock:
         dim = self._group_dim
@@ -90,23 +89,13 @@ class HQQBlock:
                         torch.cat((self.zero, other.zero), dim), self.axis, self.nbits, self.group,
                         self.tokens + other.tokens, self.head_dim)
 
-    def index_select(self, index: torch.Tensor) -> HQQBlock:
-        return HQQBlock(self.packed.index_select(0, index), self.scale.index_select(0, index),
-                        self.zero.index_select(0, index), self.axis, self.nbits, self.group, self.tokens,
-                        self.head_dim)
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> HQQBlock:
+        """The same block with `fn` applied to each of its tensors (a slice, a batch selection,
+        a move to another device: the cache pool moves idle caches between the GPU and RAM)."""
+        return replace(self, packed=fn(self.packed), scale=fn(self.scale), zero=fn(self.zero))
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.packed, self.scale, self.zero))
-
-    def to(self, device: torch.device | str, non_blocking: bool = False, pin: bool = False) -> HQQBlock:
-        """A copy on `device` (the cache pool moves idle caches between the GPU, RAM and back)."""
-
-        def move(t: torch.Tensor) -> torch.Tensor:
-            moved = t.to(device, non_blocking=non_blocking)
-            return moved.pin_memory() if pin and moved.device.type == "cpu" else moved
-
-        return HQQBlock(move(self.packed), move(self.scale), move(self.zero), self.axis, self.nbits, self.group,
-                        self.tokens, self.head_dim)
 
 
 def quantize(x: torch.Tensor, axis: int, nbits: int, group: int) -> HQQBlock:

@@ -284,8 +284,8 @@ class HQQKVLayer(QuantizedKVLayer):
         stored_keys, stored_values = self._quantized_keys, self._quantized_values
         if stored_keys is not None and stored_values is not None:
             index = beam_idx.to(stored_keys.packed.device)
-            self._quantized_keys = stored_keys.index_select(index)
-            self._quantized_values = stored_values.index_select(index)
+            self._quantized_keys = stored_keys.map(lambda t: t.index_select(0, index))
+            self._quantized_values = stored_values.map(lambda t: t.index_select(0, index))
         index = beam_idx.to(self.keys.device)
         self.keys = self.keys.index_select(0, index)
         self.values = self.values.index_select(0, index)
