@@ -160,6 +160,10 @@ class SinkLayer(DynamicLayer):
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
 
+    def layout(self) -> tuple[int, ...]:
+        """What every layer of a healthy cache agrees on besides its length: the tokens evicted."""
+        return (self.evicted,)
+
     def removable(self) -> int:
         """How many of the most recent tokens can be cropped away without losing the stream's order."""
         stored = self.get_seq_length()
@@ -258,6 +262,9 @@ class QuantizedSinkLayer(SinkLayer):
         parts_v.append(self.values)
         return torch.cat(parts_k, dim=-2), torch.cat(parts_v, dim=-2)
 
+    def layout(self) -> tuple[int, ...]:
+        return (self.evicted, len(self.blocks))
+
     def removable(self) -> int:
         residual = self.keys.shape[-2] if self.is_initialized else 0
         if self.evicted == 0 and not self.blocks:
@@ -348,7 +355,7 @@ class SinkCache(Cache):
         """False when the stream cannot be cut there — or when the layers disagree on what they
         evicted (a forward pass that failed after some layers had evicted): the caller then
         recomputes instead of attending at mismatched positions."""
-        if len({(layer.evicted, len(getattr(layer, "blocks", ()))) for layer in self.sink_layers}) > 1:
+        if len({layer.layout() for layer in self.sink_layers}) > 1:
             return False
         plans = []
         for layer in self.sink_layers:
