@@ -302,17 +302,19 @@ class MainWindow(QMainWindow):
         self._show_current_settings()
 
     def _last_stats(self, chat_id: int) -> dict[str, object] | None:
-        """The chat's last reply's figures: from this run, else as stored with the reply."""
-        rt = self.controller.runtimes.get(chat_id)
-        if rt is not None and rt.last_stats:
-            return dict(rt.last_stats)
-        reply = next((m for m in reversed(self.store.messages(chat_id)) if m.role == "assistant" and m.stats), None)
-        return dict(reply.stats) if reply is not None and reply.stats else None
+        """The chat's last reply's figures: from this run, else as stored with the reply (read
+        from the database once, then kept with the chat's runtime state)."""
+        rt = self.controller.runtime(chat_id)
+        if not rt.last_stats:
+            reply = next((m for m in reversed(self.store.messages(chat_id)) if m.role == "assistant" and m.stats),
+                         None)
+            rt.last_stats = dict(reply.stats) if reply is not None and reply.stats else None
+        return dict(rt.last_stats) if rt.last_stats else None
 
     def _restore_notices(self, chat_id: int) -> None:
         """A chat reopened after a restart says again when it is near the context limit."""
         rt = self.controller.runtime(chat_id)
-        if not rt.notices and not rt.last_stats and not rt.busy:
+        if not rt.notices and not rt.busy:
             near = self.controller.near_context_notice(chat_id, self._last_stats(chat_id))
             if near is not None:
                 rt.notices = [near]
