@@ -64,16 +64,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from app.config import load_config
     from app.main_window import MainWindow
-    from app.theme import RESOURCES
+    from engine.resources import resource_path
     from engine.store import ChatStore, StoreError
 
     app = QApplication(sys.argv[:1])
     app.setApplicationName("Cachet")
     app.setOrganizationName("Cachet")
     app.setStyle("Fusion")
-    icon = RESOURCES / "icons" / "cachet.png"
-    if icon.is_file():
-        app.setWindowIcon(QIcon(str(icon)))
+    app.setWindowIcon(QIcon(str(resource_path("app.resources", "icons", "cachet.png"))))
 
     config = load_config()
     save = True

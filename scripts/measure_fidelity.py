@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is much faster on a busy machine")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--write", type=Path, help="also save the table as JSON (e.g. resources/fidelity.json)")
+    parser.add_argument("--write", type=Path, help="also save the table as JSON (e.g. engine/caches/fidelity.json)")
     parser.add_argument("--oracle-tokens", type=int, default=1000,
                         help="also compare sink 4+256 with the sliding-window oracle on this many tokens (0: skip)")
     args = parser.parse_args(argv)

@@ -1,9 +1,9 @@
 """What a lossy cache setting costs in accuracy, as measured by scripts/measure_fidelity.py.
 
-The script writes resources/fidelity.json: the perplexity of a long text through each setting
-on the bundled model, against the full cache. The settings panel shows that cost next to a
-lossy strategy and warns when it exceeds 10%; settings that were not measured say so rather
-than guess.
+The script writes fidelity.json (beside this module, shipped as package data): the perplexity of
+a long text through each setting on the bundled model, against the full cache. The settings panel
+shows that cost next to a lossy strategy and warns when it exceeds 10%; settings that were not
+measured say so rather than guess.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from engine.caches import CacheSpec
+from engine.resources import MissingResourceError, resource_path
 
-TABLE = Path(__file__).resolve().parents[2] / "resources" / "fidelity.json"
+TABLE: Path | None = None  # None: the table shipped with Cachet (tests point this at their own)
 WARN_ABOVE = 0.10  # warn when a setting raises perplexity by more than this
 
 _RELEVANT = {
@@ -70,4 +71,8 @@ def measured_cost(spec: CacheSpec, path: Path | None = None) -> MeasuredCost | N
     """The measured cost of exactly these settings, or None when they were not measured."""
     if spec.strategy in ("dynamic", "static", "offloaded"):
         return MeasuredCost(1.0, 0, "")  # lossless: the same logits as the full cache
-    return _load(path or TABLE).get(_key(spec))
+    try:
+        table = path or TABLE or resource_path("engine.caches", "fidelity.json")
+    except MissingResourceError:
+        return None  # a broken install: every setting reads "not measured" rather than failing
+    return _load(table).get(_key(spec))
