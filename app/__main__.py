@@ -3,16 +3,18 @@
 The window appears before anything heavy is imported; the engine worker then imports torch
 and loads the model while the user can already type (messages queue until the model is ready).
 
-Test-only hooks, not for users: `--tiny-model` or CACHET_TEST_TINY_MODEL=1 loads the tiny random
-model from tests/tiny.py instead of a real one; CACHET_TEST_AUTOSEND=TEXT sends TEXT in a new
-chat right after start.
+`--self-test` checks an installed or frozen app end to end (app/selftest.py). Nothing here
+imports from tests/: a test that wants another model or an action after start calls `main()` with
+`loader=` and `after_start=` (tests/launch_app.py does so in a subprocess).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -35,12 +37,6 @@ def default_loader(config: Any) -> Callable[..., Any]:
     return load
 
 
-def tiny_loader() -> Any:
-    from tests.tiny import tiny_loaded_model
-
-    return tiny_loaded_model()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cachet", description="Cachet: chat with local models, every chat's KV cache "
                                                            "kept.")
@@ -48,15 +44,46 @@ def build_parser() -> argparse.ArgumentParser:
                                                  "(for a throwaway run)")
     p.add_argument("--model", help="use this model for this run: 'default', a .gguf file, a folder or a Hub id")
     p.add_argument("--theme", choices=("system", "light", "dark"), help="override the theme for this run")
-    p.add_argument("--tiny-model", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--self-test", action="store_true",
+                   help="open the window, answer one message with the model, check it was stored, and exit "
+                        "(0 when all went well)")
     p.add_argument("--exit-when-shown", action="store_true", help=argparse.SUPPRESS)
     return p
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, loader: Callable[..., Any] | None = None,
+         after_start: Callable[[Any], None] | None = None) -> int:
+    """Run the app; returns the exit code.
+
+    Args:
+        argv: command-line arguments (default: sys.argv[1:]).
+        loader: loads the model in the worker thread instead of the configured one (tests inject a tiny one).
+        after_start: called with the MainWindow once it is shown and its engine started.
+    """
     args = build_parser().parse_args(argv)
+    throwaway: Path | None = None
     if args.data_dir is not None:
         paths.use_base_dir(args.data_dir.expanduser().resolve())
+    elif args.self_test and not paths.data_dir_is_overridden():
+        # The self-test never adds a chat to the user's own; converted models stay in the user's cache.
+        throwaway = Path(tempfile.mkdtemp(prefix="cachet-self-test-"))
+        os.environ["CACHET_DATA_DIR"] = str(throwaway)
+    try:
+        return _run(args, loader, after_start)
+    finally:
+        if throwaway is not None:
+            shutil.rmtree(throwaway, ignore_errors=True)
+
+
+def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
+         after_start: Callable[[Any], None] | None) -> int:
+
+    from app import qt_platform
+
+    missing = qt_platform.missing_xcb_libraries()
+    if missing:
+        qt_platform.tell_user(qt_platform.explain(missing))
+        return 1
 
     from PySide6.QtCore import QTimer
     from PySide6.QtGui import QIcon
@@ -64,14 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from app.config import load_config
     from app.main_window import MainWindow
-    from engine.resources import resource_path
+    from engine.resources import MissingResourceError, resource_path
     from engine.store import ChatStore, StoreError
 
     app = QApplication(sys.argv[:1])
     app.setApplicationName("Cachet")
     app.setOrganizationName("Cachet")
     app.setStyle("Fusion")
-    app.setWindowIcon(QIcon(str(resource_path("app.resources", "icons", "cachet.png"))))
+    app.setDesktopFileName("cachet")  # Wayland and X11 docks match the window to cachet.desktop's icon
+    try:
+        app.setWindowIcon(QIcon(str(resource_path("app.resources", "icons", "cachet.png"))))
+    except MissingResourceError as exc:
+        QMessageBox.critical(None, "Cachet is not installed completely", str(exc))
+        return 1
 
     config = load_config()
     save = True
@@ -88,8 +120,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except StoreError as exc:
         QMessageBox.critical(None, "Cachet cannot open its chats", str(exc))
         return 1
-    tiny = args.tiny_model or os.environ.get("CACHET_TEST_TINY_MODEL") == "1"
-    window = MainWindow(store, config, tiny_loader if tiny else default_loader(config), save_settings=save)
+    window = MainWindow(store, config, loader or default_loader(config), save_settings=save)
+    self_test = None
+    if args.self_test:
+        from app.selftest import SelfTest
+
+        self_test = SelfTest(window, STARTED)
     window.show()
 
     def after_show() -> None:
@@ -102,14 +138,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             app.quit()
             return
         window.start_engine()
-        autosend = os.environ.get("CACHET_TEST_AUTOSEND")
-        if autosend:
-            window.new_chat()
-            window.send(autosend)
+        if self_test is not None:
+            self_test.start()
+        if after_start is not None:
+            after_start(window)
 
     QTimer.singleShot(0, after_show)
     code = app.exec()
     store.close()
+    if self_test is not None:
+        return self_test.result if self_test.result is not None else 1
     return code
 
 

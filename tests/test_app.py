@@ -460,9 +460,9 @@ def test_killing_the_app_mid_reply_loses_only_the_unfinished_part(tmp_path: Path
     (base / "data").mkdir(parents=True)
     (base / "data" / "settings.json").write_text(
         '{"default_sampling": {"temperature": 0.0, "max_new_tokens": 5000, "repetition_penalty": 1.0}}')
-    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen", "CACHET_TEST_TINY_MODEL": "1",
-           "CACHET_TEST_AUTOSEND": "Tell me everything"}
-    proc = subprocess.Popen([sys.executable, "-m", "app", "--data-dir", str(base)], cwd=ROOT, env=env,
+    env = {**os.environ, "QT_QPA_PLATFORM": "offscreen"}
+    proc = subprocess.Popen([sys.executable, "-m", "tests.launch_app", "--send", "Tell me everything",
+                             "--data-dir", str(base)], cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     db_path = base / "data" / "chats.sqlite3"
 
