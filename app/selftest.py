@@ -18,8 +18,6 @@ from PySide6.QtCore import QEvent, QObject, QTimer
 from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.main_window import MainWindow
-from engine.caches import CacheSpec, quantization_defaults
-from engine.caches.fidelity import measured_cost
 from engine.store import ChatStore
 
 MESSAGE = "What is the capital of France? Answer in one sentence."
@@ -63,6 +61,9 @@ class SelfTest(QObject):
         if "#chatHeader" not in sheet:  # a rule of app/resources/cachet.qss
             self.fail("the style sheet was not applied")
             return
+        from engine.caches import CacheSpec, quantization_defaults  # imports torch: not before the window is up
+        from engine.caches.fidelity import measured_cost
+
         if measured_cost(CacheSpec("quantized", **quantization_defaults(4))) is None:
             self.fail("the measured cache costs (engine/caches/fidelity.json) were not found")
             return
