@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Time from starting `python -m app` to its window being shown (the model loads afterwards).
 
-    .venv/bin/python scripts/startup_time.py [--runs 5]
+    .venv/bin/python scripts/startup_time.py [--runs 5] [--binary dist/Cachet/cachet]
 
 Each run starts a fresh process on a throwaway data folder; the app prints a timestamp once
 its window is up and the event loop runs, then quits (hidden flag --exit-when-shown).
@@ -21,12 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def one_run() -> float:
+def one_run(binary: Path | None = None) -> float:
     env = {**os.environ, "CACHET_PRINT_SHOWN": "1"}
     env.setdefault("QT_QPA_PLATFORM", "offscreen")
     with tempfile.TemporaryDirectory(prefix="cachet-start-") as tmp:
         started = time.time()
-        out = subprocess.run([sys.executable, "-m", "app", "--data-dir", tmp, "--exit-when-shown"], cwd=ROOT,
+        command = [str(binary)] if binary else [sys.executable, "-m", "app"]
+        out = subprocess.run([*command, "--data-dir", tmp, "--exit-when-shown"], cwd=ROOT,
                              env=env, capture_output=True, text=True, timeout=120)
     for line in out.stdout.splitlines():
         if line.startswith("cachet-window-shown "):
@@ -37,8 +38,9 @@ def one_run() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--binary", type=Path, help="time this frozen app (packaging/build.py), not python -m app")
     args = parser.parse_args()
-    times = [one_run() for _ in range(args.runs)]
+    times = [one_run(args.binary) for _ in range(args.runs)]
     print("process start -> window shown: " + ", ".join(f"{t:.2f}" for t in times) + " s")
     print(f"median {statistics.median(times):.2f} s, best {min(times):.2f} s")
     return 0
