@@ -19,16 +19,23 @@ class MissingResourceError(FileNotFoundError):
     """A data file that should have been installed with Cachet is not there (a broken install)."""
 
 
+def resource_location(package: str, *parts: str) -> Path:
+    """Where the file `parts` of `package` is, whether or not it is there (for callers that treat a missing
+    file as "no data", and for module-level constants that must not fail at import)."""
+    target = resources.files(package).joinpath(*parts)
+    # Installed and frozen packages are folders on disk, so the Traversable is a pathlib.Path; a zipped
+    # install (which Cachet does not produce) would hand back a zipfile.Path instead.
+    return target if isinstance(target, Path) else Path(str(target))
+
+
 def resource_path(package: str, *parts: str) -> Path:
     """The file `parts` inside `package` as a real path (Qt and `open` both need one).
 
     Raises MissingResourceError, naming the file and the install it was looked for in, when the file
     is absent: a packaging mistake should say so instead of starting with no style sheet.
     """
-    target = resources.files(package).joinpath(*parts)
-    # Installed and frozen packages are folders on disk, so the Traversable is a pathlib.Path; a zipped
-    # install (which Cachet does not produce) would hand back a zipfile.Path instead.
-    if not isinstance(target, Path) or not target.is_file():
+    target = resource_location(package, *parts)
+    if not target.is_file():
         where = "the frozen app" if getattr(sys, "frozen", False) else f"the {package!r} package"
         raise MissingResourceError(f"{'/'.join(parts)} is missing from {where} ({target}); reinstall Cachet.")
     return target

@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from engine.caches import CacheSpec
-from engine.resources import MissingResourceError, resource_path
+from engine.resources import resource_location
 
-TABLE: Path | None = None  # None: the table shipped with Cachet (tests point this at their own)
+# The table shipped with Cachet (package data); a missing one reads as "not measured" everywhere.
+TABLE = resource_location("engine.caches", "fidelity.json")
 WARN_ABOVE = 0.10  # warn when a setting raises perplexity by more than this
 
 _RELEVANT = {
@@ -71,8 +72,4 @@ def measured_cost(spec: CacheSpec, path: Path | None = None) -> MeasuredCost | N
     """The measured cost of exactly these settings, or None when they were not measured."""
     if spec.strategy in ("dynamic", "static", "offloaded"):
         return MeasuredCost(1.0, 0, "")  # lossless: the same logits as the full cache
-    try:
-        table = path or TABLE or resource_path("engine.caches", "fidelity.json")
-    except MissingResourceError:
-        return None  # a broken install: every setting reads "not measured" rather than failing
-    return _load(table).get(_key(spec))
+    return _load(path or TABLE).get(_key(spec))
