@@ -5,8 +5,9 @@ is applied, the measured cache costs are readable), loads the configured model (
 by default), answers one message, reads the stored reply back through a second connection to the
 chat database, and exits 0. Any failure (the model does not load, the reply fails, an error dialog
 opens, nothing happens within the time limit) prints `cachet-self-test: FAILED: <reason>` to stderr
-and exits 1. `packaging/build.py --smoke` runs it on the frozen build; tests/test_wheel_install.py
-on a wheel installed outside the checkout. Progress lines go to stdout, prefixed `cachet-self-test:`.
+and exits 1. `packaging/build.py --smoke` runs it on the frozen build, and packaging/check_wheel.py
+(run by tests/test_packaging.py) on a wheel installed outside the checkout. Progress lines go to
+stdout, prefixed `cachet-self-test:`.
 """
 
 from __future__ import annotations
