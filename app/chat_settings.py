@@ -33,6 +33,7 @@ from PySide6.QtWidgets import (
 
 from app.bridge import CacheState, EngineInfo, ModelInfo
 from app.memory import estimate, human_bytes, human_tokens
+from engine.specs import STRATEGY_FIELDS
 from engine.store import ChatSettings
 
 AUTO_TIP = ("“auto” will let Cachet's cache advisor pick a strategy for your memory and chat length. "
@@ -44,17 +45,6 @@ STRATEGY_TIPS = {
     "sink-quantized": "Attention sinks with quantized storage. Bounded and small, lossy.",
     "offloaded": "Keeps the cache in RAM and streams it to the GPU layer by layer.",
     "static": "Pre-allocates a fixed length (enables compiled decoding on GPUs).",
-}
-# Which CacheSpec fields each strategy reads (see CacheSpec's docstring). Fields not listed here
-# (added to CacheSpec later) are shown for every strategy.
-STRATEGY_FIELDS = {
-    "dynamic": (),
-    "offloaded": (),
-    "sink": ("sink_tokens", "window"),
-    "quantized": ("nbits", "residual", "q_group_size", "axis_key", "axis_value", "backend"),
-    "sink-quantized": ("sink_tokens", "window", "nbits", "residual", "q_group_size", "axis_key", "axis_value",
-                       "backend"),
-    "static": ("max_cache_len",),
 }
 AXES = [(0, "per token"), (-1, "per channel")]
 OVERFLOW_LABELS = {"stop": "Stop and tell me", "truncate-middle": "Truncate the middle",

@@ -20,7 +20,8 @@ import torch
 from engine import caches
 from engine.caches import CacheSpec
 from engine.models import LoadedModel
-from engine.sampling import Sampler, SamplingSettings
+from engine.sampling import Sampler
+from engine.specs import OVERFLOW_POLICIES, SamplingSettings, validate_overflow  # noqa: F401  (re-exported)
 from engine.streaming import IncrementalDecoder
 
 DeltaFn = Callable[[str], None]
@@ -86,9 +87,6 @@ class TurnResult:
     stats: TurnStats
 
 
-OVERFLOW_POLICIES = ("stop", "truncate-middle", "sink")
-
-
 @dataclass
 class SessionSettings:
     """Per-conversation settings.
@@ -109,10 +107,7 @@ class SessionSettings:
     def validate(self) -> SessionSettings:
         self.cache.validate()
         self.sampling.validate()
-        if self.overflow not in OVERFLOW_POLICIES:
-            raise caches.CacheConfigError(
-                f"Unknown overflow policy {self.overflow!r}; choose one of {', '.join(OVERFLOW_POLICIES)}."
-            )
+        validate_overflow(self.overflow)
         return self
 
 
@@ -262,7 +257,7 @@ class ChatSession:
             return "unchanged"
         # Leaving a quantized cache for an exact one recomputes: converting would carry the
         # quantization error into a cache that promises the same logits as recomputing.
-        exact_again = self.settings.cache.strategy in ("quantized", "sink-quantized") and not spec.is_lossy
+        exact_again = self.settings.cache.is_quantized and not spec.is_lossy
         converted = (convert(self.cache, len(self.cached_ids), spec, self.lm.config)
                      if self.cache is not None and not exact_again else None)
         self.settings.cache = spec

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 
 from engine import caches, models  # noqa: E402
 from engine.caches import CacheSpec  # noqa: E402
-from engine.caches.quantized import default_spec  # noqa: E402
 from engine.perplexity import PerplexityResult, perplexity, sliding_window_perplexity  # noqa: E402
+from engine.specs import quantization_defaults as default_spec  # noqa: E402
 
 TEXT = ROOT / "tests" / "data" / "alice.txt"
 

@@ -18,8 +18,8 @@ from engine.session import ChatSession, SessionSettings
 
 ALICE = Path(__file__).parent / "data" / "alice.txt"
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=24, repetition_penalty=1.0)
-FOUR_BIT = CacheSpec(strategy="quantized", **quantized_cache.default_spec(4))
-TWO_BIT = CacheSpec(strategy="quantized", **quantized_cache.default_spec(2))
+FOUR_BIT = CacheSpec(strategy="quantized", **caches.quantization_defaults(4))
+TWO_BIT = CacheSpec(strategy="quantized", **caches.quantization_defaults(2))
 # SmolLM2-135M's KV shape per layer (3 KV heads of 64), in 2 layers instead of 30 to stay fast.
 SMOLLM2_SHAPE = LlamaConfig(num_hidden_layers=2, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
                             head_dim=64, intermediate_size=1536, vocab_size=256)

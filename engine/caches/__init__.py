@@ -12,15 +12,21 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from dataclasses import asdict, dataclass, fields, replace
 from types import ModuleType
 from typing import Any
 
 import torch
 from transformers import Cache
 
-STRATEGIES = ("dynamic", "sink", "quantized", "sink-quantized", "offloaded", "static")
-LOSSY = frozenset({"sink", "quantized", "sink-quantized"})
+from engine.specs import (  # noqa: F401  (re-exported: the cache settings, where cache code looks for them)
+    BACKENDS,
+    LOSSY,
+    STRATEGIES,
+    CacheConfigError,
+    CacheSpec,
+    quantization_defaults,
+)
+
 _MODULES = {
     "dynamic": "engine.caches.dynamic",
     "sink": "engine.caches.sink",
@@ -29,90 +35,6 @@ _MODULES = {
     "offloaded": "engine.caches.offloaded",
     "static": "engine.caches.static",
 }
-BACKENDS = ("quanto", "hqq")
-
-
-class CacheConfigError(ValueError):
-    """A cache setting is invalid; the message says which and why."""
-
-
-@dataclass(frozen=True)
-class CacheSpec:
-    """A conversation's cache strategy and its parameters (unused ones are ignored).
-
-    sink_tokens, window: sink / sink-quantized — the first `sink_tokens` tokens and the most
-        recent `window` tokens are kept; the middle is evicted.
-    nbits, residual, q_group_size, axis_key, axis_value, backend: quantized / sink-quantized —
-        KV stored in `nbits` bits in groups of `q_group_size`, the `residual` most recent tokens
-        in full precision; keys quantized along `axis_key`, values along `axis_value`.
-    max_cache_len: static — the pre-allocated length.
-    """
-
-    strategy: str = "dynamic"
-    sink_tokens: int = 4
-    window: int = 1024
-    nbits: int = 4
-    residual: int = 128
-    q_group_size: int = 64
-    axis_key: int = -1  # per channel, as KIVI: measured far better than per token (see README)
-    axis_value: int = 0
-    backend: str = "quanto"
-    max_cache_len: int = 4096
-
-    def validate(self) -> CacheSpec:
-        if self.strategy not in STRATEGIES:
-            raise CacheConfigError(f"Unknown cache strategy {self.strategy!r}; choose one of {', '.join(STRATEGIES)}.")
-        if self.strategy in ("sink", "sink-quantized"):
-            if self.sink_tokens < 0:
-                raise CacheConfigError(f"sink tokens must be 0 or more, not {self.sink_tokens}.")
-            if self.window <= self.sink_tokens:
-                raise CacheConfigError(
-                    f"the window ({self.window}) must be larger than the sink tokens ({self.sink_tokens})."
-                )
-        if self.strategy in ("quantized", "sink-quantized"):
-            if self.nbits not in (2, 4):
-                raise CacheConfigError(f"quantized caches store 2 or 4 bits, not {self.nbits}.")
-            if self.backend not in BACKENDS:
-                raise CacheConfigError(f"Unknown quantization backend {self.backend!r}; choose quanto or hqq.")
-            if self.residual < 0:
-                raise CacheConfigError(f"the full-precision residual must be 0 or more tokens, not {self.residual}.")
-            if self.q_group_size not in (16, 32, 64, 128):
-                raise CacheConfigError(f"group size must be 16, 32, 64 or 128, not {self.q_group_size}.")
-            if self.axis_key not in (0, -1) or self.axis_value not in (0, -1):
-                raise CacheConfigError("quantization axes must be 0 (per token) or -1 (per channel).")
-        if self.strategy == "sink-quantized" and self.residual >= self.window:
-            raise CacheConfigError(
-                f"the full-precision residual ({self.residual}) must be smaller than the window ({self.window}): "
-                "the window is stored as quantized blocks of that many tokens."
-            )
-        if self.strategy == "static" and self.max_cache_len < 16:
-            raise CacheConfigError(f"the static cache needs at least 16 tokens, not {self.max_cache_len}.")
-        return self
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> CacheSpec:
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    def with_changes(self, **changes: Any) -> CacheSpec:
-        return replace(self, **changes).validate()
-
-    @property
-    def is_lossy(self) -> bool:
-        return self.strategy in LOSSY
-
-    @property
-    def bounded_length(self) -> bool:
-        """True when the cache holds a bounded number of tokens whatever the chat's length."""
-        return self.strategy in ("sink", "sink-quantized")
-
-
-def quantization_defaults(nbits: int) -> dict[str, Any]:
-    """The measured best settings (residual, group size, axes) for `nbits`-bit KV on the default model."""
-    return dict(strategy_module("quantized").default_spec(nbits))
 
 
 def strategy_module(strategy: str) -> ModuleType:

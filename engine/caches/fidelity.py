@@ -14,20 +14,10 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from engine.caches import CacheSpec
+from engine.specs import CacheSpec
 
 TABLE = Path(__file__).resolve().parents[2] / "resources" / "fidelity.json"
 WARN_ABOVE = 0.10  # warn when a setting raises perplexity by more than this
-
-_RELEVANT = {
-    "dynamic": (),
-    "static": (),
-    "offloaded": (),
-    "sink": ("sink_tokens", "window"),
-    "quantized": ("nbits", "residual", "q_group_size", "axis_key", "axis_value", "backend"),
-    "sink-quantized": ("sink_tokens", "window", "nbits", "residual", "q_group_size", "axis_key", "axis_value",
-                       "backend"),
-}
 
 
 @dataclass(frozen=True)
@@ -49,16 +39,12 @@ class MeasuredCost:
         return f"{sign}{abs(self.increase):.1%} perplexity (measured over {self.tokens:,} tokens of text)"
 
 
-def _key(spec: CacheSpec) -> tuple[Any, ...]:
-    return (spec.strategy, *(getattr(spec, name) for name in _RELEVANT[spec.strategy]))
-
-
 @cache
 def _load(path: Path) -> dict[tuple[Any, ...], MeasuredCost]:
     try:
         table = json.loads(path.read_text())
         return {
-            _key(CacheSpec.from_dict(row["spec"])): MeasuredCost(float(row["ppl_ratio"]), int(table["tokens"]),
+            CacheSpec.from_dict(row["spec"]).relevant(): MeasuredCost(float(row["ppl_ratio"]), int(table["tokens"]),
                                                                   str(table["model"]))
             for row in table["rows"]
         }
@@ -68,6 +54,6 @@ def _load(path: Path) -> dict[tuple[Any, ...], MeasuredCost]:
 
 def measured_cost(spec: CacheSpec, path: Path | None = None) -> MeasuredCost | None:
     """The measured cost of exactly these settings, or None when they were not measured."""
-    if spec.strategy in ("dynamic", "static", "offloaded"):
+    if not spec.is_lossy:
         return MeasuredCost(1.0, 0, "")  # lossless: the same logits as the full cache
-    return _load(path or TABLE).get(_key(spec))
+    return _load(path or TABLE).get(spec.relevant())

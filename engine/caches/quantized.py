@@ -50,26 +50,6 @@ from engine.caches.shape import KVShape
 MIN_FLUSH_BLOCK = 64
 
 
-def default_spec(nbits: int) -> dict[str, Any]:
-    """The quantization settings chosen by measurement for `nbits` (scripts/measure_fidelity.py,
-    SmolLM2-135M, tests/data/alice.txt, chunks of 64, CPU fp32).
-
-    4-bit: KIVI's axes (keys per channel, values per token), group 64, residual 128: perplexity
-    +0.2% at 2,048 tokens, +0.4% at 4,000, with 19% of the full cache's bytes at 4,000 tokens.
-    2-bit: searched over axes (at group 64, residual 128: per-token keys ×4.9–6.4, per-channel
-    keys and values ×2.5, per-channel keys / per-token values ×1.36), then group × residual on
-    the best axes. Group 32 is clearly best (g64 ×1.27–1.40, g128 ×1.62–1.79). Residual 256 gains
-    2% (×1.12) over 128 (×1.14) but then holds more bytes than 4-bit at 2,048 tokens, which is
-    never worth it; residual 128 costs +14% perplexity for 18% of the full cache at 2,048 tokens
-    (16% at 4,000).
-    """
-    if nbits == 4:
-        return {"nbits": 4, "q_group_size": 64, "residual": 128, "axis_key": -1, "axis_value": 0}
-    if nbits == 2:
-        return {"nbits": 2, "q_group_size": 32, "residual": 128, "axis_key": -1, "axis_value": 0}
-    raise CacheConfigError(f"quantized caches store 2 or 4 bits, not {nbits}.")
-
-
 def token_quantum(axis: int, group_size: int, head_dim: int) -> int:
     """The fewest tokens whose quantization groups do not straddle a head: a block is a multiple of it."""
     if axis == -1:  # groups of `group_size` consecutive tokens of one channel
