@@ -16,7 +16,7 @@ import torch
 
 from engine import caches
 from engine.caches import CacheSpec
-from engine.caches.shape import KVShape
+from engine.caches.shape import KVShape, dtype_size, text_config
 
 GIB = 1024**3
 MAX_TOKENS = 10_000_000  # search bound for "how many tokens fit"
@@ -80,7 +80,7 @@ def weights_bytes_for(config: Any, dtype: torch.dtype) -> int:
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype_size(dtype)
     seen: set[int] = set()
     total = 0
     for p in model.parameters():  # tied weights count once
@@ -200,7 +200,7 @@ def advise(
         weights_loaded: the weights are already in the free figure (a running app), so not subtracted.
         safety_fraction: share of the device kept free for activations and fragmentation.
     """
-    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     ctx = int(context or getattr(text, "max_position_embeddings", None) or 4096)
     dt = dtype or (torch.bfloat16 if hardware.has_gpu else torch.float32)
     weights = weights_bytes if weights_bytes is not None else weights_bytes_for(config, dt)

@@ -43,7 +43,7 @@ import torch
 from transformers.cache_utils import Cache, QuantoQuantizedLayer, get_layer_types_and_kwargs
 
 from engine.caches import CacheConfigError
-from engine.caches.shape import KVShape
+from engine.caches.shape import KVShape, dtype_size, text_config
 
 # Quantized blocks are at least this many tokens: re-quantizing the history on every new token
 # would cost O(n) per step.
@@ -285,7 +285,7 @@ class QuantizedKVCache(Cache):
 
     def __init__(self, config: Any, nbits: int = 4, axis_key: int = -1, axis_value: int = 0,
                  q_group_size: int = 64, residual: int = 128, backend: str = "quanto") -> None:
-        text = config.get_text_config(decoder=True)
+        text = text_config(config)
         layer_types, _ = get_layer_types_and_kwargs(text)
         other = sorted(set(layer_types) - {"full_attention"})
         if other:
@@ -360,7 +360,7 @@ def _quantized_bytes(elements: int, spec: Any, axis: int, size: int) -> int:
 def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
     """Exact bytes a quantized cache holds after `tokens` tokens (see `QuantizedKVLayer.nbytes`)."""
     shape = KVShape.of(config)
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype_size(dtype)
     quantized = quantized_tokens(tokens, spec.residual, flush_block(spec, shape.head_dim))
     per_token = shape.kv_heads * shape.head_dim  # elements of K, or of V, for one token of one layer
     per_layer = 2 * (tokens - quantized) * per_token * size

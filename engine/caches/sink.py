@@ -32,7 +32,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from engine.caches.shape import KVShape
+from engine.caches.shape import KVShape, dtype_size, text_config
 
 
 class SinkUnsupportedError(ValueError):
@@ -54,7 +54,7 @@ class RopeRotator:
     """
 
     def __init__(self, config: Any) -> None:
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         params = getattr(text, "rope_parameters", None) or {}
         if not params and getattr(text, "rope_theta", None) is None:
             raise SinkUnsupportedError(
@@ -413,7 +413,7 @@ def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.fl
     blocks = (rest - 1) // block
     residual = rest - blocks * block
     kept = min(blocks, max(0, (spec.window - residual) // block))
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype_size(dtype)
     elements = block * shape.kv_heads * shape.head_dim
     per_block = shape.layers * (_quantized_bytes(elements, spec, spec.axis_key, size)
                                 + _quantized_bytes(elements, spec, spec.axis_value, size))
