@@ -47,27 +47,6 @@ class _Entry:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def move_cache(cache: Any, device: torch.device, pin: bool = False) -> None:
-    """Move every tensor a cache's layers hold (including HQQ blocks, and lists of either) to
-    `device`, in place."""
-    from engine.caches.hqq_blocks import HQQBlock
-
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            moved = value.to(device, non_blocking=pin)
-            return moved.pin_memory() if pin and device.type == "cpu" else moved
-        if isinstance(value, HQQBlock):
-            return value.map(move)
-        return value
-
-    for layer in cache.layers:
-        for name, value in list(vars(layer).items()):
-            if isinstance(value, (torch.Tensor, HQQBlock)):
-                setattr(layer, name, move(value))
-            elif isinstance(value, list) and value and isinstance(value[0], tuple):
-                setattr(layer, name, [tuple(move(t) for t in item) for item in value])
-
-
 class CachePool:
     """Keeps every conversation's cache within a device budget and a host-RAM budget."""
 
@@ -133,7 +112,7 @@ class CachePool:
             if source in ("device", "ram") and session.cache is None:
                 source = "none"
             if source == "ram":
-                move_cache(session.cache, self.lm.device)
+                session.cache.to(self.lm.device)
             elif source == "disk":
                 loaded = self.snapshots.load(key, session) if self.snapshots else None
                 source = "disk" if loaded is not None and loaded.ok else "none"
@@ -193,7 +172,7 @@ class CachePool:
                 return
             try:
                 if tier == "ram":
-                    move_cache(session.cache, self.host, pin=self.lm.device.type == "cuda")
+                    session.cache.to(self.host, pin_memory=self.lm.device.type == "cuda")
                     return
                 if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
                     entry.tier = "none"

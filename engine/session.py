@@ -19,6 +19,7 @@ import torch
 
 from engine import caches
 from engine.caches import CacheSpec
+from engine.caches.base import KVCache
 from engine.models import LoadedModel
 from engine.sampling import Sampler
 from engine.specs import OVERFLOW_POLICIES, SamplingSettings, validate_overflow  # noqa: F401  (re-exported)
@@ -155,7 +156,7 @@ class ChatSession:
         self.messages: list[Message] = list(messages or [])
         # truncate-middle: messages[2:context_start] are left out of what the model reads.
         self.context_start = 0
-        self.cache: Any = None
+        self.cache: KVCache | None = None
         self.cached_ids: list[int] = []
         self._cancel = threading.Event()
 
@@ -258,7 +259,7 @@ class ChatSession:
         # Leaving a quantized cache for an exact one recomputes: converting would carry the
         # quantization error into a cache that promises the same logits as recomputing.
         exact_again = self.settings.cache.is_quantized and not spec.is_lossy
-        converted = (convert(self.cache, len(self.cached_ids), spec, self.lm.config)
+        converted = (convert(self.cache, len(self.cached_ids), spec, self.lm.config, self.lm.device)
                      if self.cache is not None and not exact_again else None)
         self.settings.cache = spec
         if converted is None:
@@ -417,23 +418,23 @@ class ChatSession:
         raise ContextOverflowError(prompt_tokens, context)
 
     # ----- cache plumbing ------------------------------------------------------------------
-    def _ensure_cache(self) -> Any:
+    def _ensure_cache(self) -> KVCache:
         if self.cache is None:
-            self.cache = caches.build_cache(self.settings.cache, self.lm.config)
+            self.cache = caches.build_cache(self.settings.cache, self.lm.config, self.lm.device)
             self.cached_ids = []
         return self.cache
 
     def _crop(self, length: int) -> None:
         if self.cache is None or length >= len(self.cached_ids):
             return
-        if caches.crop_to(self.cache, length):
+        if self.cache.crop_to(length):
             del self.cached_ids[length:]
         else:
             self.reset_cache()
 
     def _resync(self) -> None:
         """After a failed forward pass, bring the cache back to the ids known to be in it."""
-        if self.cache is not None and not caches.crop_to(self.cache, len(self.cached_ids)):
+        if self.cache is not None and not self.cache.crop_to(len(self.cached_ids)):
             self.reset_cache()
 
     def _prepare(self, prompt: list[int]) -> tuple[int, torch.Tensor]:
@@ -498,9 +499,7 @@ class ChatSession:
     def forward_logits(self, ids: list[int], all_positions: bool = False) -> torch.Tensor:
         """Feed `ids` into the cache; return the logits (of the last position, or of every position)."""
         cache = self._ensure_cache()
-        ensure_room = getattr(cache, "ensure_room", None)
-        if callable(ensure_room):
-            ensure_room(len(ids))  # a static cache refuses to overflow, before anything is written
+        cache.ensure_room(len(ids))  # a static cache refuses to overflow, before anything is written
         start = caches.seq_length(cache)
         device = self.lm.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)

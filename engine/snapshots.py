@@ -1,7 +1,7 @@
 """KV snapshots on disk, so a chat resumes after a restart without recomputing its history.
 
 A snapshot is one safetensors file (never pickle) per conversation: every layer's keys and
-values in full precision (as `engine.caches.convert.export_kv` gives them) plus metadata —
+values in full precision (as `KVCache.full_kv` gives them) plus metadata —
 the exact token ids the cache stands for, the model's identity (file hash + dtype) and the
 cache strategy's parameters. It is used only when all of that matches the session asking
 for it; a stale, mismatched, truncated or corrupt file is deleted and the session recomputes.
@@ -50,12 +50,10 @@ class SnapshotStore:
         """Write the session's cache; None when there is nothing to save."""
         from safetensors.torch import save_file
 
-        from engine.caches.convert import export_kv
-
         cache = session.cache
         if cache is None or not session.cached_ids:
             return None
-        content = export_kv(cache)
+        content = cache.full_kv()
         if any(kv is None for kv in content):
             return None
         tensors = {}
@@ -108,7 +106,7 @@ class SnapshotStore:
             return LoadResult(False, f"corrupt ({type(exc).__name__})")
         dtype = session.lm.dtype
         content = [(k.to(dtype), v.to(dtype)) for k, v in content]
-        cache = fill(content, len(ids), session.settings.cache, session.lm.config)
+        cache = fill(content, len(ids), session.settings.cache, session.lm.config, session.lm.device)
         if cache is None or not _shapes_match(content, session):
             self.delete(key)
             return LoadResult(False, "does not fit this cache")

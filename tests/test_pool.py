@@ -97,7 +97,6 @@ def test_moving_a_cache_moves_every_tensor_it_holds_quantized_blocks_included(ti
 
     from engine.caches import CacheSpec
     from engine.caches.hqq_blocks import HQQBlock
-    from engine.pool import move_cache
 
     specs = [CacheSpec(), CacheSpec("quantized", residual=32, q_group_size=32),
              CacheSpec("sink-quantized", sink_tokens=4, window=96, residual=32, q_group_size=32)]
@@ -115,7 +114,7 @@ def test_moving_a_cache_moves_every_tensor_it_holds_quantized_blocks_included(ti
     for spec in specs:
         session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=spec))
         session.send("Tell me about moving caches around. " * 8)
-        move_cache(session.cache, torch.device("meta"))
+        session.cache.to(torch.device("meta"))
         left = [f"{spec.strategy}/{spec.backend} layer {i}.{name}"
                 for i, layer in enumerate(session.cache.layers) for name, value in vars(layer).items()
                 if any(t.device.type != "meta" and t.numel() for t in tensors(value))]

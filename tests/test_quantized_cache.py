@@ -10,8 +10,9 @@ import torch
 from transformers import LlamaConfig
 
 from engine import caches
-from engine.caches import CacheConfigError, CacheSpec, hqq_blocks
+from engine.caches import CacheConfigError, CacheSpec, hqq_blocks, quantizers
 from engine.caches import quantized as quantized_cache
+from engine.caches.quantizers import HQQQuantizer, QuantoQuantizer
 from engine.perplexity import perplexity
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, SessionSettings
@@ -77,9 +78,9 @@ def test_bytes_for_is_what_the_cache_holds_at_any_length_and_after_crops(tiny_lm
         assert cache.get_seq_length() == fed
         assert caches.cache_bytes(cache) == caches.bytes_for(spec, fed, tiny_lm.config)
     for length in (390, 250, 130, 5, 0):
-        assert caches.crop_to(cache, length)
+        assert cache.crop_to(length)
         assert caches.cache_bytes(cache) == caches.bytes_for(spec, length, tiny_lm.config)
-    assert not caches.crop_to(cache, 1), "cannot grow by cropping"
+    assert not cache.crop_to(1), "cannot grow by cropping"
 
 
 @BOTH_BACKENDS
@@ -104,25 +105,25 @@ def test_four_bit_cache_is_at_most_35_percent_of_the_full_cache_at_4000_tokens()
 
 def test_requantizing_dequantized_values_gives_back_the_same_integers() -> None:
     """Why a crop or a flush, which re-quantize the history, lose nothing more."""
-    layer = quantized_cache.QuantizedKVLayer(2, -1, 0, 32, 0, 64)
+    quanto = QuantoQuantizer(2, 32)
     x = torch.randn(1, 3, 256, 64, generator=torch.Generator().manual_seed(1))
     for axis in (0, -1):
-        q = layer._quantize(x, axis=axis)
-        again = layer._quantize(layer._dequantize(q), axis=axis)
+        q = quanto.quantize(x, axis)
+        again = quanto.quantize(quanto.dequantize(q), axis)
         assert torch.equal(again._data._data, q._data._data)
-        torch.testing.assert_close(layer._dequantize(again), layer._dequantize(q), rtol=0, atol=1e-5)
+        torch.testing.assert_close(quanto.dequantize(again), quanto.dequantize(q), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("nbits", [2, 4])
 def test_unpacking_reads_quantos_layout(nbits) -> None:
     """Our pure-torch unpacking (which needs no compiled kernel) reads quanto's packed layout exactly."""
-    layer = quantized_cache.QuantizedKVLayer(nbits, -1, 0, 64, 0, 64)
+    quanto = QuantoQuantizer(nbits, 64)
     x = torch.randn(1, 2, 128, 64, generator=torch.Generator().manual_seed(2))
     for axis in (0, -1):
-        q = layer._quantize(x, axis=axis)
+        q = quanto.quantize(x, axis)
         rows = q._data.shape[0]
         expected = _reference_unpack(q._data._data, nbits)[:rows]
-        assert torch.equal(quantized_cache._unpack(q._data._data, nbits, rows), expected)
+        assert torch.equal(quantizers._unpack(q._data._data, nbits, rows), expected)
 
 
 def _reference_unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
@@ -141,7 +142,7 @@ def test_crop_then_continue_matches_a_fresh_run(tiny_lm, spec) -> None:
     ids = random_ids(420, seed=3)
     cache = caches.build_cache(spec, tiny_lm.config)
     feed(tiny_lm, cache, ids[:400], [64] * 6 + [16])
-    assert caches.crop_to(cache, 200)  # 400 → 200: well into the quantized part
+    assert cache.crop_to(200)  # 400 → 200: well into the quantized part
     continued = feed(tiny_lm, cache, ids[200:260], [60])
 
     fresh_cache = caches.build_cache(spec, tiny_lm.config)
@@ -160,7 +161,7 @@ def test_cropping_within_the_residual_is_exact(tiny_lm) -> None:
     ids = random_ids(300, seed=4)
     cache = caches.build_cache(FOUR_BIT, tiny_lm.config)
     feed(tiny_lm, cache, ids[:250], [250])
-    assert caches.crop_to(cache, 240)
+    assert cache.crop_to(240)
     continued = feed(tiny_lm, cache, ids[240:300], [60])
     fresh_cache = caches.build_cache(FOUR_BIT, tiny_lm.config)
     fresh = feed(tiny_lm, fresh_cache, ids[:300], [240, 60])[240:]
@@ -195,7 +196,8 @@ def test_a_missing_backend_is_explained(tiny_lm, monkeypatch, strategy) -> None:
 def test_hqq_appends_and_crops_without_requantizing() -> None:
     """HQQ's optimised scales would not come back from de-quantized values, so its blocks are
     stored as groups that a crop slices and a flush appends to: a crop keeps the very same bytes."""
-    layer = quantized_cache.HQQKVLayer(2, -1, 0, 32, 0, 64)
+    layer = quantized_cache.QuantizedKVLayer(HQQQuantizer(2, 32), axis_key=-1, axis_value=0, residual_length=0,
+                                             block=64)
     x = torch.randn(1, 3, 256, 64, generator=torch.Generator().manual_seed(5))
     for n in (64, 64, 128):
         start = layer.get_seq_length()
@@ -221,8 +223,8 @@ def test_hqq_packing_round_trips(nbits) -> None:
 def test_hqq_fits_two_bits_better_than_min_max() -> None:
     """What the backend is for: at 2 bits its solver's error is below quanto's min/max rounding."""
     x = torch.randn(1, 3, 256, 64, generator=torch.Generator().manual_seed(6))
-    quanto = quantized_cache.QuantizedKVLayer(2, -1, 0, 32, 0, 64)
-    quanto_error = (quanto._dequantize(quanto._quantize(x, axis=-1)) - x).pow(2).mean()
+    quanto = QuantoQuantizer(2, 32)
+    quanto_error = (quanto.dequantize(quanto.quantize(x, -1)) - x).pow(2).mean()
     hqq_error = (hqq_blocks.quantize(x, -1, 2, 32).dequantize() - x).pow(2).mean()
     assert hqq_error < quanto_error
 

@@ -43,7 +43,7 @@ def test_cropped_static_cache_continues_like_a_fresh_one(tiny_lm) -> None:
     ids = random_ids(220, seed=1)
     session = ChatSession(tiny_lm, SessionSettings(cache=STATIC))
     feed(session, ids[:200], [200])
-    assert caches.crop_to(session.cache, 120)
+    assert session.cache.crop_to(120)
     del session.cached_ids[120:]
     continued = session.forward_logits(ids[120:220], all_positions=True)
     dynamic = feed(ChatSession(tiny_lm), ids[:220], [220])[120:]

@@ -85,3 +85,29 @@ def test_leaving_a_quantized_cache_for_an_exact_one_recomputes_it(tiny_lm, sourc
     fresh = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY))
     fresh.messages = list(session.messages)
     torch.testing.assert_close(session.next_token_logits(), fresh.next_token_logits(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", [s for s in SPECS if s in USABLE])
+def test_every_cache_keeps_the_contract_the_session_pool_and_snapshots_rely_on(tiny_lm, strategy) -> None:
+    """Whatever the strategy: it says how long it is, gives its content back in full precision,
+    counts its bytes, crops back (or refuses without changing anything) and moves."""
+    import torch
+
+    from engine.caches.base import KVCache, KVLayer
+
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=SPECS[strategy]))
+    session.send("words to fill the cache " * 3)
+    cache = session.cache
+    assert isinstance(cache, KVCache) and all(isinstance(layer, KVLayer) for layer in cache.layers)
+    held = int(cache.get_seq_length())  # (a static cache answers with its live 0-d tensor)
+    content = cache.full_kv()
+    assert all(kv is not None and kv[0].shape[-2] == kv[1].shape[-2] == held for kv in content)
+    assert cache.nbytes() == sum(layer.nbytes() for layer in cache.kv_layers) > 0
+    stream = len(session.cached_ids)
+    assert not cache.crop_to(stream + 1) and cache.get_seq_length() == held
+    cut = 1 if SPECS[strategy].is_quantized and SPECS[strategy].bounded_length else 3  # inside the fp residual
+    assert cache.crop_to(stream - cut) and len({int(layer.get_seq_length()) for layer in cache.kv_layers}) == 1
+    assert cache.get_seq_length() == held - cut
+    cache.to(torch.device("cpu"))
+    del session.cached_ids[stream - cut:]
+    assert session.send("and on").stats.reused_tokens > 0

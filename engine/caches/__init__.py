@@ -1,11 +1,22 @@
 """Per-conversation KV cache strategies and the operations the session needs on any of them.
 
+The contract, declared once in `base.py`: every cache Cachet builds is a `KVCache` (a transformers
+`Cache`) whose layers are all `KVLayer`s, and every layer, whatever the strategy, answers
+`get_seq_length()`, `crop_to(n) -> bool` (stand for the first n conversation tokens again, or say
+it cannot and change nothing), `full_kv()` (everything held in full precision, keys rotated for
+slots 0..n-1: what conversions and snapshots copy), `nbytes()` (the bytes really held) and
+`to(device, pin_memory)` (the pool's moves); the cache does the same over its layers, plus
+`ensure_room(n)` (a pre-allocated cache refuses before anything is written) and `evicted`.
+Nobody probes a cache with `getattr`. The quantized and sink-quantized layers store through one
+`Quantizer` per backend (quantizers.py: quanto, HQQ). The settings themselves (`CacheSpec`, the
+strategy names, which fields each reads) are torch-free, in `engine/specs.py`.
+
 Each strategy lives in its own module, exposing
 
-    build(config, spec) -> transformers.Cache
-    bytes_for(tokens, config, spec, dtype) -> int   # what a cache of `tokens` tokens allocates
+    build(config, spec, device) -> KVCache            # an empty cache for a model on `device`
+    bytes_for(tokens, config, spec, dtype) -> int     # what a cache of `tokens` tokens allocates
 
-The session only talks to caches through this package.
+The session only talks to caches through this package and the `KVCache` contract (base.py).
 """
 
 from __future__ import annotations
@@ -16,8 +27,8 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from transformers import Cache
 
+from engine.caches.base import KVCache
 from engine.specs import (  # noqa: F401  (re-exported: the cache settings, where cache code looks for them)
     BACKENDS,
     LOSSY,
@@ -41,9 +52,12 @@ def strategy_module(strategy: str) -> ModuleType:
     return importlib.import_module(_MODULES[strategy])
 
 
-def build_cache(spec: CacheSpec, config: Any) -> Cache:
+def build_cache(spec: CacheSpec, config: Any, device: torch.device | None = None) -> KVCache:
+    """An empty cache of `spec` for a model with `config` running on `device`."""
     spec.validate()
-    cache: Cache = strategy_module(spec.strategy).build(config, spec)
+    if spec.strategy not in _MODULES:
+        raise CacheConfigError(f"Cannot build a cache for {spec.strategy!r}: resolve it to a strategy first.")
+    cache: KVCache = strategy_module(spec.strategy).build(config, spec, device=device)
     return cache
 
 
@@ -52,59 +66,13 @@ def bytes_for(spec: CacheSpec, tokens: int, config: Any, dtype: torch.dtype = to
     return int(strategy_module(spec.strategy).bytes_for(tokens, config, spec, dtype))
 
 
-def seq_length(cache: Cache | None) -> int:
+def seq_length(cache: KVCache | None) -> int:
     return 0 if cache is None else int(cache.get_seq_length())
 
 
-def tensor_bytes(obj: Any) -> int:
-    """Bytes held by the tensors among an object's attributes (one level deep, lists included)."""
-    total = 0
-    for value in vars(obj).values():
-        items = value if isinstance(value, list | tuple) else (value,)
-        for item in items:
-            if isinstance(item, torch.Tensor):
-                total += _tensor_nbytes(item)
-    return total
-
-
-def _tensor_nbytes(t: torch.Tensor) -> int:
-    # quanto's packed tensors are torch.Tensor subclasses whose storage lives in inner tensors
-    inner = getattr(t, "__tensor_flatten__", None)
-    if inner is not None and type(t) is not torch.Tensor:
-        names, _ = inner()
-        return sum(_tensor_nbytes(getattr(t, n)) for n in names)
-    return t.numel() * t.element_size()
-
-
-def cache_bytes(cache: Cache | None) -> int:
-    """Bytes the cache's tensors really hold now (not an estimate)."""
-    if cache is None:
-        return 0
-    measure = getattr(cache, "nbytes", None)
-    if callable(measure):
-        return int(measure())
-    return sum(tensor_bytes(layer) for layer in cache.layers)
-
-
-def crop_to(cache: Cache, length: int) -> bool:
-    """Crop every layer to `length` tokens; False when the cache cannot be cropped that way.
-
-    Layers are cropped one by one, so this also repairs a cache that a failed forward pass
-    left with some layers longer than others.
-    """
-    custom = getattr(cache, "crop_to", None)
-    if callable(custom):
-        return bool(custom(length))
-    layer: Any
-    for layer in cache.layers:
-        if not getattr(layer, "is_croppable", False):
-            return False
-        current = layer.get_seq_length()
-        if current < length:
-            return False
-        if current > length:
-            layer.crop(length - current)
-    return True
+def cache_bytes(cache: KVCache | None) -> int:
+    """Bytes the cache's tensors really hold now (not an estimate); 0 without a cache."""
+    return 0 if cache is None else cache.nbytes()
 
 
 def availability(device: torch.device) -> dict[str, str | None]:
