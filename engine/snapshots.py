@@ -21,7 +21,6 @@ from typing import Any
 
 from engine import paths
 from engine.caches import CacheSpec
-from engine.caches.shape import KVShape
 
 FORMAT = "cachet-kv-1"
 DEFAULT_BUDGET = 4 * 1024**3
@@ -106,8 +105,11 @@ class SnapshotStore:
             return LoadResult(False, f"corrupt ({type(exc).__name__})")
         dtype = session.lm.dtype
         content = [(k.to(dtype), v.to(dtype)) for k, v in content]
-        cache = fill(content, len(ids), session.settings.cache, session.lm.config, session.lm.device)
-        if cache is None or not _shapes_match(content, session):
+        try:
+            cache = fill(content, len(ids), session.settings.cache, session.lm.config, session.lm.device)
+        except (ValueError, RuntimeError, IndexError):  # fill checks the shapes; a cache may still refuse
+            cache = None
+        if cache is None:
             self.delete(key)
             return LoadResult(False, "does not fit this cache")
         session.cache = cache
@@ -154,9 +156,3 @@ class SnapshotStore:
             removed.append(p)
         return removed
 
-
-def _shapes_match(content: list[Any], session: Any) -> bool:
-    shape = KVShape.of(session.lm.config)
-    return len(content) == shape.layers and all(
-        k.shape[1] == shape.kv_heads and k.shape[-1] == shape.head_dim for k, _ in content
-    )

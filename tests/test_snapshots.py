@@ -114,3 +114,34 @@ def test_a_snapshot_whose_ids_and_tensors_disagree_is_not_used(tiny_lm, tmp_path
         result = store.load("c", fresh)
         assert not result.ok and not path.exists() and fresh.cache is None
         assert fresh.send("works anyway").stats.reused_tokens == 0
+
+
+@pytest.mark.parametrize("spec", [CacheSpec(), CacheSpec("static", max_cache_len=256),
+                                  CacheSpec("sink", sink_tokens=4, window=64),
+                                  CacheSpec("quantized", nbits=4, residual=32, q_group_size=32)])
+def test_a_snapshot_of_another_shape_is_deleted_as_not_fitting_never_raised(tiny_lm, tmp_path, spec) -> None:
+    """Same model identity and settings, tensors of another shape (a hand-made or foreign file):
+    filling a cache with them must not raise from the cache's update before the shapes are checked."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    store = SnapshotStore(tmp_path)
+    session = chat(tiny_lm, spec)
+    path = store.save("c", session)
+    with safe_open(str(path), framework="pt") as fh:
+        meta = dict(fh.metadata())
+    tensors = load_file(str(path))
+    layers = int(meta["layers"])
+    cases = [  # one layer more than the model has; half the KV heads; half the head size
+        ({**tensors, f"k.{layers}": tensors["k.0"].clone(), f"v.{layers}": tensors["v.0"].clone()},
+         {**meta, "layers": str(layers + 1)}),
+        ({name: t[:, :1].contiguous() for name, t in tensors.items()}, meta),
+        ({name: t[..., :8].contiguous() for name, t in tensors.items()}, meta),
+    ]
+    for content, metadata in cases:
+        save_file(content, str(path), metadata=metadata)
+        fresh = restarted(tiny_lm, session)
+        result = store.load("c", fresh)
+        assert not result.ok and result.reason == "does not fit this cache"
+        assert not path.exists() and fresh.cache is None
+        assert fresh.send("works anyway").stats.finish_reason in ("stop", "length")

@@ -19,6 +19,7 @@ import torch
 
 from engine.caches import build_cache
 from engine.caches.base import KV, KVCache
+from engine.caches.shape import KVShape
 from engine.specs import CacheSpec
 
 
@@ -49,12 +50,16 @@ def fill(content: list[KV], stream_length: int, spec: CacheSpec, config: Any,
 
     `stream_length` is how many conversation tokens the content stands for: more than it
     holds when it comes from a sink cache that evicted tokens (only a sink cache can take that).
+    Content of another shape than the model's (layers, KV heads, head size) is refused before
+    anything is fed: a cache's `update` would fail on it, or worse, take it.
     """
     stored = content[0][0].shape[-2] if content else 0
     if stored == 0 or (stored < stream_length and not spec.bounded_length) or stored > stream_length:
         return None
-    if any(k.shape[-2] != stored or v.shape[-2] != stored for k, v in content):
-        return None  # layers that disagree on what they hold (a damaged or hand-made snapshot)
+    shape = KVShape.of(config)
+    expected = (1, shape.kv_heads, stored, shape.head_dim)
+    if len(content) != shape.layers or any(tuple(t.shape) != expected for kv in content for t in kv):
+        return None  # another model's, a damaged or a hand-made snapshot; or layers that disagree
     target = build_cache(spec, config, device)
     try:
         target.ensure_room(stored)
