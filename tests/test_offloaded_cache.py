@@ -19,7 +19,7 @@ def test_without_a_gpu_the_offloaded_cache_is_refused_with_the_reason(tiny_lm) -
     with pytest.raises(CacheConfigError) as error:
         caches.build_cache(OFFLOADED, tiny_lm.config)
     assert str(error.value) == reason
-    assert "no CUDA GPU" in reason
+    assert "CUDA GPU" in reason
 
 
 def test_offloaded_holds_the_full_cache_in_ram_and_two_layers_on_the_gpu(tiny_lm) -> None:
@@ -37,7 +37,7 @@ def test_offloaded_gives_the_dynamic_caches_logits_on_a_gpu(tiny_lm) -> None:
         ids = torch.randint(0, 250, (1, 120), device="cuda")
         with torch.inference_mode():
             dynamic = model(input_ids=ids, past_key_values=caches.build_cache(CacheSpec(), model.config)).logits
-            cache = caches.build_cache(OFFLOADED, model.config)
+            cache = caches.build_cache(OFFLOADED, model.config, torch.device("cuda"))
             first = model(input_ids=ids[:, :100], past_key_values=cache).logits
             second = model(input_ids=ids[:, 100:], past_key_values=cache,
                            position_ids=torch.arange(100, 120, device="cuda")[None]).logits
@@ -46,3 +46,12 @@ def test_offloaded_gives_the_dynamic_caches_logits_on_a_gpu(tiny_lm) -> None:
         assert keys is not None and keys.device.type == "cpu", "the history lives in RAM between forward passes"
     finally:
         tiny_lm.model.to("cpu")
+
+
+def test_a_model_on_the_cpu_gets_no_offloading_cache_even_on_a_gpu_machine(tiny_lm, monkeypatch) -> None:
+    """`--device cpu --cache offloaded` on a machine with a GPU: the model is on the CPU, so there
+    is nothing to offload from; what the machine has does not matter."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(CacheConfigError, match="GPU"):
+        caches.build_cache(OFFLOADED, tiny_lm.config, torch.device("cpu"))
+    assert caches.availability(torch.device("cpu"))["offloaded"] is not None

@@ -79,7 +79,8 @@ def availability(device: torch.device) -> dict[str, str | None]:
     """For each strategy: None when usable on `device`, else the reason it is not (for the UI)."""
     reasons: dict[str, str | None] = dict.fromkeys(STRATEGIES)
     if device.type != "cuda":
-        reasons["offloaded"] = "Offloading moves the KV cache from GPU memory to RAM; there is no CUDA GPU here."
+        reasons["offloaded"] = ("Offloading moves the KV cache from GPU memory to RAM; the model does not run on a "
+                                "CUDA GPU here.")
     if importlib.util.find_spec("optimum") is None or importlib.util.find_spec("optimum.quanto") is None:
         reasons["quantized"] = reasons["sink-quantized"] = "optimum-quanto is not installed."
     return reasons

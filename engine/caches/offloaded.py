@@ -22,7 +22,9 @@ GPU_RESIDENT_LAYERS = 2  # the layer in use and the one being prefetched
 
 
 def build(config: Any, spec: CacheSpec | None = None, device: torch.device | None = None) -> DynamicKVCache:
-    reason = availability(torch.device("cuda" if torch.cuda.is_available() else "cpu"))["offloaded"]
+    """The offloading cache for a model on `device`: where the model runs, not what the machine has
+    (None: no model device known, so nothing to offload from)."""
+    reason = availability(device or torch.device("cpu"))["offloaded"]
     if reason is not None:
         raise CacheConfigError(reason)
     return DynamicKVCache(config, offloading=True)
