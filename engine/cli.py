@@ -6,15 +6,19 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from engine import caches, models
+from engine import caches, models, paths
 from engine.caches import CacheSpec
-from engine.sampling import SamplingError, SamplingSettings
-from engine.session import OVERFLOW_POLICIES, ChatSession, ContextOverflowError, SessionSettings, TurnResult
+from engine.models import LoadedModel
+from engine.reports import Budgets, TurnDone
+from engine.service import ChatService
+from engine.specs import OVERFLOW_POLICIES, SamplingError, SamplingSettings
+from engine.store import ChatSettings, ChatStore
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -75,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute the whole conversation every turn (the baseline reuse is measured against)")
     chat.add_argument("--turns", type=Path, help="file with one user message per line")
     chat.add_argument("--json", action="store_true", help="with --turns: one JSON object per turn")
+    chat.add_argument("--data-dir", type=Path,
+                      help="keep the chat (and, on quitting, its KV cache as a snapshot) under this folder, as the "
+                           "app's --data-dir does; without it nothing is kept")
+    chat.add_argument("--chat", type=int, default=None,
+                      help="with --data-dir: go on with this chat (its number is printed at the start)")
 
     adv = sub.add_parser("advise", help="which cache strategy fits this model in this machine's memory")
     _add_model_args(adv)
@@ -93,35 +102,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(args: argparse.Namespace) -> models.LoadedModel:
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+def _print_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
+
+def _load(args: argparse.Namespace, progress: Callable[[str], None] = _print_progress) -> models.LoadedModel:
     return models.load(args.model, device=args.device, dtype=args.dtype, offline=not args.online,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                        progress=progress)
 
 
-def _turn_json(turn: int, result: TurnResult) -> str:
-    s = result.stats
-    record = {
-        "turn": turn, "reply": result.reply, "prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens,
-        "prefilled_tokens": s.prefilled_tokens, "generated_tokens": s.generated_tokens,
-        "ttft_ms": round(s.ttft_ms, 2), "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens,
-        "cache_bytes": s.cache_bytes, "finish_reason": s.finish_reason,
-    }
-    if s.error:
-        record["error"] = s.error
+def _turn_json(turn: int, done: TurnDone) -> str:
+    s = done.stats
+    record: dict[str, object] = {"turn": turn, "reply": done.reply, "finish_reason": done.finish_reason}
+    if s is not None:
+        record.update({
+            "prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens, "prefilled_tokens": s.prefilled_tokens,
+            "generated_tokens": s.generated_tokens, "ttft_ms": round(s.ttft_ms, 2),
+            "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens, "cache_bytes": s.cache_bytes,
+        })
+    if done.error:
+        record["error"] = done.error
     return json.dumps(record, ensure_ascii=False)
 
 
-def _run_turn_interruptible(session: ChatSession, text: str) -> TurnResult:
-    """Generate in a helper thread so Ctrl+C cancels the reply instead of killing the chat."""
+class TerminalChat:
+    """One chat in the terminal, through the same ChatService as the window: its messages are kept in
+    a ChatStore (the data folder's, or one in memory), its cache in the service's pool."""
+
+    def __init__(self, args: argparse.Namespace, settings: ChatSettings) -> None:
+        persist = args.data_dir is not None
+        if persist:
+            paths.use_base_dir(args.data_dir.expanduser().resolve())
+        self.store = ChatStore(paths.data_dir() / "chats.sqlite3" if persist else Path(":memory:"))
+        self.service = ChatService(budgets=Budgets() if persist else Budgets(disk=0), reuse=not args.no_reuse)
+        if args.chat is not None:
+            try:
+                self.chat_id = self.store.chat(args.chat).id
+            except KeyError:
+                self.store.close()
+                raise LookupError(f"There is no chat {args.chat} in {paths.data_dir()}.") from None
+            self.settings = self.store.chat(self.chat_id).settings
+        else:
+            self.chat_id = self.store.create_chat(settings).id
+            self.settings = settings
+        self.persist = persist
+
+    def load(self, args: argparse.Namespace) -> LoadedModel:
+        self.service.load_model(lambda progress: _load(args, progress))
+        assert self.service.lm is not None
+        return self.service.lm
+
+    def turn(self, text: str, on_delta: Callable[[str], None] | None = None,
+             stop: threading.Event | None = None) -> TurnDone:
+        """Keep the user's message, answer it, keep the reply (partial ones too)."""
+        self.store.add_message(self.chat_id, "user", text)
+        done = self.service.run_turn(self.chat_id, self.store.messages(self.chat_id), self.settings,
+                                     on_delta=on_delta, stop=stop)
+        if done.cache is not None:  # the engine moved the chat to another strategy: keep it
+            self.settings = replace(self.settings, cache=done.cache)
+            self.store.set_settings(self.chat_id, self.settings)
+        if done.has_reply:
+            stats = done.stats.to_dict() if done.stats is not None else None
+            status = "done" if done.finish_reason in ("stop", "length") else "stopped"
+            self.store.add_message(self.chat_id, "assistant", done.reply, status=status, token_ids=done.token_ids,
+                                   tokens=len(done.token_ids), stats=stats)
+        return done
+
+    def reset(self) -> None:
+        """Start over in a new chat (the old one stays in the data folder)."""
+        self.chat_id = self.store.create_chat(self.settings).id
+
+    def close(self) -> None:
+        self.service.close(save=self.persist)
+        self.store.close()
+
+
+def _turn_interruptible(chat: TerminalChat, text: str) -> TurnDone:
+    """Generate in a helper thread so Ctrl+C stops the reply instead of the chat."""
+    stop = threading.Event()
     box: dict[str, object] = {}
 
     def work() -> None:
         try:
-            box["result"] = session.send(text, on_delta=lambda d: print(d, end="", flush=True))
+            box["done"] = chat.turn(text, on_delta=lambda d: print(d, end="", flush=True), stop=stop)
         except BaseException as exc:  # handed to the main thread below
             box["error"] = exc
 
@@ -131,38 +195,54 @@ def _run_turn_interruptible(session: ChatSession, text: str) -> TurnResult:
         try:
             worker.join(0.1)
         except KeyboardInterrupt:
-            session.cancel()
+            stop.set()
     print()
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
+    return box["done"]  # type: ignore[return-value]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 repetition_penalty=args.repetition_penalty,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
-    spec = cache_spec_from_args(args)
-    lm = _load(args)
-    settings = SessionSettings(system_prompt=args.system, sampling=sampling, cache=spec,
-                               reuse=not args.no_reuse, overflow=args.overflow)
-    session = ChatSession(lm, settings)
+    settings = ChatSettings(system_prompt=args.system, sampling=sampling, cache=cache_spec_from_args(args),
+                            overflow=args.overflow)
+    if args.chat is not None and args.data_dir is None:
+        print("error: --chat needs --data-dir (the folder the chat is kept in).", file=sys.stderr)
+        return 2
+    try:
+        chat = TerminalChat(args, settings)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _chat(args, chat)
+    finally:
+        chat.close()
+
+
+def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
+    lm = chat.load(args)
     if args.turns:
         lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
         for i, line in enumerate(lines, start=1):
-            try:
-                result = session.send(line) if args.json else _run_turn_interruptible(session, line)
-            except ContextOverflowError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+            done = chat.turn(line) if args.json else _turn_interruptible(chat, line)
+            if done.finish_reason == "overflow" or (done.finish_reason == "error" and not done.has_reply):
+                print(f"error: {done.error}", file=sys.stderr)
                 return 1
             if args.json:
-                print(_turn_json(i, result), flush=True)
-            if result.stats.overflow_action:
-                print(f"note: {result.stats.overflow_action}", file=sys.stderr)
+                print(_turn_json(i, done), flush=True)
+            if done.notice:
+                print(f"note: {done.notice}", file=sys.stderr)
+            if done.stats is not None and done.stats.overflow_action:
+                print(f"note: {done.stats.overflow_action}", file=sys.stderr)
         return 0
 
-    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load). "
-          "Ctrl+C stops a reply; /reset clears the chat; /quit or Ctrl+D leaves.", file=sys.stderr)
+    kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
+        if chat.persist else ""
+    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load).{kept} "
+          "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -174,16 +254,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line.strip() == "/quit":
             return 0
         if line.strip() == "/reset":
-            session.messages.clear()
-            session.reset_cache()
+            chat.reset()
             continue
         print("bot> ", end="", flush=True)
-        try:
-            result = _run_turn_interruptible(session, line)
-        except ContextOverflowError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        done = _turn_interruptible(chat, line)
+        if done.finish_reason == "overflow":
+            print(f"error: {done.error}", file=sys.stderr)
             continue
-        s = result.stats
+        if done.notice:
+            print(f"note: {done.notice}", file=sys.stderr)
+        s = done.stats
+        if s is None:
+            print(f"  [{done.finish_reason}: {done.error}]" if done.error else "  [stopped]", file=sys.stderr)
+            continue
         if s.overflow_action:
             print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
         note = f" [{s.finish_reason}: {s.error}]" if s.error else ""

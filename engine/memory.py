@@ -17,9 +17,7 @@ import torch
 from engine import caches
 from engine.caches import CacheSpec
 from engine.caches.shape import KVShape, dtype_size, text_config
-
-GIB = 1024**3
-MAX_TOKENS = 10_000_000  # search bound for "how many tokens fit"
+from engine.reports import GIB, MAX_TOKENS  # noqa: F401  (GIB re-exported; MAX_TOKENS bounds the search)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from engine import caches
 from engine.caches import CacheSpec
 from engine.caches.base import KVCache
 from engine.models import LoadedModel
+from engine.reports import CONTEXT_OVERFLOW, INVALID_SETTINGS, OTHER_ERROR, OUT_OF_MEMORY, TurnStats
 from engine.sampling import Sampler
 from engine.specs import OVERFLOW_POLICIES, SamplingSettings, validate_overflow  # noqa: F401  (re-exported)
 from engine.streaming import IncrementalDecoder
@@ -47,6 +48,22 @@ class _Cancelled(Exception):
     """cancel() arrived while the prompt was being prefilled."""
 
 
+def error_kind(exc: BaseException) -> str:
+    """What kind of failure `exc` is, for a front end to act on without reading its text."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    message = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message):
+        return OUT_OF_MEMORY  # the CPU and MPS allocators raise plain RuntimeErrors
+    if isinstance(exc, ContextOverflowError):
+        return CONTEXT_OVERFLOW
+    from engine.specs import CacheConfigError, SamplingError
+
+    if isinstance(exc, CacheConfigError | SamplingError):
+        return INVALID_SETTINGS
+    return OTHER_ERROR
+
+
 @dataclass
 class Message:
     role: str  # "system" is not stored here: the session's system prompt is separate
@@ -59,27 +76,6 @@ class Message:
 
     def to_dict(self) -> dict[str, Any]:
         return {"role": self.role, "content": self.content, "complete": self.complete}
-
-
-@dataclass(frozen=True)
-class TurnStats:
-    """What one turn cost. `reused_tokens + prefilled_tokens == prompt_tokens`."""
-
-    prompt_tokens: int
-    reused_tokens: int
-    prefilled_tokens: int
-    generated_tokens: int
-    ttft_ms: float
-    decode_tok_s: float
-    cache_tokens: int
-    cache_bytes: int
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    overflow_action: str | None = None  # what the overflow policy did before this turn, if anything
-    hidden_messages: int = 0  # messages left out of what the model read (truncate-middle)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -142,7 +138,8 @@ class ChatSession:
     """A conversation bound to a loaded model. Not thread-safe: one worker drives it.
 
     `cancel()` is the exception: it may be called from any thread and stops the running turn
-    before its next decode step.
+    before its next decode step. So does setting `stop`, an event the caller owns (set before the
+    turn started, it stops the turn before its first forward pass).
     """
 
     def __init__(
@@ -159,6 +156,7 @@ class ChatSession:
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []
         self._cancel = threading.Event()
+        self.stop: threading.Event | None = None
 
     # ----- conversation editing -------------------------------------------------------------
     def render_ids(self, messages: Sequence[Message] | None = None, generation_prompt: bool = True) -> list[int]:
@@ -283,6 +281,9 @@ class ChatSession:
     def cancel(self) -> None:
         self._cancel.set()
 
+    def _stopped(self) -> bool:
+        return self._cancel.is_set() or (self.stop is not None and self.stop.is_set())
+
     def reset_cache(self) -> None:
         self.cache = None
         self.cached_ids = []
@@ -314,6 +315,7 @@ class ChatSession:
         """Generate the assistant's reply to the conversation as it stands (last message: the user's)."""
         if not self.messages or self.messages[-1].role != "user":
             raise ValueError("There is no user message to answer.")
+        user_at = len(self.messages) - 1
         self._cancel.clear()
         self.prefill_chunk()  # invalid cache settings are reported before anything runs
         prompt = self.render_ids()
@@ -334,6 +336,7 @@ class ChatSession:
         generated: list[int] = []
         finish = "length"
         error: str | None = None
+        kind: str | None = None
         started = time.perf_counter()
         first_token_at: float | None = None
         reused = 0
@@ -353,7 +356,7 @@ class ChatSession:
                     on_delta(delta)
                 if len(generated) >= budget:
                     break
-                if self._cancel.is_set():
+                if self._stopped():
                     finish = "cancelled"
                     break
                 context_ids = torch.cat([context_ids, torch.tensor([token])])
@@ -363,6 +366,7 @@ class ChatSession:
         except Exception as exc:  # torch.OutOfMemoryError included: keep the conversation usable
             finish = "error"
             error = f"{type(exc).__name__}: {exc}"
+            kind = error_kind(exc)
             self._resync()
         ended = time.perf_counter()
 
@@ -388,8 +392,10 @@ class ChatSession:
             cache_bytes=caches.cache_bytes(self.cache),
             finish_reason=finish,
             error=error,
+            error_kind=kind,
             overflow_action=overflow_action,
             hidden_messages=self.hidden_messages,
+            user_tokens=len(self._tokenize(self.messages[user_at].content)),
         )
         return TurnResult(reply=reply, stats=stats)
 
@@ -452,7 +458,7 @@ class ChatSession:
         chunk = self.prefill_chunk()
         logits = None
         for start in range(0, len(rest), chunk):
-            if self._cancel.is_set():
+            if self._stopped():
                 raise _Cancelled  # between prefill chunks: a long prompt stops within one chunk
             logits = self.forward_logits(rest[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"

@@ -40,12 +40,12 @@ class SnapshotStore:
         self.root = root or paths.data_dir() / "snapshots"
         self.budget_bytes = budget_bytes
 
-    def path(self, key: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+    def path(self, key: int | str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(key))
         return self.root / f"{safe}.safetensors"
 
     # ----- writing -----------------------------------------------------------------------------
-    def save(self, key: str, session: Any) -> Path | None:
+    def save(self, key: int | str, session: Any) -> Path | None:
         """Write the session's cache; None when there is nothing to save."""
         from safetensors.torch import save_file
 
@@ -80,7 +80,7 @@ class SnapshotStore:
         return target
 
     # ----- reading -----------------------------------------------------------------------------
-    def load(self, key: str, session: Any) -> LoadResult:
+    def load(self, key: int | str, session: Any) -> LoadResult:
         """Restore the session's cache and token ids from its snapshot, if it is valid for it."""
         from safetensors import safe_open
 
@@ -132,11 +132,22 @@ class SnapshotStore:
         return None
 
     # ----- housekeeping ------------------------------------------------------------------------
-    def delete(self, key: str) -> None:
+    def delete(self, key: int | str) -> None:
         self.path(key).unlink(missing_ok=True)
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime) if self.root.is_dir() else []
+
+    @staticmethod
+    def tokens(path: Path) -> int:
+        """How many tokens a snapshot holds, from its header (0 when it cannot be read)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return len(json.loads((fh.metadata() or {}).get("token_ids", "[]")))
+        except Exception:  # a damaged file: loading it later deletes it
+            return 0
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())

@@ -68,7 +68,7 @@ def main() -> int:
     print(f"{args.chats} chats of ~{args.tokens} tokens, {one / 2**20:.0f} MiB of KV each; "
           f"device budget {pool.device_budget / 2**20:.0f} MiB, RAM budget {pool.host_budget / 2**20:.0f} MiB")
     for i in range(args.chats):
-        key = f"chat{i}"
+        key = i
         session = ChatSession(lm, SessionSettings(sampling=GREEDY))
         session.messages = [Message("user", history(i))]
         sessions[key] = session

@@ -22,6 +22,7 @@ from PySide6.QtGui import QGuiApplication
 
 from app.config import AppConfig
 from app.main_window import MainWindow
+from engine.specs import CacheSpec, SamplingSettings
 from engine.store import ChatSettings, ChatStore
 from tests.tiny import tiny_loaded_model
 
@@ -159,7 +160,7 @@ def test_editing_an_earlier_message_continues_from_there_reusing_the_cache_up_to
     win = make_window()
     chat_id = win.new_chat()
     win.store.set_settings(chat_id, ChatSettings(system_prompt="You are a careful assistant for tests.",
-                                                 sampling=SHORT))
+                                                 sampling=SamplingSettings(**SHORT)))
     send_and_wait(qtbot, win, "First question")
     send_and_wait(qtbot, win, "Second question")
     assert len(win.store.messages(chat_id)) == 4
@@ -203,8 +204,8 @@ def test_switching_the_cache_strategy_mid_chat_rebuilds_the_cache_with_visible_p
     assert "rebuilding" in seen
     notice = win.controller.runtime(chat_id).notices[0]
     assert notice.kind == "info" and ("rebuilt" in notice.text or "converted" in notice.text)
-    assert win.store.chat(chat_id).settings.cache["strategy"] == target
-    assert win.store.chat(chat_id).settings.cache["window"] == 2048
+    assert win.store.chat(chat_id).settings.cache.strategy == target
+    assert win.store.chat(chat_id).settings.cache.window == 2048
     cache = win.controller.runtime(chat_id).cache
     assert cache is not None and cache.tokens > 0 and cache.strategy == target
     assert win.lossy_badge.isVisible() == (target == "sink")
@@ -236,7 +237,7 @@ def test_switching_to_an_hqq_quantized_cache_says_while_it_loads_the_library(
     with qtbot.waitSignal(win.controller.rebuild_finished, timeout=TURN_TIMEOUT):
         qtbot.mouseClick(panel.apply_button, Qt.MouseButton.LeftButton)
     assert messages and "Loading the quantization library (HQQ)" in messages[0]
-    assert win.store.chat(chat_id).settings.cache["backend"] == "hqq"
+    assert win.store.chat(chat_id).settings.cache.backend == "hqq"
     cache = win.controller.runtime(chat_id).cache
     assert cache is not None and cache.strategy == "quantized" and cache.tokens > 0
     send_and_wait(qtbot, win, "And now in HQQ?")
@@ -249,7 +250,7 @@ def test_a_strategy_that_cannot_be_built_is_reported_in_the_chat_and_rolled_back
     win = make_window()
     chat_id = send_and_wait(qtbot, win, "Hello")
     before = win.store.chat(chat_id).settings
-    bad = ChatSettings(before.system_prompt, before.sampling, {"strategy": "sink", "sink_tokens": 8, "window": 4})
+    bad = ChatSettings(before.system_prompt, before.sampling, CacheSpec("sink", sink_tokens=8, window=4))
     with qtbot.waitSignal(win.controller.rebuild_finished, timeout=TURN_TIMEOUT):
         win.controller.set_settings(chat_id, bad)
     notice = win.controller.runtime(chat_id).notices[0]
@@ -268,7 +269,7 @@ def test_a_reply_keeps_streaming_into_its_own_chat_while_another_chat_is_shown(
     chat_a = win.current_chat
     assert chat_a is not None
     chat_b = win.new_chat()
-    win.store.set_settings(chat_b, ChatSettings(sampling=SHORT))
+    win.store.set_settings(chat_b, ChatSettings(sampling=SamplingSettings(**SHORT)))
     assert win.chat_view.bubble_texts() == []
     grown_from = len(win.controller.runtime(chat_a).text)
     qtbot.waitUntil(lambda: len(win.controller.runtime(chat_a).text) > grown_from + 5, timeout=TURN_TIMEOUT)
@@ -412,7 +413,7 @@ def test_a_chat_beyond_the_context_says_so_and_offers_the_overflow_policies(
     assert any("context" in n.text for n in win.controller.runtime(chat_id).notices)
     # The chat now is a sink chat: stored as such (lossy badge), and the next turn reuses its cache
     # instead of switching back and recomputing everything.
-    assert win.store.chat(chat_id).settings.cache["strategy"] == "sink"
+    assert win.store.chat(chat_id).settings.cache.strategy == "sink"
     assert win.lossy_badge.isVisible()
     send_and_wait(qtbot, win, "and one more")
     stats = win.controller.runtime(chat_id).last_stats
@@ -424,7 +425,7 @@ def test_lossy_strategy_shows_a_badge_and_code_blocks_can_be_copied(qtbot: Any, 
     chat_id = win.new_chat()
     win.store.add_message(chat_id, "user", "Code please")
     win.store.add_message(chat_id, "assistant", "Here:\n\n```python\nprint('hi')\n```\n<script>alert(1)</script>")
-    win.store.set_settings(chat_id, ChatSettings(cache={"strategy": "quantized"}))
+    win.store.set_settings(chat_id, ChatSettings(cache=CacheSpec("quantized")))
     win.current_chat = None
     win.select_chat(chat_id)
     assert win.lossy_badge.isVisible()
@@ -585,12 +586,12 @@ def test_auto_shows_the_strategy_the_advisor_chose_and_its_lossy_badge(qtbot: An
 
     win = make_window()
     chat_id = win.new_chat()
-    assert win.store.chat(chat_id).settings.cache.get("strategy", "auto") == "auto"
+    assert win.store.chat(chat_id).settings.cache.strategy == "auto"
     entry = next(e for e in win.sidebar.entries() if e.chat_id == chat_id)
     assert entry.strategy == "auto: dynamic" and not win.lossy_badge.isVisible()
     model = win.engine.model
     assert model is not None
-    win.engine.model = replace(model, auto_cache={"strategy": "quantized", "nbits": 4})  # a smaller machine
+    win.engine.model = replace(model, auto_cache=CacheSpec("quantized", nbits=4))  # a smaller machine
     win.refresh_sidebar()
     entry = next(e for e in win.sidebar.entries() if e.chat_id == chat_id)
     assert entry.strategy == "auto: quantized" and entry.lossy
@@ -673,7 +674,7 @@ def test_near_the_context_the_chat_offers_the_policies_ahead_of_time(qtbot: Any,
     assert "continue with attention sinks" in widget.notice.text
     send_and_wait(qtbot, win, "z" * 200)  # overflows now: applied without asking
     assert win.store.messages(chat_id)[-1].role == "assistant"
-    assert win.store.chat(chat_id).settings.cache["strategy"] == "sink"
+    assert win.store.chat(chat_id).settings.cache.strategy == "sink"
     assert not any(n.actions and n.actions[0].key.startswith("overflow:")
                    for n in win.controller.runtime(chat_id).notices)
 
@@ -707,7 +708,7 @@ def test_with_a_gpu_the_meter_also_counts_idle_caches_moved_to_ram(qtbot: Any, m
     from dataclasses import replace
 
     from app import meters
-    from app.bridge import CacheState
+    from app.protocol import CacheState
 
     win = make_window()
     model = win.engine.model

@@ -14,9 +14,9 @@ import pytest
 import torch
 from PySide6.QtCore import QCoreApplication, QEvent
 
-from app.bridge import Budgets, CacheRestored
 from app.config import AppConfig
 from app.main_window import MainWindow
+from app.protocol import Budgets, CacheRestored
 from engine import paths
 from engine.store import ChatStore
 from tests.tiny import tiny_loaded_model
@@ -163,7 +163,7 @@ def test_running_out_of_memory_mid_reply_switches_to_a_quantized_cache_and_answe
     chat_id = win.new_chat()
     send_and_wait(qtbot, win, PROMPT)
     before = win.store.messages(chat_id)
-    session = win.engine._bridge._sessions[chat_id]  # the worker is idle between turns
+    session = win.engine._worker.service.pool.session(chat_id)  # the worker is idle between turns
     forward = session.forward_logits
     failures: list[int] = []
 
@@ -176,7 +176,7 @@ def test_running_out_of_memory_mid_reply_switches_to_a_quantized_cache_and_answe
     monkeypatch.setattr(session, "forward_logits", out_of_memory_once)
     stats = send_and_wait(qtbot, win, "Now a question that runs out of memory.")
     assert failures and stats["finish_reason"] in ("stop", "length")
-    assert win.store.chat(chat_id).settings.cache["strategy"] == "quantized"  # kept for the next turns
+    assert win.store.chat(chat_id).settings.cache.strategy == "quantized"  # kept for the next turns
     notice = win.controller.runtime(chat_id).notices[0]
     assert notice.kind == "info" and "Memory ran out" in notice.text and "quantized" in notice.text
     msgs = win.store.messages(chat_id)
@@ -188,8 +188,9 @@ def test_running_out_of_memory_mid_reply_switches_to_a_quantized_cache_and_answe
 
 
 def test_automatic_budgets_follow_the_machine_and_settings_override_them() -> None:
-    from app.bridge import GIB, MIB, resolve_budgets
     from engine.memory import simulated_hardware
+    from engine.reports import GIB, MIB
+    from engine.service import resolve_budgets
 
     gpu = simulated_hardware(vram_gib=24, ram_gib=64)
     cpu = simulated_hardware(vram_gib=None, ram_gib=16)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from engine.specs import CacheSpec, SamplingSettings
 from engine.store import SCHEMA_VERSION, ChatSettings, ChatStore, StoreError, auto_title
 
 
@@ -20,8 +21,8 @@ def store(tmp_path: Path):
 
 
 def test_a_message_is_on_disk_as_soon_as_it_is_added(store: ChatStore, tmp_path: Path) -> None:
-    chat = store.create_chat(ChatSettings(system_prompt="Be brief.", sampling={"temperature": 0.0},
-                                          cache={"strategy": "dynamic"}))
+    chat = store.create_chat(ChatSettings(system_prompt="Be brief.", sampling=SamplingSettings(temperature=0.0),
+                                          cache=CacheSpec("dynamic")))
     store.add_message(chat.id, "user", "Hello there")
     # A second connection (another process after a crash) sees it without any close or flush.
     other = sqlite3.connect(tmp_path / "chats.sqlite3")
@@ -43,8 +44,8 @@ def test_database_uses_wal_foreign_keys_and_a_schema_version(store: ChatStore) -
 def test_reopening_keeps_chats_settings_and_token_ids(tmp_path: Path) -> None:
     path = tmp_path / "chats.sqlite3"
     first = ChatStore(path)
-    settings = ChatSettings(system_prompt="S", sampling={"temperature": 0.2, "top_k": 5},
-                            cache={"strategy": "quantized", "nbits": 2})
+    settings = ChatSettings(system_prompt="S", sampling=SamplingSettings(temperature=0.2, top_k=5),
+                            cache=CacheSpec("quantized", nbits=2))
     chat = first.create_chat(settings)
     first.add_message(chat.id, "user", "Question?")
     first.add_message(chat.id, "assistant", "Answer.", token_ids=[5, 6, 7], tokens=3, stats={"ttft_ms": 12.0})
@@ -112,7 +113,8 @@ def test_truncate_drops_the_edited_message_and_everything_after(store: ChatStore
 
 
 def test_json_export_round_trips_messages_and_settings(store: ChatStore) -> None:
-    chat = store.create_chat(ChatSettings(system_prompt="Sys", sampling={"top_p": 0.5}, cache={"strategy": "auto"}))
+    chat = store.create_chat(ChatSettings(system_prompt="Sys", sampling=SamplingSettings(top_p=0.5),
+                                          cache=CacheSpec("auto")))
     store.add_message(chat.id, "user", "Hi")
     store.add_message(chat.id, "assistant", "Hel", status="stopped", token_ids=[1, 2])
     exported = json.loads(json.dumps(store.export_json(chat.id)))
@@ -172,7 +174,7 @@ def test_a_version_1_database_is_migrated_and_keeps_its_chats(tmp_path: Path) ->
     db.close()
     migrated = ChatStore(path)
     [chat] = migrated.chats()
-    assert chat.title == "Old chat" and chat.settings.overflow == "stop"
+    assert chat.title == "Old chat" and chat.settings == ChatSettings()  # "{}" in the old columns: the defaults
     assert migrated.schema_version() == SCHEMA_VERSION
     migrated.set_settings(chat.id, ChatSettings(overflow="truncate-middle"))
     assert migrated.chat(chat.id).settings.overflow == "truncate-middle"
@@ -192,3 +194,16 @@ def test_a_damaged_data_folder_choice_falls_back_to_the_default(tmp_path, monkey
     assert paths.data_dir() == tmp_path / "chosen"
     monkeypatch.setenv("CACHET_DATA_DIR", str(tmp_path / "flag"))  # --data-dir wins over the choice
     assert paths.data_dir() == tmp_path / "flag"
+
+
+def test_settings_written_by_an_older_cachet_read_as_typed_settings(tmp_path: Path) -> None:
+    """Older rows hold only the sampling values a user changed and no cache strategy ("auto"), or
+    fields a newer Cachet added: they read as the defaults plus what is there."""
+    store = ChatStore(tmp_path / "chats.sqlite3")
+    chat = store.create_chat()
+    store.db.execute("UPDATE chats SET sampling = ?, cache = ? WHERE id = ?",
+                     (json.dumps({"temperature": 0.3, "min_p": 0.05}), json.dumps({"window": 256}), chat.id))
+    settings = store.chat(chat.id).settings
+    assert settings.sampling == SamplingSettings(temperature=0.3)
+    assert settings.cache == CacheSpec("auto", window=256)
+    store.close()
