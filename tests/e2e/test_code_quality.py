@@ -1,4 +1,4 @@
-"""The tree keeps its own rules: ruff clean (which bans Qt imports in engine/) and type-checked."""
+"""The tree keeps its own rules: ruff clean (which bans Qt imports in engine/) and type-checked (engine/ and app/)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run(*cmd: str) -> subprocess.CompletedProcess[str]:
@@ -18,7 +18,7 @@ def test_ruff_is_clean() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_engine_type_checks() -> None:
+def test_engine_and_app_type_check() -> None:
     result = run("mypy")
     assert result.returncode == 0, result.stdout + result.stderr
 

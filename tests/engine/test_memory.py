@@ -43,7 +43,8 @@ def test_kv_and_weight_bytes_match_hand_counts(config, kv_bytes_per_token, param
 
 
 def test_known_per_token_figures() -> None:
-    # 32 KiB for the 1B shape, 128 KiB for the 8B shape (see NOTES.md), 56 KiB for Qwen2.5-7B.
+    # 2 (K and V) × layers × KV heads × head dim × 2 bytes: 2·16·8·64·2 = 32 KiB for the 1B shape,
+    # 2·32·8·128·2 = 128 KiB for the 8B shape, 2·28·4·128·2 = 56 KiB for Qwen2.5-7B.
     assert caches.bytes_for(CacheSpec(), 1, LLAMA_1B, BF16) == 32 * 1024
     assert caches.bytes_for(CacheSpec(), 1, LLAMA_8B, BF16) == 128 * 1024
     assert caches.bytes_for(CacheSpec(), 1, QWEN_7B, BF16) == 56 * 1024

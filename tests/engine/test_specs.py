@@ -19,7 +19,7 @@ from engine.specs import (
     quantization_defaults,
 )
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_the_settings_module_imports_without_torch() -> None:

@@ -236,8 +236,15 @@ def test_overflow_truncate_middle_keeps_first_exchange_and_hides_old_turns(tiny_
     assert seen[:2] == session.messages[:2]  # first exchange kept
     assert seen[-2].content == "the newest question"
     assert len(session.messages) == 12 * 2 + 2  # nothing deleted from the chat
+    # The next turn no longer fits either: two more messages leave the view, and the cache is kept up
+    # to where the old and the new view part (the first exchange and the start of the next turn).
+    cached = list(session.cached_ids)
     follow = session.send("and another")
-    assert follow.stats.reused_tokens == result.stats.cache_tokens or follow.stats.overflow_action
+    assert follow.stats.overflow_action == "left 2 older messages out of the model's view"
+    assert follow.stats.hidden_messages == result.stats.hidden_messages + 2
+    prompt = session.render_ids(session.model_messages()[:-1])
+    assert follow.stats.reused_tokens == common_prefix_length(cached, prompt) > len(session.render_ids(
+        session.messages[:2], generation_prompt=False))
 
 
 def test_overflow_sink_switches_strategy_and_keeps_the_cache(tiny_lm) -> None:

@@ -13,7 +13,7 @@ from engine.sampling import SamplingSettings
 from engine.session import ChatSession, Message, SessionSettings
 
 pytestmark = pytest.mark.real_model
-TURNS = (Path(__file__).parent / "data" / "six_turns.txt").read_text().splitlines()
+TURNS = (Path(__file__).resolve().parents[1] / "data" / "six_turns.txt").read_text().splitlines()
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=128)
 
 
@@ -85,7 +85,7 @@ def test_sink_keeps_streamingllm_quality_on_the_bundled_model(real_lm) -> None:
     from engine.caches import CacheSpec
     from engine.perplexity import perplexity, sliding_window_perplexity
 
-    text = (Path(__file__).parent / "data" / "alice.txt").read_text()
+    text = (Path(__file__).resolve().parents[1] / "data" / "alice.txt").read_text()
     n, window = 300, 64
     sink = perplexity(real_lm, text, CacheSpec("sink", sink_tokens=4, window=window), max_tokens=n, chunk=32)
     no_sink = perplexity(real_lm, text, CacheSpec("sink", sink_tokens=0, window=window + 4), max_tokens=n, chunk=32)

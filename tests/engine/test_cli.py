@@ -93,3 +93,20 @@ def test_sink_chat_from_the_cli_runs_past_the_context(tiny_folder, tmp_path, cap
                      "--max-new-tokens", "8", "--turns", str(turns), "--json"]) == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert records[-1]["prompt_tokens"] > 1024 >= records[-1]["cache_tokens"]
+
+
+def test_a_terminal_chat_resumes_its_cache_from_the_data_folder(tiny_folder, tmp_path, capsys) -> None:
+    """With --data-dir the chat is kept, and on quitting its cache is saved as a snapshot: going on
+    with it later (--chat) reuses the whole history instead of reading it again."""
+    data = tmp_path / "cachet"
+    first = run_turns(tiny_folder, tmp_path, capsys, "--data-dir", str(data))
+    assert (data / "data" / "chats.sqlite3").is_file() and list((data / "data" / "snapshots").glob("1.*"))
+    turns = tmp_path / "more.txt"
+    turns.write_text("and one more\n")
+    assert cli.main(["chat", "--model", str(tiny_folder), "--temperature", "0", "--max-new-tokens", "8",
+                     "--turns", str(turns), "--json", "--data-dir", str(data), "--chat", "1"]) == 0
+    [record] = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert record["reused_tokens"] == first[-1]["cache_tokens"]  # the whole chat so far, from the snapshot
+    assert cli.main(["chat", "--model", str(tiny_folder), "--data-dir", str(data), "--chat", "7",
+                     "--turns", str(turns)]) == 1
+    assert "no chat 7" in capsys.readouterr().err
