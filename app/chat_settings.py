@@ -37,9 +37,13 @@ from engine.specs import (
     BACKENDS,
     GROUP_SIZES,
     LOSSY,
+    MIN_STATIC_CACHE_LEN,
     OVERFLOW_POLICIES,
+    REPETITION_PENALTY_RANGE,
     STRATEGIES,
     STRATEGY_FIELDS,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
     CacheConfigError,
     CacheSpec,
     SamplingSettings,
@@ -80,7 +84,7 @@ PARAMS: dict[str, Param] = {
     "axis_key": Param("Key axis", "Per-channel keys matter most at 2 bits (KIVI).", choices=AXES),
     "axis_value": Param("Value axis", "How values are grouped for quantization.", choices=AXES),
     "backend": Param("Backend", "The quantization library.", choices=tuple((b, b) for b in BACKENDS)),
-    "max_cache_len": Param("Pre-allocated length", "Tokens the static cache reserves.", minimum=16),
+    "max_cache_len": Param("Pre-allocated length", "Tokens the static cache reserves.", minimum=MIN_STATIC_CACHE_LEN),
 }
 
 
@@ -137,11 +141,13 @@ class ChatSettingsPanel(QScrollArea):
         sampling_box = QGroupBox("Sampling")
         form = QFormLayout(sampling_box)
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        self.temperature = self._double(0.0, 5.0, 0.05, 2, "0 = greedy: always the most likely token")
-        self.top_p = self._double(0.01, 1.0, 0.01, 2, "Sample from the smallest set of tokens with this much "
+        self.temperature = self._double(*TEMPERATURE_RANGE, 0.05, 2, "0 = greedy: always the most likely token")
+        self.top_p = self._double(TOP_P_RANGE[0] + 0.01, TOP_P_RANGE[1], 0.01, 2,
+                                  "Sample from the smallest set of tokens with this much "
                                                       "probability")
         self.top_k = self._int(0, 100_000, "Sample from the k most likely tokens (0 = off)")
-        self.repetition_penalty = self._double(0.5, 3.0, 0.05, 2, "Above 1 discourages repeating tokens")
+        self.repetition_penalty = self._double(*REPETITION_PENALTY_RANGE, 0.05, 2,
+                                               "Above 1 discourages repeating tokens")
         self.max_new_tokens = self._int(1, 1_000_000, "The longest reply, in tokens")
         self.seed = self._int(-1, 2**31 - 1, "A fixed seed repeats the same reply; “random” does not")
         self.seed.setSpecialValueText("random")

@@ -21,6 +21,12 @@ BACKENDS = ("quanto", "hqq")
 AXES = (0, -1)  # 0: groups run along a token's head vector ("per token"); -1: along tokens ("per channel")
 GROUP_SIZES = (16, 32, 64, 128)
 OVERFLOW_POLICIES = ("stop", "truncate-middle", "sink")
+MIN_STATIC_CACHE_LEN = 16
+# The range each sampling setting must lie in (inclusive; top-p must also be above 0), for
+# `SamplingSettings.validate` and for the widgets that edit them.
+TEMPERATURE_RANGE = (0.0, 5.0)
+TOP_P_RANGE = (0.0, 1.0)
+REPETITION_PENALTY_RANGE = (0.5, 3.0)
 
 _QUANTIZATION = ("nbits", "residual", "q_group_size", "axis_key", "axis_value", "backend")
 # Which CacheSpec fields each strategy reads; it ignores the others.
@@ -130,8 +136,9 @@ class CacheSpec:
                 f"the full-precision residual ({self.residual}) must be smaller than the window ({self.window}): "
                 "the window is stored as quantized blocks of that many tokens."
             )
-        if "max_cache_len" in uses and self.max_cache_len < 16:
-            raise CacheConfigError(f"the static cache needs at least 16 tokens, not {self.max_cache_len}.")
+        if "max_cache_len" in uses and self.max_cache_len < MIN_STATIC_CACHE_LEN:
+            raise CacheConfigError(
+                f"the static cache needs at least {MIN_STATIC_CACHE_LEN} tokens, not {self.max_cache_len}.")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -189,14 +196,18 @@ class SamplingSettings:
         for name in ("top_k", "max_new_tokens"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise SamplingError(f"{name.replace('_', ' ')} must be a whole number, not {getattr(self, name)!r}.")
-        if not 0.0 <= self.temperature <= 5.0:
-            raise SamplingError(f"temperature must be between 0 and 5, not {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top-p must be in (0, 1], not {self.top_p}.")
+        low, high = TEMPERATURE_RANGE
+        if not low <= self.temperature <= high:
+            raise SamplingError(f"temperature must be between {low:g} and {high:g}, not {self.temperature}.")
+        low, high = TOP_P_RANGE
+        if not low < self.top_p <= high:
+            raise SamplingError(f"top-p must be in ({low:g}, {high:g}], not {self.top_p}.")
         if self.top_k < 0:
             raise SamplingError(f"top-k must be 0 (off) or positive, not {self.top_k}.")
-        if not 0.5 <= self.repetition_penalty <= 3.0:
-            raise SamplingError(f"repetition penalty must be between 0.5 and 3, not {self.repetition_penalty}.")
+        low, high = REPETITION_PENALTY_RANGE
+        if not low <= self.repetition_penalty <= high:
+            raise SamplingError(
+                f"repetition penalty must be between {low:g} and {high:g}, not {self.repetition_penalty}.")
         if self.max_new_tokens < 1:
             raise SamplingError(f"max new tokens must be at least 1, not {self.max_new_tokens}.")
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
