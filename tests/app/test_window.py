@@ -568,3 +568,25 @@ def test_with_a_gpu_the_meter_also_counts_idle_caches_moved_to_ram(qtbot: Any, m
     text = win.meters.memory_label.text()
     assert text.startswith("VRAM:") and "KV 3.0 MiB (1 chat)" in text and "free 8.0 GiB" in text
     assert "RAM: KV 12.0 MiB (2 idle chats) · free 1.0 GiB" in text
+
+
+def test_the_window_redraws_a_streaming_chat_from_memory(
+        qtbot: Any, make_window: MakeWindow, monkeypatch: pytest.MonkeyPatch, send_and_wait: SendAndWait) -> None:
+    """While a reply streams (a cache report every half second, a token every step), nothing re-reads
+    the chat's messages from the database, and the end of the turn redraws its sidebar entry only."""
+    win = make_window(sampling={**SHORT, "max_new_tokens": 60})
+    chat_id = send_and_wait(win, "A first question")
+    other = win.new_chat()
+    send_and_wait(win, "Another chat, to have two entries")
+    win.select_chat(chat_id)
+    reads: list[int] = []
+    rebuilt: list[int] = []
+    real_messages, real_set_entries = win.store.messages, win.sidebar.set_entries
+    monkeypatch.setattr(win.store, "messages", lambda cid: reads.append(cid) or real_messages(cid))
+    monkeypatch.setattr(win.sidebar, "set_entries", lambda *a: rebuilt.append(1) or real_set_entries(*a))
+    states: list[object] = []
+    win.engine.cache_state.connect(states.append)
+    send_and_wait(win, "A follow-up, with a longer reply")
+    assert states and reads == [] and rebuilt == []
+    assert win.chat_view.bubble_texts()[-1] == ("assistant", win.store.messages(chat_id)[-1].content)
+    assert [e.chat_id for e in win.sidebar.entries()] == [chat_id, other]  # moved to the top, in place
