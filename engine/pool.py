@@ -100,8 +100,8 @@ class CachePool:
     def activate(self, key: int, warm: bool = True) -> CacheRestored:
         """Make `key` the active conversation with its cache on the device, ready to reuse.
 
-        With `warm=False` a cache that must be recomputed is left for the next turn (e.g. when
-        the conversation first needs its overflow policy applied).
+        With `warm=False` a cache that must be recomputed is left for the next turn, which then
+        prefills it as part of its own prompt (reported as "empty": nothing was restored).
         """
         with self._mutex:
             entry = self.entries[key]
@@ -121,7 +121,7 @@ class CachePool:
                 loaded = self.snapshots.load(key, session) if self.snapshots else None
                 source = "disk" if loaded is not None and loaded.ok else "none"
             if source == "none":
-                source = "recomputed" if session.messages else "empty"
+                source = "recomputed" if session.messages and warm else "empty"
                 session.reset_cache()
                 entry.tier = "device"  # whatever warming does, the cache it builds is on the device
                 if session.messages and warm:

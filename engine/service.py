@@ -232,7 +232,7 @@ class ChatService:
                   settings: ChatSettings) -> CacheRestored:
         """The user opened a chat: bring its cache back to the device now, so its next reply starts at once."""
         try:
-            _session, restore, _how = self._open(chat_id, history, settings)
+            _session, restore, _how = self._open(chat_id, history, settings, warm=True)
         finally:
             self._report_state(chat_id)
         if restore.source != "device":
@@ -373,9 +373,12 @@ class ChatService:
             raise RuntimeError("No model is loaded.")
         return self.pool
 
-    def _open(self, chat_id: int, history: Sequence[HistoryMessage | Message],
-              settings: ChatSettings) -> tuple[ChatSession, CacheRestored, str]:
+    def _open(self, chat_id: int, history: Sequence[HistoryMessage | Message], settings: ChatSettings,
+              warm: bool = False) -> tuple[ChatSession, CacheRestored, str]:
         """The chat's session, with its cache active on the device and `settings` applied.
+
+        With `warm` (the user opened the chat) a cache that is nowhere is recomputed now, so that the
+        next reply starts at once; a turn leaves that to its own prefill, whose time it reports.
 
         Returns:
             (session, where its cache came from, how the cache strategy changed: "new" for a new
@@ -403,7 +406,8 @@ class ChatService:
         session.messages = [_message(m) for m in history]
         # Nothing to restore and too long to recompute as it stands: the turn applies the overflow
         # policy first (or says it cannot), so do not prefill it here.
-        warm = not (pool.tier(chat_id) == "none" and session.messages and not session.context_status().fits)
+        if warm and pool.tier(chat_id) == "none" and session.messages and not session.context_status().fits:
+            warm = False
         restore = pool.activate(chat_id, warm=warm)
         how = "new" if created else session.set_cache_spec(spec)  # after activating: the cache is here now
         return session, restore, how

@@ -188,3 +188,12 @@ def test_automatic_budgets_follow_the_machine_and_settings_override_them() -> No
     assert resolve_budgets(Budgets(), cpu, advised_kv=12 * GIB) == (12 * GIB, 512 * MIB)
     assert resolve_budgets(Budgets(), cpu, advised_kv=None)[0] == 8 * GIB  # no advice: half of what is free
     assert resolve_budgets(Budgets(device=3 * GIB, host=0), gpu, advised_kv=20 * GIB) == (3 * GIB, 0)
+
+
+def test_a_new_chats_first_reply_prefills_its_whole_prompt_and_restores_nothing(make_front: MakeFront) -> None:
+    """The first turn's time to first token includes reading the prompt; nothing was "recomputed"."""
+    front = make_front()
+    chat_id = front.new_chat()
+    done = front.say(chat_id, PROMPT)
+    assert done.restore.source == "empty"
+    assert done.stats.reused_tokens == 0 and done.stats.prefilled_tokens == done.stats.prompt_tokens
