@@ -1,7 +1,8 @@
 """Shared fixtures and helpers for every test.
 
-* Every test runs against throwaway data and config folders; the converted copy of the bundled
-  GGUF model is kept across runs (it is keyed by the file's hash), so no run converts it twice.
+* Every test runs against throwaway data and config folders. What is keyed by content is kept
+  across runs in `kept_cache_dir()`: the converted copy of the bundled GGUF model (keyed by the
+  file's hash), so no run converts it twice, and mypy's cache.
 * `tiny_lm`: a tiny random model built from a config (tests/tiny.py), for speed.
 * `real_lm`: the bundled SmolLM2-135M-Instruct, loaded once per session, for the few tests
   marked `real_model` (`pytest -m real_model` runs only them, `-m "not real_model"` skips them).
@@ -31,16 +32,17 @@ SHORT = {"temperature": 0.0, "max_new_tokens": 12, "repetition_penalty": 1.0}
 TURN_TIMEOUT_MS = 60_000
 
 
-def model_cache_dir() -> Path:
-    """Where converted models are kept between test runs: CACHET_TEST_CACHE_DIR, else the user cache
-    folder's Cachet/tests (never the app's own cache folder)."""
+def kept_cache_dir() -> Path:
+    """What test runs keep between runs (only what is keyed by content): CACHET_TEST_CACHE_DIR, else
+    the user cache folder's Cachet/tests (never the app's own cache folder)."""
     base = os.environ.get("CACHET_TEST_CACHE_DIR")
     return Path(base) if base else Path(platformdirs.user_cache_dir("Cachet", appauthor=False)) / "tests"
 
 
 @pytest.fixture(scope="session")
 def shared_cache_dir() -> Path:
-    path = model_cache_dir()
+    """The cache folder of every test (converted models), kept between runs."""
+    path = kept_cache_dir()
     path.mkdir(parents=True, exist_ok=True)
     return path
 
