@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -28,6 +29,9 @@ class SamplingSettings:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 512
     seed: int | None = None
+    # End-of-turn tokens are not chosen before this many tokens (vLLM's `min_tokens`); the benchmark
+    # uses it to decode a fixed number of tokens whatever the model would say.
+    min_new_tokens: int = 0
 
     def validate(self) -> SamplingSettings:
         if not 0.0 <= self.temperature <= 5.0:
@@ -40,6 +44,11 @@ class SamplingSettings:
             raise SamplingError(f"repetition penalty must be between 0.5 and 3, not {self.repetition_penalty}.")
         if self.max_new_tokens < 1:
             raise SamplingError(f"max new tokens must be at least 1, not {self.max_new_tokens}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise SamplingError(
+                f"min new tokens must be between 0 and max new tokens ({self.max_new_tokens}), "
+                f"not {self.min_new_tokens}."
+            )
         return self
 
     def to_dict(self) -> dict[str, object]:
@@ -73,9 +82,11 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def choose(self, logits: torch.Tensor, context: torch.Tensor) -> int:
-        """Pick the next token from the last position's logits (shape [vocab])."""
+    def choose(self, logits: torch.Tensor, context: torch.Tensor, banned: Sequence[int] = ()) -> int:
+        """Pick the next token from the last position's logits (shape [vocab]), never one of `banned`."""
         scores = self.processors(context.view(1, -1), logits.view(1, -1).float())  # type: ignore[arg-type]
+        if banned:  # out of place: the logits may be an inference-mode tensor
+            scores = scores.index_fill(1, torch.tensor(list(banned), device=scores.device), float("-inf"))
         if self.settings.greedy:
             return int(scores.argmax(dim=-1).item())
         probs = torch.softmax(scores, dim=-1).cpu()
