@@ -90,6 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None)
     ppl.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass")
     ppl.add_argument("--json", action="store_true")
+
+    from engine.bench.runner import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure follow-up latency, decode speed, memory and fidelity per strategy, "
+                                         "side by side with llama.cpp and plain transformers; writes JSON and plots")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -233,6 +239,20 @@ def cmd_advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from engine.bench import runner
+
+    try:
+        options = runner.options_from_args(args, argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record, out = runner.run(options)
+    print(runner.table(record))
+    print(f"\nwrote {out / 'bench.json'} and {len(list(out.glob('*.png')))} plots to {out} ({record['seconds']:.0f} s)")
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -240,6 +260,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "advise":
             return cmd_advise(args)
+        if args.command == "bench":
+            return cmd_bench(args, argv)
         return cmd_perplexity(args)
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from engine import caches
+from engine.bench.workload import LONG_TEXT_PATH
 from engine.caches import CacheConfigError, CacheSpec, hqq_blocks
 from engine.caches import quantized as quantized_cache
 from engine.perplexity import perplexity
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, SessionSettings
 
-ALICE = Path(__file__).parent / "data" / "alice.txt"
+ALICE = LONG_TEXT_PATH
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=24, repetition_penalty=1.0)
 FOUR_BIT = CacheSpec(strategy="quantized", **quantized_cache.default_spec(4))
 TWO_BIT = CacheSpec(strategy="quantized", **quantized_cache.default_spec(2))

@@ -52,7 +52,7 @@ MIN_FLUSH_BLOCK = 64
 
 def default_spec(nbits: int) -> dict[str, Any]:
     """The quantization settings chosen by measurement for `nbits` (scripts/measure_fidelity.py,
-    SmolLM2-135M, tests/data/alice.txt, chunks of 64, CPU fp32).
+    SmolLM2-135M, resources/texts/alice.txt, chunks of 64, CPU fp32).
 
     4-bit: KIVI's axes (keys per channel, values per token), group 64, residual 128: perplexity
     +0.2% at 2,048 tokens, +0.4% at 4,000, with 19% of the full cache's bytes at 4,000 tokens.
