@@ -8,6 +8,7 @@ import sys
 import threading
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -15,6 +16,7 @@ from engine import caches, models
 from engine.caches import CacheSpec
 from engine.sampling import SamplingError, SamplingSettings
 from engine.session import OVERFLOW_POLICIES, ChatSession, ContextOverflowError, SessionSettings, TurnResult
+from engine.weights import PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -81,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--context", type=int, default=None, help="tokens to plan for (default: the model's context)")
     adv.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
     adv.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    adv.add_argument("--weights", default="auto", choices=("auto", *PRECISIONS),
+                     help="weight precision to plan with (auto: the most faithful that fits, layers split if needed)")
     adv.add_argument("--json", action="store_true")
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text through a cache strategy")
@@ -215,27 +219,37 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(args: argparse.Namespace) -> Any:
+    from engine import memory
+
+    if args.vram_gib is not None or args.ram_gib is not None:
+        return memory.simulated_hardware(args.vram_gib, args.ram_gib)
+    return memory.read_hardware(models.pick_device(getattr(args, "device", "auto")))
+
+
 def cmd_advise(args: argparse.Namespace) -> int:
     from engine import memory
 
     config = models.load_config(args.model, offline=not args.online, trust_remote_code=args.trust_remote_code)
-    if args.vram_gib is not None or args.ram_gib is not None:
-        hardware = memory.simulated_hardware(args.vram_gib, args.ram_gib)
-    else:
-        hardware = memory.read_hardware(models.pick_device(args.device))
+    hardware = _hardware(args)
     dtype = None if args.dtype == "auto" else models.pick_dtype(torch.device(hardware.device), args.dtype)
-    advice = memory.advise(config, hardware, context=args.context, dtype=dtype)
+    advice = memory.advise(config, hardware, context=args.context, dtype=dtype, weights=args.weights)
     if args.json:
         print(json.dumps(advice.to_dict()))
         return 0
     gib = memory.GIB
     where = "GPU" if hardware.has_gpu else "RAM"
-    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{' (simulated)' if hardware.simulated else ''}; "
-          f"weights {advice.weights_bytes / gib:.2f} GiB; free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; "
-          f"planning for {advice.context:,} tokens")
+    ram = f", {hardware.ram_total / gib:.1f} GiB RAM" if hardware.has_gpu else ""
+    plan = advice.weight_plan
+    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{ram}{' (simulated)' if hardware.simulated else ''}; "
+          f"weights {advice.weights_bytes / gib:.2f} GiB{f' ({plan.precision})' if plan else ''}; "
+          f"free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; planning for {advice.context:,} tokens")
     for e in advice.estimates:
         print(f"  {e.describe():<58} {e.bytes_at_context / gib:8.2f} GiB at {advice.context:,} tokens")
     print(advice.explanation)
+    if plan is not None and advice.recommended is not None:
+        tokens = "any length" if advice.tokens_fit is None else f"{advice.tokens_fit:,} tokens fit"
+        print(f"Recommended: {plan.describe()}, {advice.recommended.label} KV — {tokens}.")
     return 0
 
 
