@@ -87,6 +87,16 @@ def build_parser() -> argparse.ArgumentParser:
                      help="weight precision to plan with (auto: the most faithful that fits, layers split if needed)")
     adv.add_argument("--json", action="store_true")
 
+    found = sub.add_parser("models", help="models already on this computer (LM Studio, Ollama, GPT4All, "
+                                          "Hugging Face cache) and whether each fits")
+    found.add_argument("--add-folder", action="append", type=Path, default=[], metavar="DIR",
+                       help="also look in DIR (repeatable)")
+    found.add_argument("--context", type=int, default=None,
+                       help="chat length the fit columns plan for (default: each model's context)")
+    found.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
+    found.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    found.add_argument("--json", action="store_true")
+
     ppl = sub.add_parser("perplexity", help="perplexity of a text through a cache strategy")
     _add_model_args(ppl)
     _add_cache_args(ppl)
@@ -267,6 +277,85 @@ def cmd_bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine import discovery, memory
+
+    found = discovery.discover(args.add_folder)
+    hardware = _hardware(args)
+    ladder = [p for p, _ in memory.precision_ladder("auto", hardware)]
+    fits = [_fits(m, hardware, ladder, args.context) if m.usable else {} for m in found]
+    if args.json:
+        print(json.dumps([{**m.to_dict(), "fits": f} for m, f in zip(found, fits, strict=True)]))
+        return 0
+    gib = memory.GIB
+    where = (f"{hardware.vram_total / gib:.1f} GiB GPU, {hardware.ram_total / gib:.1f} GiB RAM" if hardware.has_gpu
+             else f"{hardware.ram_total / gib:.1f} GiB RAM, no GPU")
+    plan_for = f"{args.context:,} tokens" if args.context else "each model's full context"
+    print(f"{len(found)} model{'s' if len(found) != 1 else ''} found. Does it fit this machine ({where}"
+          f"{', simulated' if hardware.simulated else ''}) with its weights in {', '.join(ladder)}, planning for "
+          f"{plan_for}? yes; N/L: N of its L layers on the GPU, the rest in RAM; sink: only with attention sinks; no.")
+    if not found:
+        print("Looked in: " + "; ".join(f"{discovery.SOURCES[loc.source]} {loc.path}"
+                                        for loc in discovery.default_locations()))
+        return 0
+    header = ["name", "arch", "params", "quant", "context", "size", "found in", *ladder, "status"]
+    rows = []
+    for m, fit in zip(found, fits, strict=True):
+        status = "ok" if m.usable else f"{m.status}: {m.reason}"
+        rows.append([m.name, m.architecture or "—", _count(m.params), m.quantization or "—",
+                     _count(m.context_length, exact=True), f"{m.size_bytes / gib:.2f} GiB", m.source_label,
+                     *[fit.get(p, {}).get("cell", "—") for p in ladder], status])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+
+    print(line(header))
+    for m, row in zip(found, rows, strict=True):
+        print(line(row))
+        print(f"    {m.path}")
+    return 0
+
+
+def _count(n: int | None, exact: bool = False) -> str:
+    if not n:
+        return "—"
+    if exact:
+        return f"{n:,}"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _fits(model: Any, hardware: Any, ladder: list[str], context: int | None) -> dict[str, dict[str, Any]]:
+    """For each weight precision: the advisor's plan for this model on `hardware` (cell: the table's word)."""
+    from engine import memory
+
+    try:
+        inventory = model.weight_inventory()
+        if inventory is not None:
+            config = model.shape.as_config()
+        else:
+            config = models.load_config(model.path)
+            inventory = memory.inventory_of(config)
+    except Exception as exc:  # a config this transformers cannot build: say so in the cell
+        return {p: {"cell": "?", "error": f"{type(exc).__name__}: {exc}"} for p in ladder}
+    result = {}
+    for precision in ladder:
+        advice = memory.advise(config, hardware, context=context, weights=precision, inventory=inventory)
+        plan, chosen = advice.weight_plan, advice.recommended
+        if chosen is None or plan is None:
+            cell = "no"
+        elif plan.split:
+            cell = f"{plan.gpu_layers}/{plan.layers}"
+        elif chosen.spec.bounded_length:
+            cell = "sink"
+        else:
+            cell = "yes"
+        result[precision] = {"cell": cell, "plan": None if plan is None else plan.to_dict(),
+                             "kv": None if chosen is None else chosen.label, "tokens_fit": advice.tokens_fit,
+                             "context": advice.context}
+    return result
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -276,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_advise(args)
         if args.command == "bench":
             return cmd_bench(args, argv)
+        if args.command == "models":
+            return cmd_models(args)
         return cmd_perplexity(args)
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
