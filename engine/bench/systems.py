@@ -216,7 +216,9 @@ class LlamaCppSystem:
                 times.append(time.perf_counter())
                 pieces.append(delta["content"])
         ttft = (times[0] - started) * 1000.0 if times else float("nan")
-        return Reply(ttft, times, int(self.llm.n_tokens), None, "".join(pieces))
+        # n_tokens: what the context holds now, i.e. the prompt and the reply (but its last token)
+        prompt = int(self.llm.n_tokens) - max(len(times) - 1, 0)
+        return Reply(ttft, times, prompt, None, "".join(pieces))
 
     def close(self) -> None:
         pass  # the model stays loaded for the next section; see shutdown()
