@@ -9,6 +9,7 @@ import threading
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -19,6 +20,7 @@ from engine.reports import Budgets, TurnDone
 from engine.service import ChatService
 from engine.specs import OVERFLOW_POLICIES, SamplingError, SamplingSettings
 from engine.store import ChatSettings, ChatStore
+from engine.weights import PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -90,7 +92,19 @@ def build_parser() -> argparse.ArgumentParser:
     adv.add_argument("--context", type=int, default=None, help="tokens to plan for (default: the model's context)")
     adv.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
     adv.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    adv.add_argument("--weights", default="auto", choices=("auto", *PRECISIONS),
+                     help="weight precision to plan with (auto: the most faithful that fits, layers split if needed)")
     adv.add_argument("--json", action="store_true")
+
+    found = sub.add_parser("models", help="models already on this computer (LM Studio, Ollama, GPT4All, "
+                                          "Hugging Face cache) and whether each fits")
+    found.add_argument("--add-folder", action="append", type=Path, default=[], metavar="DIR",
+                       help="also look in DIR (repeatable)")
+    found.add_argument("--context", type=int, default=None,
+                       help="chat length the fit columns plan for (default: each model's context)")
+    found.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
+    found.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    found.add_argument("--json", action="store_true")
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text through a cache strategy")
     _add_model_args(ppl)
@@ -99,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None)
     ppl.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass")
     ppl.add_argument("--json", action="store_true")
+
+    from engine.bench.runner import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure follow-up latency, decode speed, memory and fidelity per strategy, "
+                                         "side by side with llama.cpp and plain transformers; writes JSON and plots")
+    add_bench_arguments(bench)
     return parser
 
 
@@ -292,28 +312,131 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(args: argparse.Namespace) -> Any:
+    from engine import memory
+
+    if args.vram_gib is not None or args.ram_gib is not None:
+        return memory.simulated_hardware(args.vram_gib, args.ram_gib)
+    return memory.read_hardware(models.pick_device(getattr(args, "device", "auto")))
+
+
 def cmd_advise(args: argparse.Namespace) -> int:
     from engine import memory
 
     config = models.load_config(args.model, offline=not args.online, trust_remote_code=args.trust_remote_code)
-    if args.vram_gib is not None or args.ram_gib is not None:
-        hardware = memory.simulated_hardware(args.vram_gib, args.ram_gib)
-    else:
-        hardware = memory.read_hardware(models.pick_device(args.device))
+    hardware = _hardware(args)
     dtype = None if args.dtype == "auto" else models.pick_dtype(torch.device(hardware.device), args.dtype)
-    advice = memory.advise(config, hardware, context=args.context, dtype=dtype)
+    advice = memory.advise(config, hardware, context=args.context, dtype=dtype, weights=args.weights)
     if args.json:
         print(json.dumps(advice.to_dict()))
         return 0
     gib = memory.GIB
     where = "GPU" if hardware.has_gpu else "RAM"
-    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{' (simulated)' if hardware.simulated else ''}; "
-          f"weights {advice.weights_bytes / gib:.2f} GiB; free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; "
-          f"planning for {advice.context:,} tokens")
+    ram = f", {hardware.ram_total / gib:.1f} GiB RAM" if hardware.has_gpu else ""
+    plan = advice.weight_plan
+    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{ram}{' (simulated)' if hardware.simulated else ''}; "
+          f"weights {advice.weights_bytes / gib:.2f} GiB{f' ({plan.precision})' if plan else ''}; "
+          f"free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; planning for {advice.context:,} tokens")
     for e in advice.estimates:
         print(f"  {e.describe():<58} {e.bytes_at_context / gib:8.2f} GiB at {advice.context:,} tokens")
     print(advice.explanation)
+    if plan is not None and advice.recommended is not None:
+        tokens = "any length" if advice.tokens_fit is None else f"{advice.tokens_fit:,} tokens fit"
+        print(f"Recommended: {plan.describe()}, {advice.recommended.label} KV — {tokens}.")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from engine.bench import runner
+
+    try:
+        options = runner.options_from_args(args, argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record, out = runner.run(options)
+    print(runner.table(record))
+    print(f"\nwrote {out / 'bench.json'} and {len(list(out.glob('*.png')))} plots to {out} ({record['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine import discovery, memory
+
+    found = discovery.discover(args.add_folder)
+    hardware = _hardware(args)
+    ladder = [p for p, _ in memory.precision_ladder("auto", hardware)]
+    fits = [_fits(m, hardware, ladder, args.context) if m.usable else {} for m in found]
+    if args.json:
+        print(json.dumps([{**m.to_dict(), "fits": f} for m, f in zip(found, fits, strict=True)]))
+        return 0
+    gib = memory.GIB
+    where = (f"{hardware.vram_total / gib:.1f} GiB GPU, {hardware.ram_total / gib:.1f} GiB RAM" if hardware.has_gpu
+             else f"{hardware.ram_total / gib:.1f} GiB RAM, no GPU")
+    plan_for = f"{args.context:,} tokens" if args.context else "each model's full context"
+    print(f"{len(found)} model{'s' if len(found) != 1 else ''} found. Does it fit this machine ({where}"
+          f"{', simulated' if hardware.simulated else ''}) with its weights in {', '.join(ladder)}, planning for "
+          f"{plan_for}? yes; N/L: N of its L layers on the GPU, the rest in RAM; sink: only with attention sinks; no.")
+    if not found:
+        print("Looked in: " + "; ".join(f"{discovery.SOURCES[loc.source]} {loc.path}"
+                                        for loc in discovery.default_locations()))
+        return 0
+    header = ["name", "arch", "params", "quant", "context", "size", "found in", *ladder, "status"]
+    rows = []
+    for m, fit in zip(found, fits, strict=True):
+        status = "ok" if m.usable else f"{m.status}: {m.reason}"
+        rows.append([m.name, m.architecture or "—", _count(m.params), m.quantization or "—",
+                     _count(m.context_length, exact=True), f"{m.size_bytes / gib:.2f} GiB", m.source_label,
+                     *[fit.get(p, {}).get("cell", "—") for p in ladder], status])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+
+    print(line(header))
+    for m, row in zip(found, rows, strict=True):
+        print(line(row))
+        print(f"    {m.path}")
+    return 0
+
+
+def _count(n: int | None, exact: bool = False) -> str:
+    if not n:
+        return "—"
+    if exact:
+        return f"{n:,}"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _fits(model: Any, hardware: Any, ladder: list[str], context: int | None) -> dict[str, dict[str, Any]]:
+    """For each weight precision: the advisor's plan for this model on `hardware` (cell: the table's word)."""
+    from engine import memory
+
+    try:
+        inventory = model.weight_inventory()
+        if inventory is not None:
+            config = model.shape.as_config()
+        else:
+            config = models.load_config(model.path)
+            inventory = memory.inventory_of(config)
+    except Exception as exc:  # a config this transformers cannot build: say so in the cell
+        return {p: {"cell": "?", "error": f"{type(exc).__name__}: {exc}"} for p in ladder}
+    result = {}
+    for precision in ladder:
+        advice = memory.advise(config, hardware, context=context, weights=precision, inventory=inventory)
+        plan, chosen = advice.weight_plan, advice.recommended
+        if chosen is None or plan is None:
+            cell = "no"
+        elif plan.split:
+            cell = f"{plan.gpu_layers}/{plan.layers}"
+        elif chosen.spec.bounded_length:
+            cell = "sink"
+        else:
+            cell = "yes"
+        result[precision] = {"cell": cell, "plan": None if plan is None else plan.to_dict(),
+                             "kv": None if chosen is None else chosen.label, "tokens_fit": advice.tokens_fit,
+                             "context": advice.context}
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -323,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "advise":
             return cmd_advise(args)
+        if args.command == "bench":
+            return cmd_bench(args, argv)
+        if args.command == "models":
+            return cmd_models(args)
         return cmd_perplexity(args)
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from transformers import (
     LogitsProcessorList,
@@ -37,9 +39,11 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def choose(self, logits: torch.Tensor, context: torch.Tensor) -> int:
-        """Pick the next token from the last position's logits (shape [vocab])."""
+    def choose(self, logits: torch.Tensor, context: torch.Tensor, banned: Sequence[int] = ()) -> int:
+        """Pick the next token from the last position's logits (shape [vocab]), never one of `banned`."""
         scores = self.processors(context.view(1, -1), logits.view(1, -1).float())  # type: ignore[arg-type]
+        if banned:  # out of place: the logits may be an inference-mode tensor
+            scores = scores.index_fill(1, torch.tensor(list(banned), device=scores.device), float("-inf"))
         if self.settings.greedy:
             return int(scores.argmax(dim=-1).item())
         probs = torch.softmax(scores, dim=-1).cpu()

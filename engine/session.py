@@ -27,6 +27,7 @@ from engine.specs import OVERFLOW_POLICIES, SamplingSettings, validate_overflow 
 from engine.streaming import IncrementalDecoder
 
 DeltaFn = Callable[[str], None]
+TokenFn = Callable[[int], None]
 
 PREFILL_CHUNK = 512  # tokens per forward pass when prefilling; bounds activation memory
 
@@ -311,8 +312,13 @@ class ChatSession:
         self.messages.append(Message("user", text))
         return self.generate(on_delta)
 
-    def generate(self, on_delta: DeltaFn | None = None) -> TurnResult:
-        """Generate the assistant's reply to the conversation as it stands (last message: the user's)."""
+    def generate(self, on_delta: DeltaFn | None = None, on_token: TokenFn | None = None) -> TurnResult:
+        """Generate the assistant's reply to the conversation as it stands (last message: the user's).
+
+        Args:
+            on_delta: called with each piece of the reply's text as it is decoded.
+            on_token: called with each generated token id, as soon as it is chosen.
+        """
         if not self.messages or self.messages[-1].role != "user":
             raise ValueError("There is no user message to answer.")
         user_at = len(self.messages) - 1
@@ -333,6 +339,7 @@ class ChatSession:
         sampler = Sampler(sampling, self.lm.device)
         decoder = IncrementalDecoder(self.lm.tokenizer)
         stop_ids = self.lm.stop_token_ids
+        held_back = sorted(stop_ids)  # not chosen before sampling.min_new_tokens
         generated: list[int] = []
         finish = "length"
         error: str | None = None
@@ -344,10 +351,13 @@ class ChatSession:
             reused, logits = self._prepare(prompt)
             context_ids = torch.tensor(prompt, dtype=torch.long)
             while True:
-                token = sampler.choose(logits, context_ids)
+                token = sampler.choose(logits, context_ids,
+                                       held_back if len(generated) < sampling.min_new_tokens else ())
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 generated.append(token)
+                if on_token is not None:
+                    on_token(token)
                 if token in stop_ids:
                     finish = "stop"
                     break

@@ -40,7 +40,7 @@ STRATEGY_FIELDS: dict[str, tuple[str, ...]] = {
 }
 
 # The quantization settings chosen by measurement for each bit width (scripts/measure_fidelity.py,
-# SmolLM2-135M, tests/data/alice.txt, chunks of 64, CPU fp32).
+# SmolLM2-135M, resources/texts/alice.txt, chunks of 64, CPU fp32).
 #
 # 4-bit: KIVI's axes (keys per channel, values per token), group 64, residual 128: perplexity
 # +0.2% at 2,048 tokens, +0.4% at 4,000, with 19% of the full cache's bytes at 4,000 tokens.
@@ -187,13 +187,16 @@ class SamplingSettings:
     repetition_penalty: float = 1.1
     max_new_tokens: int = 512
     seed: int | None = None
+    # End-of-turn tokens are not chosen before this many tokens (vLLM's `min_tokens`); the benchmark
+    # uses it to decode a fixed number of tokens whatever the model would say.
+    min_new_tokens: int = 0
 
     def validate(self) -> SamplingSettings:
         """Raise SamplingError naming the first setting out of range; return self otherwise."""
         for name in ("temperature", "top_p", "repetition_penalty"):
             if not isinstance(getattr(self, name), int | float) or isinstance(getattr(self, name), bool):
                 raise SamplingError(f"{name.replace('_', ' ')} must be a number, not {getattr(self, name)!r}.")
-        for name in ("top_k", "max_new_tokens"):
+        for name in ("top_k", "max_new_tokens", "min_new_tokens"):
             if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
                 raise SamplingError(f"{name.replace('_', ' ')} must be a whole number, not {getattr(self, name)!r}.")
         low, high = TEMPERATURE_RANGE
@@ -210,6 +213,11 @@ class SamplingSettings:
                 f"repetition penalty must be between {low:g} and {high:g}, not {self.repetition_penalty}.")
         if self.max_new_tokens < 1:
             raise SamplingError(f"max new tokens must be at least 1, not {self.max_new_tokens}.")
+        if not 0 <= self.min_new_tokens <= self.max_new_tokens:
+            raise SamplingError(
+                f"min new tokens must be between 0 and max new tokens ({self.max_new_tokens}), "
+                f"not {self.min_new_tokens}."
+            )
         if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)):
             raise SamplingError(f"the seed must be a whole number or none, not {self.seed!r}.")
         return self

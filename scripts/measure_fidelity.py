@@ -1,6 +1,6 @@
 """Perplexity and memory of each cache strategy on a long text, against the full (dynamic) cache.
 
-    .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of tests/data/alice.txt
+    .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of resources/texts/alice.txt
     .venv/bin/python scripts/measure_fidelity.py --max-tokens 2048 --only "quantized 4-bit"
     .venv/bin/python scripts/measure_fidelity.py --search-2bit --max-tokens 2048   # the 2-bit search
 
@@ -30,7 +30,7 @@ from engine.caches import CacheSpec  # noqa: E402
 from engine.perplexity import PerplexityResult, perplexity, sliding_window_perplexity  # noqa: E402
 from engine.specs import quantization_defaults as default_spec  # noqa: E402
 
-TEXT = ROOT / "tests" / "data" / "alice.txt"
+TEXT = ROOT / "resources" / "texts" / "alice.txt"
 
 # One row per strategy setting: add a line to measure another.
 ROWS: list[tuple[str, CacheSpec]] = [

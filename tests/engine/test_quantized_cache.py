@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
 from transformers import LlamaConfig
 
 from engine import caches
+from engine.bench.workload import LONG_TEXT_PATH
 from engine.caches import CacheConfigError, CacheSpec, hqq_blocks, quantizers
 from engine.caches import quantized as quantized_cache
 from engine.caches.quantizers import HQQQuantizer, QuantoQuantizer
@@ -17,7 +17,7 @@ from engine.perplexity import perplexity
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, SessionSettings
 
-ALICE = Path(__file__).resolve().parents[1] / "data" / "alice.txt"
+ALICE = LONG_TEXT_PATH
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=24, repetition_penalty=1.0)
 FOUR_BIT = CacheSpec(strategy="quantized", **caches.quantization_defaults(4))
 TWO_BIT = CacheSpec(strategy="quantized", **caches.quantization_defaults(2))

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from engine import caches, models
+from engine.bench.workload import LONG_TEXT_PATH
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, Message, SessionSettings
 
@@ -85,7 +86,7 @@ def test_sink_keeps_streamingllm_quality_on_the_bundled_model(real_lm) -> None:
     from engine.caches import CacheSpec
     from engine.perplexity import perplexity, sliding_window_perplexity
 
-    text = (Path(__file__).resolve().parents[1] / "data" / "alice.txt").read_text()
+    text = LONG_TEXT_PATH.read_text(encoding="utf-8")
     n, window = 300, 64
     sink = perplexity(real_lm, text, CacheSpec("sink", sink_tokens=4, window=window), max_tokens=n, chunk=32)
     no_sink = perplexity(real_lm, text, CacheSpec("sink", sink_tokens=0, window=window + 4), max_tokens=n, chunk=32)

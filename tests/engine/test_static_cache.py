@@ -2,18 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 
 from engine import caches
+from engine.bench.workload import LONG_TEXT_PATH
 from engine.caches import CacheSpec
 from engine.caches.static import StaticCacheFull
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, ContextOverflowError, SessionSettings
 
-ALICE = Path(__file__).resolve().parents[1] / "data" / "alice.txt"
+ALICE = LONG_TEXT_PATH
 STATIC = CacheSpec(strategy="static", max_cache_len=256)
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, repetition_penalty=1.0)
 
