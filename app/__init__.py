@@ -1,1 +1,2 @@
-"""Cachet's Qt shell: windows, widgets and the worker bridge. No tensor code lives here."""
+"""Cachet's Qt shell: windows, widgets, and the worker that runs the engine service off the GUI thread. No tensor
+code and no engine policy live here."""

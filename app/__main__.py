@@ -100,7 +100,7 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
     app.setStyle("Fusion")
     app.setDesktopFileName("cachet")  # Wayland and X11 docks match the window to cachet.desktop's icon
     try:
-        app.setWindowIcon(QIcon(str(resource_path("app.resources", "icons", "cachet.png"))))
+        app.setWindowIcon(QIcon(str(resource_path("icons", "cachet.png"))))
     except MissingResourceError as exc:
         QMessageBox.critical(None, "Cachet is not installed completely", str(exc))
         return 1

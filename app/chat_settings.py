@@ -7,8 +7,7 @@ which applies what changed (a new cache strategy makes the worker rebuild the ca
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, replace
 
 from PySide6.QtCore import Qt, Signal
 from PySide6.QtWidgets import (
@@ -31,12 +30,28 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.bridge import CacheState, EngineInfo, ModelInfo
-from app.memory import estimate, human_bytes, human_tokens
+from app.protocol import CacheState, ModelInfo
+from app.texts import human_bytes, human_tokens
+from engine.specs import (
+    AUTO,
+    BACKENDS,
+    GROUP_SIZES,
+    LOSSY,
+    MIN_STATIC_CACHE_LEN,
+    OVERFLOW_POLICIES,
+    REPETITION_PENALTY_RANGE,
+    STRATEGIES,
+    STRATEGY_FIELDS,
+    TEMPERATURE_RANGE,
+    TOP_P_RANGE,
+    CacheConfigError,
+    CacheSpec,
+    SamplingSettings,
+)
 from engine.store import ChatSettings
 
-AUTO_TIP = ("“auto” will let Cachet's cache advisor pick a strategy for your memory and chat length. "
-            "Until the advisor exists it means “dynamic”.")
+AUTO_TIP = ("“auto” lets Cachet's memory advisor pick the strategy for this machine's memory and the model's "
+            "context, once the model is loaded.")
 STRATEGY_TIPS = {
     "dynamic": "The full cache: every token's keys and values, exact. Grows with the chat.",
     "sink": "Attention sinks: keeps the first tokens and a recent window, evicts the middle. Bounded size, lossy.",
@@ -45,18 +60,7 @@ STRATEGY_TIPS = {
     "offloaded": "Keeps the cache in RAM and streams it to the GPU layer by layer.",
     "static": "Pre-allocates a fixed length (enables compiled decoding on GPUs).",
 }
-# Which CacheSpec fields each strategy reads (see CacheSpec's docstring). Fields not listed here
-# (added to CacheSpec later) are shown for every strategy.
-STRATEGY_FIELDS = {
-    "dynamic": (),
-    "offloaded": (),
-    "sink": ("sink_tokens", "window"),
-    "quantized": ("nbits", "residual", "q_group_size", "axis_key", "axis_value", "backend"),
-    "sink-quantized": ("sink_tokens", "window", "nbits", "residual", "q_group_size", "axis_key", "axis_value",
-                       "backend"),
-    "static": ("max_cache_len",),
-}
-AXES = [(0, "per token"), (-1, "per channel")]
+AXES: tuple[tuple[int | str, str], ...] = ((0, "per token"), (-1, "per channel"))
 OVERFLOW_LABELS = {"stop": "Stop and tell me", "truncate-middle": "Truncate the middle",
                    "sink": "Continue with attention sinks"}
 
@@ -65,7 +69,7 @@ OVERFLOW_LABELS = {"stop": "Stop and tell me", "truncate-middle": "Truncate the 
 class Param:
     label: str
     tip: str
-    choices: tuple[Any, ...] = ()  # values, or (value, label) pairs
+    choices: tuple[tuple[int | str, str], ...] = ()  # (value, label) pairs
     minimum: int = 0
     maximum: int = 10_000_000
 
@@ -73,13 +77,14 @@ class Param:
 PARAMS: dict[str, Param] = {
     "sink_tokens": Param("Sink tokens", "The first tokens, always kept: attention leans on them.", maximum=4096),
     "window": Param("Window", "How many recent tokens are kept.", minimum=2),
-    "nbits": Param("Bits", "Bits per stored value.", choices=(2, 4)),
+    "nbits": Param("Bits", "Bits per stored value.", choices=((2, "2"), (4, "4"))),
     "residual": Param("Full-precision tail", "The most recent tokens kept unquantized."),
-    "q_group_size": Param("Group size", "Values quantized together share a scale.", choices=(16, 32, 64, 128)),
-    "axis_key": Param("Key axis", "Per-channel keys matter most at 2 bits (KIVI).", choices=tuple(AXES)),
-    "axis_value": Param("Value axis", "How values are grouped for quantization.", choices=tuple(AXES)),
-    "backend": Param("Backend", "The quantization library.", choices=("quanto", "hqq")),
-    "max_cache_len": Param("Pre-allocated length", "Tokens the static cache reserves.", minimum=16),
+    "q_group_size": Param("Group size", "Values quantized together share a scale.",
+                          choices=tuple((g, str(g)) for g in GROUP_SIZES)),
+    "axis_key": Param("Key axis", "Per-channel keys matter most at 2 bits (KIVI).", choices=AXES),
+    "axis_value": Param("Value axis", "How values are grouped for quantization.", choices=AXES),
+    "backend": Param("Backend", "The quantization library.", choices=tuple((b, b) for b in BACKENDS)),
+    "max_cache_len": Param("Pre-allocated length", "Tokens the static cache reserves.", minimum=MIN_STATIC_CACHE_LEN),
 }
 
 
@@ -108,7 +113,6 @@ class ChatSettingsPanel(QScrollArea):
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self.chat_id: int | None = None
         self.loaded: ChatSettings | None = None
-        self.info: EngineInfo | None = None
         self.model: ModelInfo | None = None
         self.busy = ""
         self.free = 0
@@ -121,7 +125,7 @@ class ChatSettingsPanel(QScrollArea):
         outer = QVBoxLayout(body)
         outer.setContentsMargins(10, 8, 10, 10)
         outer.setSpacing(10)
-        self.status = QLabel("The model is loading; settings appear when the engine is ready.")
+        self.status = QLabel()
         self.status.setObjectName("muted")
         self.status.setWordWrap(True)
         outer.addWidget(self.status)
@@ -137,11 +141,13 @@ class ChatSettingsPanel(QScrollArea):
         sampling_box = QGroupBox("Sampling")
         form = QFormLayout(sampling_box)
         form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
-        self.temperature = self._double(0.0, 5.0, 0.05, 2, "0 = greedy: always the most likely token")
-        self.top_p = self._double(0.01, 1.0, 0.01, 2, "Sample from the smallest set of tokens with this much "
+        self.temperature = self._double(*TEMPERATURE_RANGE, 0.05, 2, "0 = greedy: always the most likely token")
+        self.top_p = self._double(TOP_P_RANGE[0] + 0.01, TOP_P_RANGE[1], 0.01, 2,
+                                  "Sample from the smallest set of tokens with this much "
                                                       "probability")
         self.top_k = self._int(0, 100_000, "Sample from the k most likely tokens (0 = off)")
-        self.repetition_penalty = self._double(0.5, 3.0, 0.05, 2, "Above 1 discourages repeating tokens")
+        self.repetition_penalty = self._double(*REPETITION_PENALTY_RANGE, 0.05, 2,
+                                               "Above 1 discourages repeating tokens")
         self.max_new_tokens = self._int(1, 1_000_000, "The longest reply, in tokens")
         self.seed = self._int(-1, 2**31 - 1, "A fixed seed repeats the same reply; “random” does not")
         self.seed.setSpecialValueText("random")
@@ -212,11 +218,13 @@ class ChatSettingsPanel(QScrollArea):
         self.revert_button.clicked.connect(self._revert)
         self.apply_button.clicked.connect(self._apply)
         self.system_prompt.textChanged.connect(self._changed)
-        for w in (self.temperature, self.top_p, self.repetition_penalty):
-            w.valueChanged.connect(self._changed)
-        for w in (self.top_k, self.max_new_tokens, self.seed):
-            w.valueChanged.connect(self._changed)
+        for spin in (self.temperature, self.top_p, self.repetition_penalty, self.top_k, self.max_new_tokens,
+                     self.seed):
+            spin.valueChanged.connect(self._changed)
         self.strategies.currentItemChanged.connect(self._strategy_changed)
+        self._filling = True
+        self._build_choices()
+        self._filling = False
         self._set_enabled()
 
     # ----- building ------------------------------------------------------------------------------
@@ -237,67 +245,56 @@ class ChatSettingsPanel(QScrollArea):
         w.setGroupSeparatorShown(True)
         return w
 
-    def set_engine(self, info: EngineInfo | None, model: ModelInfo | None) -> None:
-        """Build the strategy list and the parameter widgets from what the engine offers."""
-        self.info, self.model = info, model
-        self._filling = True
-        self.strategies.clear()
-        for w in self._param_widgets.values():
-            self.params_form.removeRow(w[1])
-        self._param_widgets = {}
-        if info is not None:
-            for name in ("auto", *info.strategies):
-                item = QTreeWidgetItem([name, "", ""])
-                item.setData(0, Qt.ItemDataRole.UserRole, name)
-                auto_tip = model.auto_reason if model is not None else AUTO_TIP
-                item.setToolTip(0, auto_tip if name == "auto" else STRATEGY_TIPS.get(name, name))
-                reason = model.availability.get(name) if model is not None and name != "auto" else None
-                if reason:
-                    item.setDisabled(True)
-                    for col in range(3):
-                        item.setToolTip(col, f"Not available: {reason}")
-                self.strategies.addTopLevelItem(item)
-            rows = self.strategies.topLevelItemCount()
-            row_h = self.strategies.sizeHintForRow(0) if rows else 20
-            self.strategies.setFixedHeight(self.strategies.header().sizeHint().height() + rows * row_h + 6)
-            self.overflow.clear()
-            for policy, reason in info.overflow_policies.items():
-                self.overflow.addItem(OVERFLOW_LABELS.get(policy, policy), policy)
-                if reason:
-                    item = self.overflow.model().item(self.overflow.count() - 1)  # type: ignore[attr-defined]
-                    item.setEnabled(False)
-                    item.setToolTip(reason)
-            for name, default in info.spec_defaults.items():
-                if name == "strategy":
-                    continue
-                label, widget = self._param_widget(name, default, model)
-                self.params_form.addRow(label, widget)
-                self._param_widgets[name] = (label, widget)
-        self._filling = False
+    def _build_choices(self) -> None:
+        """The strategy list, the overflow policies and a widget per cache setting (engine/specs.py)."""
+        for name in (AUTO, *STRATEGIES):
+            item = QTreeWidgetItem([name, "", ""])
+            item.setData(0, Qt.ItemDataRole.UserRole, name)
+            item.setToolTip(0, AUTO_TIP if name == AUTO else STRATEGY_TIPS[name])
+            self.strategies.addTopLevelItem(item)
+        rows = self.strategies.topLevelItemCount()
+        self.strategies.setFixedHeight(self.strategies.header().sizeHint().height()
+                                       + rows * self.strategies.sizeHintForRow(0) + 6)
+        for policy in OVERFLOW_POLICIES:
+            self.overflow.addItem(OVERFLOW_LABELS[policy], policy)
+        for name in STRATEGY_FIELDS["sink-quantized"] + STRATEGY_FIELDS["static"]:
+            label, widget = self._param_widget(name)
+            self.params_form.addRow(label, widget)
+            self._param_widgets[name] = (label, widget)
+
+    def set_model(self, model: ModelInfo | None) -> None:
+        """Say what this model allows on this machine: what auto means, what is not available and why."""
+        self.model = model
+        for item in self._strategy_items():
+            name = str(item.data(0, Qt.ItemDataRole.UserRole))
+            reason = model.availability.get(name) if model is not None and name != AUTO else None
+            item.setDisabled(bool(reason))
+            tip = (model.auto_reason if model is not None else AUTO_TIP) if name == AUTO else STRATEGY_TIPS[name]
+            for col in range(3):
+                item.setToolTip(col, f"Not available: {reason}" if reason else tip if col == 0 else "")
+        backend = self._param_widgets["backend"][1]
+        assert isinstance(backend, QComboBox)
+        for index in range(backend.count()):
+            reason = model.backend_availability.get(str(backend.itemData(index))) if model is not None else None
+            item = backend.model().item(index)  # type: ignore[attr-defined]
+            item.setEnabled(not reason)
+            item.setToolTip(f"Not available: {reason}" if reason else "")
         if self.chat_id is not None and self.loaded is not None:
             self._fill(self.loaded)
         self._set_enabled()
 
-    def _param_widget(self, name: str, default: Any, model: ModelInfo | None) -> tuple[QLabel, QWidget]:
-        meta = PARAMS.get(name, Param(name.replace("_", " ").capitalize(), name))
+    def _strategy_items(self) -> list[QTreeWidgetItem]:
+        items = (self.strategies.topLevelItem(i) for i in range(self.strategies.topLevelItemCount()))
+        return [item for item in items if item is not None]
+
+    def _param_widget(self, name: str) -> tuple[QLabel, QWidget]:
+        meta = PARAMS[name]
         widget: QWidget
         if meta.choices:
             combo = compact_combo()
-            for choice in meta.choices:
-                value, text = choice if isinstance(choice, tuple) else (choice, str(choice))
+            for value, text in meta.choices:
                 combo.addItem(text, value)
-                if name == "backend" and model is not None and model.backend_availability.get(value):
-                    index = combo.count() - 1
-                    item = combo.model().item(index)  # type: ignore[attr-defined]
-                    item.setEnabled(False)
-                    item.setToolTip(f"Not available: {model.backend_availability[value]}")
             combo.currentIndexChanged.connect(self._changed)
-            widget = combo
-        elif isinstance(default, bool) or not isinstance(default, int):
-            combo = compact_combo()
-            combo.setEditable(True)
-            combo.addItem(str(default), default)
-            combo.currentTextChanged.connect(self._changed)
             widget = combo
         else:
             spin = QSpinBox()
@@ -334,54 +331,43 @@ class ChatSettingsPanel(QScrollArea):
 
     def _fill(self, s: ChatSettings) -> None:
         self._filling = True
-        defaults = self.info.sampling_defaults if self.info else {}
-        sampling = {**defaults, **s.sampling}
+        sampling = s.sampling
         self.system_prompt.setPlainText(s.system_prompt)
-        self.temperature.setValue(float(sampling.get("temperature", 0.7)))
-        self.top_p.setValue(float(sampling.get("top_p", 1.0)))
-        self.top_k.setValue(int(sampling.get("top_k", 0)))
-        self.repetition_penalty.setValue(float(sampling.get("repetition_penalty", 1.0)))
-        self.max_new_tokens.setValue(int(sampling.get("max_new_tokens", 512)))
-        seed = sampling.get("seed")
-        self.seed.setValue(-1 if seed is None else int(seed))
-        index = self.overflow.findData(s.overflow)
-        self.overflow.setCurrentIndex(max(index, 0))
-        spec = {**(self.info.spec_defaults if self.info else {}), **s.cache}
-        strategy = str(s.cache.get("strategy", "auto"))
-        for i in range(self.strategies.topLevelItemCount()):
-            item = self.strategies.topLevelItem(i)
-            if item.data(0, Qt.ItemDataRole.UserRole) == strategy:
+        self.temperature.setValue(float(sampling.temperature))
+        self.top_p.setValue(float(sampling.top_p))
+        self.top_k.setValue(int(sampling.top_k))
+        self.repetition_penalty.setValue(float(sampling.repetition_penalty))
+        self.max_new_tokens.setValue(int(sampling.max_new_tokens))
+        self.seed.setValue(-1 if sampling.seed is None else int(sampling.seed))
+        self.overflow.setCurrentIndex(max(self.overflow.findData(s.overflow), 0))
+        for item in self._strategy_items():
+            if item.data(0, Qt.ItemDataRole.UserRole) == s.cache.strategy:
                 self.strategies.setCurrentItem(item)
         for name, (_label, widget) in self._param_widgets.items():
-            value = spec.get(name)
+            value = getattr(s.cache, name)
             if isinstance(widget, QSpinBox):
-                widget.setValue(int(value or 0))
+                widget.setValue(int(value))
             elif isinstance(widget, QComboBox):
-                index = widget.findData(value)
-                if index >= 0:
-                    widget.setCurrentIndex(index)
-                elif widget.isEditable():
-                    widget.setEditText(str(value))
+                widget.setCurrentIndex(max(widget.findData(value), 0))
         self._filling = False
         self._update_params()
         self.refresh_estimates()
 
     def collect(self) -> ChatSettings:
-        """The settings as the panel shows them now."""
+        """The settings as the panel shows them now (not validated: the engine says what cannot work)."""
         seed = self.seed.value()
-        sampling = {
-            "temperature": round(self.temperature.value(), 4), "top_p": round(self.top_p.value(), 4),
-            "top_k": self.top_k.value(), "repetition_penalty": round(self.repetition_penalty.value(), 4),
-            "max_new_tokens": self.max_new_tokens.value(), "seed": None if seed < 0 else seed,
-        }
-        base = dict(self.loaded.cache) if self.loaded else {}
-        cache: dict[str, Any] = {**base, "strategy": self.current_strategy()}
+        sampling = SamplingSettings(
+            temperature=round(self.temperature.value(), 4), top_p=round(self.top_p.value(), 4),
+            top_k=self.top_k.value(), repetition_penalty=round(self.repetition_penalty.value(), 4),
+            max_new_tokens=self.max_new_tokens.value(), seed=None if seed < 0 else seed)
+        values: dict[str, int | str] = {}
         for name, (_label, widget) in self._param_widgets.items():
             if isinstance(widget, QSpinBox):
-                cache[name] = widget.value()
+                values[name] = widget.value()
             elif isinstance(widget, QComboBox):
-                data = widget.currentData()
-                cache[name] = data if data is not None and not widget.isEditable() else widget.currentText()
+                values[name] = widget.currentData()
+        base = self.loaded.cache if self.loaded is not None else CacheSpec(AUTO)
+        cache = replace(base, strategy=self.current_strategy(), **values)  # type: ignore[arg-type]
         overflow = self.overflow.currentData() or (self.loaded.overflow if self.loaded else "stop")
         return ChatSettings(system_prompt=self.system_prompt.toPlainText().strip(), sampling=sampling, cache=cache,
                             overflow=str(overflow))
@@ -389,12 +375,11 @@ class ChatSettingsPanel(QScrollArea):
     def current_strategy(self) -> str:
         item = self.strategies.currentItem()
         if item is None and self.loaded is not None:
-            return str(self.loaded.cache.get("strategy", "auto"))
-        return str(item.data(0, Qt.ItemDataRole.UserRole)) if item is not None else "auto"
+            return self.loaded.cache.strategy
+        return str(item.data(0, Qt.ItemDataRole.UserRole)) if item is not None else AUTO
 
     def select_strategy(self, name: str) -> None:
-        for i in range(self.strategies.topLevelItemCount()):
-            item = self.strategies.topLevelItem(i)
+        for item in self._strategy_items():
             if item.data(0, Qt.ItemDataRole.UserRole) == name:
                 self.strategies.setCurrentItem(item)
                 return
@@ -404,15 +389,7 @@ class ChatSettingsPanel(QScrollArea):
         return self._param_widgets[name][1]
 
     def dirty(self) -> bool:
-        if self.loaded is None:
-            return False
-        new = self.collect()
-        old = self.loaded
-        defaults_s = self.info.sampling_defaults if self.info else {}
-        defaults_c = self.info.spec_defaults if self.info else {}
-        return (new.system_prompt != old.system_prompt or new.overflow != old.overflow
-                or new.sampling != {**defaults_s, **old.sampling}
-                or new.cache != {**defaults_c, **old.cache, "strategy": old.cache.get("strategy", "auto")})
+        return self.loaded is not None and self.collect() != self.loaded
 
     # ----- reacting ------------------------------------------------------------------------------------
     def _strategy_changed(self) -> None:
@@ -421,32 +398,30 @@ class ChatSettingsPanel(QScrollArea):
 
     def _update_params(self) -> None:
         strategy = self.current_strategy()
-        effective = "dynamic" if strategy == "auto" else strategy
-        used = STRATEGY_FIELDS.get(effective)
+        used = STRATEGY_FIELDS.get(strategy, ())  # auto: the advisor sets them
         for name, (label, widget) in self._param_widgets.items():
-            shown = used is None or name in used or not any(name in f for f in STRATEGY_FIELDS.values())
-            label.setVisible(shown)
-            widget.setVisible(shown)
+            label.setVisible(name in used)
+            widget.setVisible(name in used)
         notes = []
-        if strategy == "auto" and self.model is not None:
-            effective = str(self.model.auto_cache.get("strategy", "dynamic"))
+        effective = strategy
+        if strategy == AUTO and self.model is not None:
+            effective = self.model.auto_cache.strategy
             notes.append(f"auto → {effective} on this machine (Cachet's memory advisor).")
-        if self.info is not None and effective in self.info.lossy:
+        if effective in LOSSY:
             notes.append("⚠ Lossy: this strategy changes what the model remembers of the chat; replies can "
                          "differ from the full cache.")
-            notes.append(self._measured_cost(effective))
+            if self.model is not None:  # the engine (and torch) is loaded by then, never at start-up
+                notes.append(self._measured_cost(effective))
         self.strategy_note.setText(" ".join(notes))
         self.strategy_note.setVisible(bool(notes))
 
     def _measured_cost(self, strategy: str) -> str:
         """The accuracy cost scripts/measure_fidelity.py measured for exactly these settings."""
-        # Imported here: the engine (and torch) is loaded by the time a model is, never at start-up.
-        from engine.caches import CacheConfigError, CacheSpec
         from engine.caches.fidelity import WARN_ABOVE, measured_cost
 
         try:
-            spec = CacheSpec.from_dict({**self.collect().cache, "strategy": strategy}).validate()
-        except (CacheConfigError, TypeError, ValueError):
+            spec = replace(self.collect().cache, strategy=strategy).validate()
+        except CacheConfigError:
             return ""
         cost = measured_cost(spec)
         if cost is None:
@@ -470,16 +445,16 @@ class ChatSettingsPanel(QScrollArea):
 
     def refresh_estimates(self) -> None:
         model = self.model
-        if model is None or self.info is None or self.strategies.topLevelItemCount() == 0:
+        if model is None:
             self.estimate_note.setText("")
             return
+        from engine.service import estimate  # the engine is loaded by the time a model is
+
         tokens = model.context_length
         base = self.collect().cache
-        for i in range(self.strategies.topLevelItemCount()):
-            item = self.strategies.topLevelItem(i)
-            name = str(item.data(0, Qt.ItemDataRole.UserRole))
-            spec = {**base, **model.auto_cache} if name == "auto" else {**base, "strategy": name}
-            est = estimate(spec, tokens, model.config, model.torch_dtype, self.free)
+        for item in self._strategy_items():
+            est = estimate(replace(base, strategy=str(item.data(0, Qt.ItemDataRole.UserRole))), tokens, model,
+                           self.free)
             if est.error:
                 item.setText(1, "—")
                 item.setText(2, "—")
@@ -493,19 +468,17 @@ class ChatSettingsPanel(QScrollArea):
             f"cache fits in the {human_size(self.free)} free at the moment.")
 
     def _set_enabled(self) -> None:
-        ready = self.info is not None and self.chat_id is not None
-        for w in (self.system_prompt, self.temperature, self.top_p, self.top_k, self.repetition_penalty,
-                  self.max_new_tokens, self.seed, self.strategies, self.overflow):
-            w.setEnabled(ready)
-        for _label, w in self._param_widgets.values():
-            w.setEnabled(ready)
+        ready = self.chat_id is not None
+        editors: list[QWidget] = [self.system_prompt, self.temperature, self.top_p, self.top_k,
+                                  self.repetition_penalty, self.max_new_tokens, self.seed, self.strategies,
+                                  self.overflow]
+        for widget in editors + [w for _label, w in self._param_widgets.values()]:
+            widget.setEnabled(ready)
         dirty = ready and self.dirty()
         self.apply_button.setEnabled(dirty and not self.busy)
         self.revert_button.setEnabled(dirty)
         if self.chat_id is None:
             self.status.setText("No chat selected.")
-        elif self.info is None:
-            self.status.setText("The engine is starting; settings appear when it is ready.")
         elif self.busy == "rebuilding":
             self.status.setText("Rebuilding this chat's cache…")
         elif self.busy:

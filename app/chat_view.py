@@ -24,9 +24,10 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.bridge import describe_restore
 from app.controller import Notice
 from app.markdown_render import MarkdownRenderer, plain_html
+from app.meters import describe_restore, stored_restore
+from engine.store import StoredMessage
 
 RENDER_EVERY_S = 0.05  # re-render a streaming reply's Markdown at most this often
 STATUS_TEXT = {"stopped": "stopped", "error": "failed", "interrupted": "interrupted", "streaming": ""}
@@ -82,7 +83,7 @@ class MessageBody(QTextBrowser):
         """The rich text last set (what was rendered, before Qt re-serialises it)."""
         return self._html
 
-    def loadResource(self, kind: int, name: QUrl) -> Any:  # noqa: N802 - Qt override
+    def loadResource(self, kind: int, name: QUrl | str) -> Any:  # noqa: N802 - Qt override
         return None  # never fetch anything, local or remote
 
     def _fit(self, *_args: object) -> None:
@@ -170,9 +171,14 @@ class MessageWidget(QFrame):
             return
         self.render_now()
 
+    @property
+    def behind(self) -> bool:
+        """The text shown is older than the view's (a streaming reply waits for its next render)."""
+        return self._rendered_text != self.view.text
+
     def render_now(self) -> None:
         view = self.view
-        if view.text == self._rendered_text:
+        if not self.behind:
             return
         self._last_render = time.monotonic()
         self._rendered_text = view.text
@@ -369,7 +375,7 @@ class ChatView(QScrollArea):
             return
         w = self.message_widgets[-1]
         w.update_view(view)
-        if w._rendered_text != view.text and not self._stream_timer.isActive():
+        if w.behind and not self._stream_timer.isActive():
             self._stream_timer.start(int(RENDER_EVERY_S * 1000))
 
     def _flush_stream(self) -> None:
@@ -409,7 +415,7 @@ class ChatView(QScrollArea):
         return next((w for w in self.message_widgets if w.view.position == position), None)
 
 
-def message_views(messages: list[Any], streaming_text: str | None, reply_id: int | None, pending: str | None,
+def message_views(messages: list[StoredMessage], streaming_text: str | None, reply_id: int | None, pending: str | None,
                   busy: bool) -> list[MessageView]:
     """Bubbles for a chat's stored messages plus its live state.
 
@@ -437,7 +443,7 @@ def message_views(messages: list[Any], streaming_text: str | None, reply_id: int
     return views
 
 
-def _tooltip(m: Any) -> str:
+def _tooltip(m: StoredMessage) -> str:
     parts = []
     if m.tokens is not None:
         parts.append(f"{m.tokens:,} tokens")
@@ -446,8 +452,8 @@ def _tooltip(m: Any) -> str:
         parts.append(f"prompt {s.get('prompt_tokens', 0):,} tokens: {s.get('reused_tokens', 0):,} reused from the "
                      f"cache, {s.get('prefilled_tokens', 0):,} prefilled")
         parts.append(f"first token after {s.get('ttft_ms', 0):,.0f} ms, {s.get('decode_tok_s', 0):.1f} tokens/s")
-        restore = s.get("restore")
-        if restore and restore.get("source") != "empty":
+        restore = stored_restore(s)
+        if restore is not None and restore.source != "empty":
             parts.append(describe_restore(restore))
     if not m.complete:
         parts.append({"stopped": "stopped by you", "interrupted": "cut off when Cachet closed unexpectedly",

@@ -1,6 +1,7 @@
 """What the window does with chats, independent of any widget: it persists every message as soon
 as it exists, sends turns to the engine worker, and keeps each chat's live state (queued,
-generating, the reply streaming in, notices, where its cache is).
+generating, the reply streaming in, notices, where its cache is) and its messages in memory, so
+that the window redraws without reading the database again.
 
 Streaming replies are written to the store when their first token arrives and then at most
 every `FLUSH_EVERY_S`, so a crash loses at most that much of a reply; the store marks such a
@@ -12,28 +13,27 @@ from __future__ import annotations
 import itertools
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from PySide6.QtCore import QObject, Signal, Slot
 
-from app.bridge import (
+from app.client import EngineClient
+from app.config import AppConfig
+from app.protocol import (
     CacheChange,
     CacheRestored,
     CacheState,
-    Engine,
-    HistoryMessage,
     OpenChat,
     RebuildDone,
     TokenDelta,
     TurnDone,
     TurnRequest,
     TurnStarted,
-    effective_cache,
 )
-from app.config import AppConfig
-from app.memory import human_bytes
+from app.texts import human_bytes
+from engine.specs import OVERFLOW_POLICIES, CacheSpec, SamplingSettings
 from engine.store import ChatSettings, ChatStore, StoredMessage
 
 FLUSH_EVERY_S = 0.5
@@ -47,10 +47,7 @@ POLICY_PLANS = {  # "When this chat is full, Cachet will …"
 POLICY_LABELS = {
     "stop": "Stop here",
     "truncate-middle": "Truncate the middle",
-    "truncate_middle": "Truncate the middle",
-    "truncate": "Truncate the middle",
     "sink": "Continue with attention sinks",
-    "sinks": "Continue with attention sinks",
 }
 
 
@@ -80,8 +77,9 @@ class ChatRuntime:
     notices: list[Notice] = field(default_factory=list)
     cache: CacheState | None = None
     restore: CacheRestored | None = None  # where the cache came from when the chat was last made active
-    last_stats: dict[str, Any] | None = None
-    rebuild_from: dict[str, Any] | None = None  # the cache settings to go back to if a rebuild fails
+    last_stats: dict[str, object] | None = None  # the last reply's figures, as stored with it
+    rebuild_from: CacheSpec | None = None  # the cache settings to go back to if a rebuild fails
+    messages: list[StoredMessage] | None = None  # as in the store; None until first read
 
     @property
     def busy(self) -> bool:
@@ -90,24 +88,27 @@ class ChatRuntime:
 
 class ChatController(QObject):
     """Signals:
-        chats_changed(): the list of chats, their order or titles changed.
+        chats_changed(): chats were added, removed or renamed (the list is read again).
+        chat_touched(int): a chat's title, activity or settings changed (its entry is redrawn).
         messages_changed(int): a chat's messages were added, removed or finished.
         stream_changed(int): the reply streaming into a chat grew.
-        state_changed(int): a chat's state, notices or cache changed.
+        state_changed(int): a chat's state or notices changed.
+        cache_changed(int): where a chat's cache is, or its size, changed.
         turn_finished(int): a turn ended and its reply is stored.
         rebuild_finished(int): a cache strategy switch ended (see the chat's notices).
-        stats_changed(object): the last turn's TurnStats as a dict.
     """
 
     chats_changed = Signal()
+    chat_touched = Signal(int)
     messages_changed = Signal(int)
     stream_changed = Signal(int)
     state_changed = Signal(int)
+    cache_changed = Signal(int)
     turn_finished = Signal(int)
     rebuild_finished = Signal(int)
-    stats_changed = Signal(object)
 
-    def __init__(self, store: ChatStore, engine: Engine, config: AppConfig, parent: QObject | None = None) -> None:
+    def __init__(self, store: ChatStore, engine: EngineClient, config: AppConfig,
+                 parent: QObject | None = None) -> None:
         super().__init__(parent)
         self.store = store
         self.engine = engine
@@ -125,11 +126,60 @@ class ChatController(QObject):
     def runtime(self, chat_id: int) -> ChatRuntime:
         return self.runtimes.setdefault(chat_id, ChatRuntime())
 
+    def messages(self, chat_id: int) -> list[StoredMessage]:
+        """The chat's messages as stored, read from the database once and kept in step since."""
+        rt = self.runtime(chat_id)
+        if rt.messages is None:
+            rt.messages = self.store.messages(chat_id)
+        return rt.messages
+
+    def reload(self, chat_id: int) -> list[StoredMessage]:
+        """Read a chat's messages from the database again (opening a chat: another window or an
+        import may have written them)."""
+        self.runtime(chat_id).messages = None
+        return self.messages(chat_id)
+
+    def last_stats(self, chat_id: int) -> dict[str, object] | None:
+        """The chat's last reply's figures: from this run, else as stored with the reply."""
+        rt = self.runtime(chat_id)
+        if not rt.last_stats:
+            reply = next((m for m in reversed(self.messages(chat_id)) if m.role == "assistant" and m.stats), None)
+            rt.last_stats = dict(reply.stats) if reply is not None and reply.stats else None
+        return dict(rt.last_stats) if rt.last_stats else None
+
+    # ----- keeping the in-memory messages in step with the store ---------------------------------
+    def _add(self, chat_id: int, role: str, content: str, *, status: str = "done",
+             token_ids: Sequence[int] | None = None, tokens: int | None = None,
+             stats: dict[str, object] | None = None) -> StoredMessage:
+        message = self.store.add_message(chat_id, role, content, status=status, token_ids=token_ids, tokens=tokens,
+                                         stats=stats)
+        self.messages(chat_id).append(message)
+        return message
+
+    def _update(self, chat_id: int, message_id: int, *, content: str | None = None, status: str | None = None,
+                token_ids: Sequence[int] | None = None, tokens: int | None = None,
+                stats: dict[str, object] | None = None) -> None:
+        message = self.store.update_message(message_id, content=content, status=status, token_ids=token_ids,
+                                            tokens=tokens, stats=stats)
+        messages = self.runtime(chat_id).messages
+        if message is not None and messages is not None:
+            for i, old in enumerate(messages):
+                if old.id == message_id:
+                    messages[i] = message
+
+    def _truncate(self, chat_id: int, position: int) -> None:
+        self.store.truncate(chat_id, position)
+        self.runtime(chat_id).messages = [m for m in self.messages(chat_id) if m.position < position]
+
     # ----- chats ---------------------------------------------------------------------------------
+    def new_settings(self) -> ChatSettings:
+        """What a new chat starts with: the defaults of the global settings."""
+        return ChatSettings(system_prompt=self.config.default_system_prompt,
+                            sampling=SamplingSettings.from_dict(self.config.default_sampling),
+                            cache=CacheSpec.from_dict(self.config.default_cache))
+
     def new_chat(self) -> int:
-        settings = ChatSettings(system_prompt=self.config.default_system_prompt,
-                                sampling=dict(self.config.default_sampling), cache=dict(self.config.default_cache))
-        chat = self.store.create_chat(settings)
+        chat = self.store.create_chat(self.new_settings())
         self.chats_changed.emit()
         return chat.id
 
@@ -137,16 +187,13 @@ class ChatController(QObject):
         """The user opened a chat: have the worker bring its cache back now, not at the next message."""
         if not self.engine.ready or self.runtime(chat_id).busy or not self._exists(chat_id):
             return
-        messages = self.store.messages(chat_id)
-        if not messages:
-            return
-        settings = self.store.chat(chat_id).settings
-        self.engine.open_chat(OpenChat(chat_id, self._history(chat_id, messages), settings.system_prompt,
-                                       dict(settings.sampling), dict(settings.cache)))
+        messages = self.messages(chat_id)
+        if messages:
+            self.engine.open_chat(OpenChat(chat_id, tuple(messages), self.store.chat(chat_id).settings))
 
     def rename(self, chat_id: int, title: str) -> None:
         self.store.rename(chat_id, title)
-        self.chats_changed.emit()
+        self.chat_touched.emit(chat_id)
 
     def delete(self, chat_id: int) -> None:
         """Hide the chat (undo brings it back until the app quits) and free its cache."""
@@ -154,7 +201,7 @@ class ChatController(QObject):
         rt = self.runtimes.get(chat_id)
         if rt is not None and rt.reply_id is not None:
             # The turn's end will not reach a deleted chat: settle its reply now (undo brings it back).
-            self.store.update_message(rt.reply_id, content=rt.text, status="stopped")
+            self._update(chat_id, rt.reply_id, content=rt.text, status="stopped")
         self.store.delete_chat(chat_id)
         self.engine.forget(chat_id)
         self.runtimes.pop(chat_id, None)
@@ -168,23 +215,28 @@ class ChatController(QObject):
             self.chats_changed.emit()
         return chat_id
 
+    def settle_streaming(self) -> None:
+        """The app quits: keep every reply still streaming as it stands, marked stopped."""
+        for chat_id, rt in self.runtimes.items():
+            if rt.reply_id is not None:
+                self._update(chat_id, rt.reply_id, content=rt.text, status="stopped")
+            rt.state, rt.turn_id, rt.reply_id = "idle", None, None
+
     def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
         """Store new chat settings; a different cache strategy makes the worker rebuild the cache."""
         old = self.store.chat(chat_id).settings
         self.store.set_settings(chat_id, settings)
-        self.chats_changed.emit()
+        self.chat_touched.emit(chat_id)
         rt = self.runtime(chat_id)
         auto = self.engine.model.auto_cache if self.engine.model else None
-        if (effective_cache(old.cache, auto) == effective_cache(settings.cache, auto) or not self.engine.ready
+        if (old.cache.resolve(auto) == settings.cache.resolve(auto) or not self.engine.ready
                 or rt.busy):
             return
         rt.state = "rebuilding"
         rt.rebuild_from = old.cache
-        strategy = effective_cache(settings.cache, auto).get("strategy", "dynamic")
-        rt.notices = [Notice("info", f"Switching this chat's cache to “{strategy}”…")]
+        rt.notices = [Notice("info", f"Switching this chat's cache to “{settings.cache.resolve(auto).strategy}”…")]
         self.state_changed.emit(chat_id)
-        self.engine.change_cache(CacheChange(chat_id, dict(settings.cache), self._history(chat_id),
-                                             settings.system_prompt, dict(settings.sampling)))
+        self.engine.change_cache(CacheChange(chat_id, tuple(self.messages(chat_id)), settings))
 
     # ----- turns ---------------------------------------------------------------------------------
     def send(self, chat_id: int, text: str) -> bool:
@@ -192,43 +244,38 @@ class ChatController(QObject):
         text = text.strip()
         if not text or self.runtime(chat_id).busy:
             return False
-        history = self._history(chat_id)
-        self.store.add_message(chat_id, "user", text)
-        self.chats_changed.emit()
-        self._start_turn(chat_id, "send", history, text=text)
+        self._add(chat_id, "user", text)
+        self.chat_touched.emit(chat_id)
+        self._start_turn(chat_id)
         return True
 
     def regenerate(self, chat_id: int) -> bool:
         """Replace the last reply (or answer a last user message that has none)."""
-        messages = self.store.messages(chat_id)
+        messages = self.messages(chat_id)
         if not messages or self.runtime(chat_id).busy:
             return False
-        history = self._history(chat_id, messages)
         if messages[-1].role == "assistant":
-            self.store.truncate(chat_id, messages[-1].position)
-            self._start_turn(chat_id, "regenerate", history)
-        else:
-            self._start_turn(chat_id, "answer", history)
+            self._truncate(chat_id, messages[-1].position)
+        self._start_turn(chat_id)
         return True
 
     def edit(self, chat_id: int, position: int, text: str) -> bool:
         """Replace user message `position`, drop what followed it, and answer it again."""
         text = text.strip()
-        messages = self.store.messages(chat_id)
+        messages = self.messages(chat_id)
         if (not text or self.runtime(chat_id).busy or not 0 <= position < len(messages)
                 or messages[position].role != "user"):
             return False
-        history = self._history(chat_id, messages)
-        self.store.truncate(chat_id, position)
-        self.store.add_message(chat_id, "user", text)
-        self.chats_changed.emit()
-        self._start_turn(chat_id, "edit", history, text=text, index=position)
+        self._truncate(chat_id, position)
+        self._add(chat_id, "user", text)
+        self.chat_touched.emit(chat_id)
+        self._start_turn(chat_id)
         return True
 
     def stop(self, chat_id: int) -> None:
         rt = self.runtimes.get(chat_id)
         if rt is not None and rt.turn_id is not None:
-            self.engine.cancel(chat_id, rt.turn_id)
+            self.engine.cancel(rt.turn_id)
 
     def act(self, chat_id: int, key: str) -> None:
         """A notice's button was pressed."""
@@ -239,7 +286,7 @@ class ChatController(QObject):
             self.runtime(chat_id).notices = [Notice("info", f"When this chat is full, Cachet will "
                                                             f"{POLICY_PLANS.get(policy, policy)}.")]
             self.state_changed.emit(chat_id)
-            self.chats_changed.emit()
+            self.chat_touched.emit(chat_id)
             return
         if key.startswith("overflow:"):
             policy = key.split(":", 1)[1]
@@ -252,15 +299,10 @@ class ChatController(QObject):
                 # the choice is kept with the chat: later turns apply it without asking again
                 chat = self.store.chat(chat_id)
                 self.store.set_settings(chat_id, replace(chat.settings, overflow=policy))
-                self._start_turn(chat_id, "answer", self._history(chat_id))
+                self._start_turn(chat_id)
 
-    def _history(self, chat_id: int, messages: list[StoredMessage] | None = None) -> tuple[HistoryMessage, ...]:
-        msgs = self.store.messages(chat_id) if messages is None else messages
-        return tuple(HistoryMessage(m.role, m.content, m.complete, m.token_ids) for m in msgs)
-
-    def _start_turn(self, chat_id: int, kind: str, history: tuple[HistoryMessage, ...], text: str = "",
-                    index: int = -1) -> None:
-        settings = self.store.chat(chat_id).settings
+    def _start_turn(self, chat_id: int) -> None:
+        """Have the worker answer the chat as it stands now."""
         rt = self.runtime(chat_id)
         rt.state = "queued"
         rt.turn_id = next(self._turn_ids)
@@ -269,11 +311,8 @@ class ChatController(QObject):
         rt.notices = []
         self.messages_changed.emit(chat_id)
         self.state_changed.emit(chat_id)
-        self.engine.run_turn(TurnRequest(
-            turn_id=rt.turn_id, chat_id=chat_id, kind=kind, history=history, system_prompt=settings.system_prompt,
-            sampling=dict(settings.sampling), cache=dict(settings.cache), text=text, index=index,
-            overflow=settings.overflow,
-        ))
+        self.engine.run_turn(TurnRequest(rt.turn_id, chat_id, tuple(self.messages(chat_id)),
+                                         self.store.chat(chat_id).settings))
 
     @Slot(object)
     def _on_turn_started(self, event: TurnStarted) -> None:
@@ -290,17 +329,17 @@ class ChatController(QObject):
         if delta.restart:  # the worker writes the reply again (after running out of memory)
             rt.text = delta.text
             if rt.reply_id is not None:
-                self.store.update_message(rt.reply_id, content=rt.text)
+                self._update(delta.chat_id, rt.reply_id, content=rt.text)
             self.stream_changed.emit(delta.chat_id)
             return
         rt.text += delta.text
         now = time.monotonic()
         if rt.reply_id is None:
-            rt.reply_id = self.store.add_message(delta.chat_id, "assistant", rt.text, status="streaming").id
+            rt.reply_id = self._add(delta.chat_id, "assistant", rt.text, status="streaming").id
             rt.flushed_at = now
             self.messages_changed.emit(delta.chat_id)
         elif now - rt.flushed_at >= FLUSH_EVERY_S:
-            self.store.update_message(rt.reply_id, content=rt.text)
+            self._update(delta.chat_id, rt.reply_id, content=rt.text)
             rt.flushed_at = now
         self.stream_changed.emit(delta.chat_id)
 
@@ -310,70 +349,67 @@ class ChatController(QObject):
         if rt is None or rt.turn_id != done.turn_id:
             return  # the chat was deleted meanwhile
         status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(done.finish_reason, "error")
-        if done.cache is not None and self._exists(done.chat_id):  # the worker switched the strategy
+        if done.cache is not None and self._exists(done.chat_id):  # the engine switched the strategy
             chat = self.store.chat(done.chat_id)
-            self.store.set_settings(done.chat_id, replace(chat.settings, cache=dict(done.cache)))
+            self.store.set_settings(done.chat_id, replace(chat.settings, cache=done.cache))
+        stats = None
+        if done.stats is not None:  # stored with the reply: the figures a reply's hover and the meters show
+            stats = {**done.stats.to_dict(), "restore": done.restore.to_dict() if done.restore else None}
         if done.has_reply:
-            fields: dict[str, Any] = dict(content=done.reply, status=status, token_ids=done.token_ids,
-                                          tokens=len(done.token_ids), stats=done.stats)
             if rt.reply_id is not None:
-                self.store.update_message(rt.reply_id, **fields)
+                self._update(done.chat_id, rt.reply_id, content=done.reply, status=status, token_ids=done.token_ids,
+                             tokens=len(done.token_ids), stats=stats)
             else:
-                self.store.add_message(done.chat_id, "assistant", **fields)
+                self._add(done.chat_id, "assistant", done.reply, status=status, token_ids=done.token_ids,
+                          tokens=len(done.token_ids), stats=stats)
         elif rt.reply_id is not None:
-            self.store.update_message(rt.reply_id, content=rt.text, status=status)
-        if done.user_tokens is not None:
-            last_user = next((m for m in reversed(self.store.messages(done.chat_id)) if m.role == "user"), None)
+            self._update(done.chat_id, rt.reply_id, content=rt.text, status=status)
+        if done.stats is not None and done.stats.user_tokens is not None:
+            last_user = next((m for m in reversed(self.messages(done.chat_id)) if m.role == "user"), None)
             if last_user is not None:
-                self.store.update_message(last_user.id, tokens=done.user_tokens)
+                self._update(done.chat_id, last_user.id, tokens=done.stats.user_tokens)
         rt.notices = self._notices_for(done)
         if done.notice:
             rt.notices.insert(0, Notice("info", done.notice))
         rt.state, rt.turn_id, rt.reply_id, rt.text = "idle", None, None, ""
-        if done.stats:
-            rt.last_stats = done.stats
-            self.stats_changed.emit(done.stats)
+        if stats is not None:
+            rt.last_stats = stats
         self.messages_changed.emit(done.chat_id)
         self.state_changed.emit(done.chat_id)
-        self.chats_changed.emit()
+        self.chat_touched.emit(done.chat_id)
         self.turn_finished.emit(done.chat_id)
 
-    def near_context_notice(self, chat_id: int, stats: dict[str, Any] | None) -> Notice | None:
+    def near_context_notice(self, chat_id: int, stats: dict[str, object] | None) -> Notice | None:
         """The warning for a chat whose last turn used most of the model's context, with the
         overflow policies to choose ahead of time; None when it is not near the limit."""
         model = self.engine.model
         if not stats or model is None or not model.context_length:
             return None
-        used = int(stats.get("prompt_tokens", 0)) + int(stats.get("generated_tokens", 0))
+        used = _count(stats, "prompt_tokens") + _count(stats, "generated_tokens")
         if used < NEAR_CONTEXT * model.context_length:
             return None
-        policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
         current = self.store.chat(chat_id).settings.overflow if self._exists(chat_id) else "stop"
-        actions = tuple(NoticeAction(f"when-full:{p}", POLICY_LABELS.get(p, p.replace("-", " ").capitalize()),
-                                     reason) for p, reason in policies.items() if p != current)
+        actions = tuple(NoticeAction(f"when-full:{p}", POLICY_LABELS[p]) for p in OVERFLOW_POLICIES if p != current)
         return Notice("warning", f"This chat uses {used:,} of the model's {model.context_length:,} tokens of context. "
                                  f"When it is full, Cachet will {POLICY_PLANS.get(current, 'stop and ask')} — "
                                  "or choose now:", actions)
 
     def _notices_for(self, done: TurnDone) -> list[Notice]:
         if done.finish_reason == "overflow":
-            policies = self.engine.info.overflow_policies if self.engine.info else {"stop": None}
-            actions = tuple(NoticeAction(f"overflow:{p}", POLICY_LABELS.get(p, p.replace("-", " ").capitalize()),
-                                         reason) for p, reason in policies.items())
+            actions = tuple(NoticeAction(f"overflow:{p}", POLICY_LABELS[p]) for p in OVERFLOW_POLICIES)
             return [Notice("warning", f"This chat no longer fits the model's context: {done.error}", actions)]
         if done.finish_reason == "error":
             return [Notice("error", f"The reply failed: {done.error}")]
         if done.finish_reason == "cancelled" and not done.has_reply:
             return [Notice("info", "Stopped before the first token.")]
         notices = []
-        if done.stats and done.stats.get("overflow_action"):
+        if done.stats is not None and done.stats.overflow_action:
             notices.append(Notice("info", f"The chat outgrew the model's context, so Cachet "
-                                          f"{done.stats['overflow_action']}."))
-        model = self.engine.model
-        near = self.near_context_notice(done.chat_id, done.stats)
+                                          f"{done.stats.overflow_action}."))
+        near = self.near_context_notice(done.chat_id, done.stats.to_dict() if done.stats else None)
         if near is not None:
             notices.append(near)
-        if done.finish_reason == "length" and done.stats and model is not None:
+        if done.finish_reason == "length":
             notices.append(Notice("info", "The reply reached the “max new tokens” limit of this chat."))
         return notices
 
@@ -381,7 +417,7 @@ class ChatController(QObject):
     def _on_cache_state(self, state: CacheState) -> None:
         if state.chat_id in self.runtimes or self._exists(state.chat_id):
             self.runtime(state.chat_id).cache = state
-            self.state_changed.emit(state.chat_id)
+            self.cache_changed.emit(state.chat_id)
 
     @Slot(object)
     def _on_cache_restored(self, event: CacheRestored) -> None:
@@ -392,7 +428,7 @@ class ChatController(QObject):
     def _on_rebuild_done(self, done: RebuildDone) -> None:
         rt = self.runtime(done.chat_id)
         auto = self.engine.model.auto_cache if self.engine.model else None
-        strategy = effective_cache(done.cache, auto).get("strategy", "dynamic")
+        strategy = done.cache.resolve(auto).strategy
         if done.ok:
             verb = "converted to" if done.how == "converted" else "rebuilt as"
             rt.notices = [Notice("info", f"Cache {verb} “{strategy}”: {done.tokens:,} tokens, "
@@ -406,7 +442,7 @@ class ChatController(QObject):
         rt.state = "idle"
         rt.rebuild_from = None
         self.state_changed.emit(done.chat_id)
-        self.chats_changed.emit()
+        self.chat_touched.emit(done.chat_id)
         self.rebuild_finished.emit(done.chat_id)
 
     def _exists(self, chat_id: int) -> bool:
@@ -428,6 +464,11 @@ class ChatController(QObject):
         chat = self.store.import_json(json.loads(path.read_text(encoding="utf-8")))
         self.chats_changed.emit()
         return chat.id
+
+
+def _count(stats: dict[str, object], name: str) -> int:
+    value = stats.get(name, 0)
+    return int(value) if isinstance(value, int | float) else 0
 
 
 def _atomic_write(path: Path, text: str) -> None:

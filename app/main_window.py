@@ -3,6 +3,7 @@ the status bar, wired to the controller and the engine worker."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import QCoreApplication, Qt, QTimer
@@ -22,25 +23,18 @@ from PySide6.QtWidgets import (
 )
 
 from app import theme as themes
-from app.bridge import (
-    Budgets,
-    CacheRestored,
-    Engine,
-    EngineInfo,
-    Loader,
-    ModelInfo,
-    describe_restore,
-    effective_cache,
-)
 from app.chat_settings import ChatSettingsPanel
 from app.chat_view import ChatView, MessageView, message_views
+from app.client import EngineClient
 from app.composer import Composer
 from app.config import AppConfig, save_config
 from app.controller import ChatController
 from app.markdown_render import MarkdownRenderer
-from app.meters import Meters
+from app.meters import Meters, describe_restore
+from app.protocol import Budgets, CacheRestored, Loader, ModelInfo
 from app.sidebar import ChatEntry, Sidebar
-from engine.store import ChatSettings, ChatStore, StoreError
+from engine.specs import AUTO, LOSSY, CacheSpec
+from engine.store import ChatSettings, ChatStore, StoredChat, StoreError
 
 MEMORY_REFRESH_MS = 1000
 BUDGET_SETTINGS = {"kv_budget_mb", "ram_budget_mb", "disk_budget_mb"}
@@ -67,7 +61,7 @@ class MainWindow(QMainWindow):
         self.theme = themes.resolve(config.theme)
         self.renderer = MarkdownRenderer(self.theme)
 
-        self.engine = Engine(loader, self)
+        self.engine = EngineClient(loader, self)
         self.controller = ChatController(store, self.engine, config, self)
 
         # ----- widgets -------------------------------------------------------------------------------
@@ -146,11 +140,12 @@ class MainWindow(QMainWindow):
         self.settings_panel.apply_requested.connect(self._apply_chat_settings)
 
         self.controller.chats_changed.connect(self.refresh_sidebar)
+        self.controller.chat_touched.connect(self._chat_touched)
         self.controller.messages_changed.connect(self._messages_changed)
         self.controller.stream_changed.connect(self._stream_changed)
         self.controller.state_changed.connect(self._state_changed)
+        self.controller.cache_changed.connect(self._cache_changed)
         self.controller.turn_finished.connect(self._turn_finished)
-        self.engine.engine_info.connect(self._engine_info)
         self.engine.load_progress.connect(self._load_progress)
         self.engine.status.connect(lambda text: self.statusBar().showMessage(text, 6000))
         self.engine.model_ready.connect(self._model_ready)
@@ -228,11 +223,7 @@ class MainWindow(QMainWindow):
         self.engine.shutdown()
         # The worker's last answers (the stopped replies) are queued for this thread: deliver them.
         QCoreApplication.sendPostedEvents(self.engine, 0)
-        for chat_id, rt in list(self.controller.runtimes.items()):
-            if rt.reply_id is not None:
-                self.store.update_message(rt.reply_id, content=rt.text, status="stopped")
-            rt.state = "idle"
-            del chat_id
+        self.controller.settle_streaming()
 
     def closeEvent(self, event: QCloseEvent) -> None:
         self.hide()  # gone at once, even while the worker finishes a step of loading or saves caches
@@ -240,10 +231,6 @@ class MainWindow(QMainWindow):
         self.shutdown()
         self.store.purge_deleted()
         super().closeEvent(event)
-
-    def _engine_info(self, info: EngineInfo) -> None:
-        self.settings_panel.set_engine(info, self.engine.model)
-        self._show_current_settings()
 
     def _load_progress(self, text: str) -> None:
         self.meters.loading(text)
@@ -253,7 +240,7 @@ class MainWindow(QMainWindow):
         self.meters.ready(model)
         if self.current_chat is not None:
             self._restore_notices(self.current_chat)  # the context length is known now
-        self.settings_panel.set_engine(self.engine.info, model)
+        self.settings_panel.set_model(model)
         self._show_current_settings()
         self.refresh_memory()
         self._update_chat_chrome()
@@ -285,14 +272,12 @@ class MainWindow(QMainWindow):
         if chat_id == self.current_chat and chat_id is not None:
             return
         self.current_chat = chat_id
-        for i, entry in enumerate(self.sidebar.entries()):
-            if entry.chat_id == chat_id and self.sidebar.list.currentRow() != i:
-                self.sidebar._filling = True
-                self.sidebar.list.setCurrentRow(i)
-                self.sidebar._filling = False
+        self.sidebar.select(chat_id)
         self.chat_view.set_messages([])
         self.chat_view.set_notices([])
-        self.meters.turn(self._last_stats(chat_id) if chat_id is not None else None)
+        if chat_id is not None and not self.controller.runtime(chat_id).busy:
+            self.controller.reload(chat_id)  # opening a chat reads it from the database
+        self.meters.turn(self.controller.last_stats(chat_id) if chat_id is not None else None)
         if chat_id is not None:
             self._restore_notices(chat_id)
             self._messages_changed(chat_id, scroll_to_end=True)
@@ -301,28 +286,18 @@ class MainWindow(QMainWindow):
         self._update_chat_chrome()
         self._show_current_settings()
 
-    def _last_stats(self, chat_id: int) -> dict[str, object] | None:
-        """The chat's last reply's figures: from this run, else as stored with the reply (read
-        from the database once, then kept with the chat's runtime state)."""
-        rt = self.controller.runtime(chat_id)
-        if not rt.last_stats:
-            reply = next((m for m in reversed(self.store.messages(chat_id)) if m.role == "assistant" and m.stats),
-                         None)
-            rt.last_stats = dict(reply.stats) if reply is not None and reply.stats else None
-        return dict(rt.last_stats) if rt.last_stats else None
-
     def _restore_notices(self, chat_id: int) -> None:
         """A chat reopened after a restart says again when it is near the context limit."""
         rt = self.controller.runtime(chat_id)
         if not rt.notices and not rt.busy:
-            near = self.controller.near_context_notice(chat_id, self._last_stats(chat_id))
+            near = self.controller.near_context_notice(chat_id, self.controller.last_stats(chat_id))
             if near is not None:
                 rt.notices = [near]
                 self.chat_view.set_notices(list(rt.notices))
 
     def _turn_finished(self, chat_id: int) -> None:
         if chat_id == self.current_chat:  # the meters show the chat on screen, not one in the background
-            self.meters.turn(self._last_stats(chat_id))
+            self.meters.turn(self.controller.last_stats(chat_id))
 
     def delete_chat(self, chat_id: int) -> None:
         title = self.store.chat(chat_id).title
@@ -352,26 +327,39 @@ class MainWindow(QMainWindow):
         self.sidebar.search.setFocus()
         self.sidebar.search.selectAll()
 
-    def _strategy(self, cache: dict[str, object]) -> tuple[str, bool]:
+    def _strategy(self, cache: CacheSpec) -> tuple[str, bool]:
         """A chat's strategy as shown ("auto: quantized" once the advisor has chosen) and whether it is lossy."""
-        stored = str(cache.get("strategy", "auto"))
-        model, info = self.engine.model, self.engine.info
-        effective = stored
-        if stored == "auto" and model is not None:
-            effective = str(effective_cache(dict(cache), model.auto_cache).get("strategy", "dynamic"))
-        label = f"auto: {effective}" if stored == "auto" and model is not None else stored
-        return label, info is not None and effective in info.lossy
+        model = self.engine.model
+        if cache.strategy != AUTO or model is None:
+            return cache.strategy, cache.strategy in LOSSY
+        effective = cache.resolve(model.auto_cache).strategy
+        return f"auto: {effective}", effective in LOSSY
+
+    def _entry(self, chat: StoredChat) -> ChatEntry:
+        rt = self.controller.runtimes.get(chat.id)
+        strategy, lossy = self._strategy(chat.settings.cache)
+        place = rt.cache.where if rt is not None and rt.cache is not None else "none"
+        busy = rt.state if rt is not None and rt.busy else ""
+        return ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, lossy, busy)
 
     def refresh_sidebar(self) -> None:
-        entries = []
-        for chat in self.store.chats(self.sidebar.search.text()):
-            rt = self.controller.runtimes.get(chat.id)
-            strategy, lossy = self._strategy(chat.settings.cache)
-            place = rt.cache.where if rt is not None and rt.cache is not None else "none"
-            busy = rt.state if rt is not None and rt.busy else ""
-            entries.append(ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, lossy, busy))
-        self.sidebar.set_entries(entries, self.current_chat)
+        """Read the list of chats again (chats added, deleted, imported; a search)."""
+        self.sidebar.set_entries([self._entry(chat) for chat in self.store.chats(self.sidebar.search.text())],
+                                 self.current_chat)
         self._update_chat_chrome()
+
+    def _chat_touched(self, chat_id: int) -> None:
+        """One chat's title, activity or settings changed: redraw its entry only."""
+        if self.sidebar.search.text().strip():
+            self.refresh_sidebar()  # it may now match the search, or no longer
+            return
+        try:
+            chat = self.store.chat(chat_id)
+        except KeyError:
+            return
+        self.sidebar.update_entry(self._entry(chat))
+        if chat_id == self.current_chat:
+            self._update_chat_chrome()
 
     # ----- turns ----------------------------------------------------------------------------------------
     def _send_from_composer(self, text: str) -> None:
@@ -424,11 +412,11 @@ class MainWindow(QMainWindow):
         return "Reading the conversation…"
 
     def _views(self, chat_id: int) -> list[MessageView]:
-        rt = self.controller.runtimes.get(chat_id)
-        busy = rt is not None and rt.state in ("queued", "generating")
-        pending = self._pending_text(rt.state) if rt is not None and busy and rt.reply_id is None else None
-        return message_views(self.store.messages(chat_id), rt.text if rt and rt.reply_id else None,
-                             rt.reply_id if rt else None, pending, busy or (rt is not None and rt.busy))
+        rt = self.controller.runtime(chat_id)
+        busy = rt.state in ("queued", "generating")
+        pending = self._pending_text(rt.state) if busy and rt.reply_id is None else None
+        return message_views(self.controller.messages(chat_id), rt.text if rt.reply_id else None, rt.reply_id,
+                             pending, rt.busy)
 
     def _messages_changed(self, chat_id: int, scroll_to_end: bool = False) -> None:
         if chat_id != self.current_chat:
@@ -444,20 +432,27 @@ class MainWindow(QMainWindow):
             key=f"m{rt.reply_id}", position=self.chat_view.message_widgets[-1].view.position
             if self.chat_view.message_widgets else 0, role="assistant", text=rt.text, status="streaming"))
 
-    def _state_changed(self, chat_id: int) -> None:
+    def _redraw_entry(self, chat_id: int) -> None:
+        """A chat's live state (busy, where its cache is) changed: redraw its entry from memory."""
         rt = self.controller.runtimes.get(chat_id)
-        if rt is not None:
-            chat = next((e for e in self.sidebar.entries() if e.chat_id == chat_id), None)
-            if chat is not None:
-                place = rt.cache.where if rt.cache is not None else "none"
-                strategy, lossy = self._strategy(self.store.chat(chat_id).settings.cache)
-                self.sidebar.update_entry(ChatEntry(chat_id, chat.title, chat.updated_at, place, strategy,
-                                                    lossy, rt.state if rt.busy else ""))
+        entry = next((e for e in self.sidebar.entries() if e.chat_id == chat_id), None)
+        if rt is not None and entry is not None:
+            self.sidebar.update_entry(replace(entry, cache_place=rt.cache.where if rt.cache is not None else "none",
+                                              busy=rt.state if rt.busy else ""))
+
+    def _state_changed(self, chat_id: int) -> None:
+        self._redraw_entry(chat_id)
         if chat_id != self.current_chat:
             return
-        self.chat_view.set_notices(list(rt.notices) if rt is not None else [])
-        self._messages_changed(chat_id)
+        rt = self.controller.runtime(chat_id)
+        self.chat_view.set_notices(list(rt.notices))
+        self._messages_changed(chat_id)  # busy or not: the placeholder, Edit and Regenerate
         self._show_current_settings()
+
+    def _cache_changed(self, chat_id: int) -> None:
+        self._redraw_entry(chat_id)
+        if chat_id == self.current_chat:
+            self._show_current_settings()
 
     def _update_chat_chrome(self) -> None:
         chat_id = self.current_chat
@@ -475,7 +470,7 @@ class MainWindow(QMainWindow):
         self.title_label.setText(chat.title or "New chat")
         self.lossy_badge.setVisible(self._strategy(chat.settings.cache)[1])
         model = self.engine.model
-        stats = self._last_stats(chat_id)  # this run's last reply, or the stored one after a restart
+        stats = self.controller.last_stats(chat_id)  # this run's last reply, or the stored one after a restart
         if stats and model is not None:
             used = int(str(stats.get("prompt_tokens", 0))) + int(str(stats.get("generated_tokens", 0)))
             self.context_label.setText(f"{used:,} / {model.context_length:,} tokens")
@@ -500,7 +495,7 @@ class MainWindow(QMainWindow):
 
     def refresh_memory(self) -> None:
         model = self.engine.model
-        here = "gpu" if model is not None and model.device.startswith(("cuda", "mps")) else "ram"
+        here = "gpu" if model is not None and model.on_gpu else "ram"
         held = [rt.cache for rt in self.controller.runtimes.values() if rt.cache is not None and rt.cache.bytes]
         warm = [c for c in held if c.where == here]
         idle = [c for c in held if c.where == "ram" and here != "ram"]  # with a GPU: moved to RAM

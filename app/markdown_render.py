@@ -37,7 +37,7 @@ class MarkdownRenderer:
         self._formatter = HtmlFormatter(nowrap=True, noclasses=True, style=theme.pygments_style)
         self._md = MarkdownIt("commonmark", {"html": False, "linkify": False, "typographer": False})
         self._md.enable(["table", "strikethrough"])
-        rules: dict[str, Any] = self._md.renderer.rules
+        rules: dict[str, Any] = self._md.renderer.rules  # type: ignore[attr-defined]  # RendererHTML's
         rules["fence"] = self._fence
         rules["code_block"] = self._fence
         rules["code_inline"] = self._code_inline

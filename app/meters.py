@@ -3,12 +3,32 @@ free (refreshed every second), and the last turn's reuse, time to first token an
 
 from __future__ import annotations
 
-from typing import Any
-
 from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar
 
-from app.bridge import ModelInfo, describe_restore
-from app.memory import free_bytes, human_bytes
+from app.protocol import CacheRestored, ModelInfo
+from app.texts import human_bytes
+
+
+def describe_restore(restore: CacheRestored) -> str:
+    """"cache restored from disk in 120 ms (1,234 tokens)", for the status bar and a reply's hover."""
+    took = f"{restore.seconds * 1000:,.0f} ms" if restore.seconds < 1 else f"{restore.seconds:,.1f} s"
+    count = f" ({restore.tokens:,} tokens)" if restore.tokens else ""
+    if restore.source == "device":
+        return "cache was already on the GPU" if restore.on_gpu else "cache was already in memory"
+    if restore.source == "ram":
+        return f"cache restored from RAM in {took}{count}"
+    if restore.source == "disk":
+        return f"cache restored from disk in {took}{count}"
+    if restore.source == "recomputed":
+        return f"cache recomputed from the messages in {took}{count}"
+    return "no cache yet"
+
+
+def free_bytes(device: str) -> int:
+    """Memory free for new KV caches on `device` now (the engine reads it; only asked once a model is loaded)."""
+    from engine.service import free_memory
+
+    return free_memory(device)
 
 
 class Meters:
@@ -59,7 +79,7 @@ class Meters:
             self.memory_label.setText("")
             return 0
         self.free = free_bytes(self.model.device)
-        on_gpu = self.model.device.startswith(("cuda", "mps"))
+        on_gpu = self.model.on_gpu
         text = (f"{'VRAM' if on_gpu else 'RAM'}: weights {human_bytes(self.model.weights_bytes)} · "
                 f"KV {human_bytes(kv_bytes)} ({warm_chats} chat{'s' if warm_chats != 1 else ''}) · "
                 f"free {human_bytes(self.free)}")
@@ -69,14 +89,21 @@ class Meters:
         self.memory_label.setText(text)
         return self.free
 
-    def turn(self, stats: dict[str, Any] | None) -> None:
+    def turn(self, stats: dict[str, object] | None) -> None:
+        """Show a reply's figures (TurnStats.to_dict() plus "restore", as stored with the reply)."""
         if not stats:
             self.turn_label.setText("")
             return
         self.turn_label.setText(
             f"Last reply: {stats.get('reused_tokens', 0):,} reused / {stats.get('prefilled_tokens', 0):,} prefilled"
             f" · TTFT {stats.get('ttft_ms', 0):,.0f} ms · {stats.get('decode_tok_s', 0):.1f} tok/s")
-        restore = stats.get("restore") or {}
+        restore = stored_restore(stats)
         # where the cache came from is told when the chat is opened; here only on hover
-        self.turn_label.setToolTip(self.turn_tip + (f"\n{describe_restore(restore)}" if restore.get("source") in
-                                                    ("ram", "disk", "recomputed") else ""))
+        self.turn_label.setToolTip(self.turn_tip + (f"\n{describe_restore(restore)}"
+                                                    if restore is not None and restore.worth_telling else ""))
+
+
+def stored_restore(stats: dict[str, object]) -> CacheRestored | None:
+    """Where the cache of a reply's turn came from, as stored with the reply's figures."""
+    restore = stats.get("restore")
+    return CacheRestored.from_dict(0, restore) if isinstance(restore, dict) else None

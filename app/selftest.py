@@ -59,14 +59,14 @@ class SelfTest(QObject):
         self.say(f"window shown after {self.elapsed()}")
         app = QApplication.instance()
         sheet = app.styleSheet() if isinstance(app, QApplication) else ""
-        if "#chatHeader" not in sheet:  # a rule of app/resources/cachet.qss
+        if "#chatHeader" not in sheet:  # a rule of resources/cachet.qss
             self.fail("the style sheet was not applied")
             return
         from engine.caches import CacheSpec, quantization_defaults  # imports torch: not before the window is up
         from engine.caches.fidelity import measured_cost
 
         if measured_cost(CacheSpec("quantized", **quantization_defaults(4))) is None:
-            self.fail("the measured cache costs (engine/caches/fidelity.json) were not found")
+            self.fail("the measured cache costs (resources/fidelity.json) were not found")
             return
         self.say("style sheet applied, measured cache costs found")
         self.chat_id = self.window.new_chat()

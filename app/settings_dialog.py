@@ -219,7 +219,9 @@ class SettingsDialog(QDialog):
             "them over while Cachet is closed to take them along."
         )
         self.data_dir_note.show()
-        self.layout().activate()
+        layout = self.layout()
+        if layout is not None:
+            layout.activate()
         self.adjustSize()
 
     def result_config(self) -> AppConfig:

@@ -223,8 +223,7 @@ class Sidebar(QFrame):
             item = QListWidgetItem(e.title or "New chat")
             item.setData(ROLE_ENTRY, e)
             item.setFlags(item.flags() | Qt.ItemFlag.ItemIsEditable)
-            item.setToolTip(f"{e.title or 'New chat'}\nCache: {PLACE_LABEL.get(e.cache_place, e.cache_place)}, "
-                            f"strategy {e.strategy or 'auto'}" + (" (lossy)" if e.lossy else ""))
+            item.setToolTip(_tooltip(e))
             self.list.addItem(item)
             if e.chat_id == current:
                 self.list.setCurrentItem(item)
@@ -235,15 +234,36 @@ class Sidebar(QFrame):
         self._filling = False
 
     def update_entry(self, entry: ChatEntry) -> None:
+        """Redraw one chat's entry, moved to its place by last activity (newest first)."""
         for i in range(self.list.count()):
             item = self.list.item(i)
             old = item.data(ROLE_ENTRY)
             if old is not None and old.chat_id == entry.chat_id:
-                if old != entry:
-                    self._filling = True
-                    item.setData(ROLE_ENTRY, entry)
-                    self._filling = False
+                if old == entry:
+                    return
+                self._filling = True
+                item.setText(entry.title or "New chat")
+                item.setData(ROLE_ENTRY, entry)
+                item.setToolTip(_tooltip(entry))
+                target = next((j for j, e in enumerate(self.entries()) if e.chat_id != entry.chat_id
+                               and (e.updated_at, e.chat_id) < (entry.updated_at, entry.chat_id)), self.list.count())
+                target = target - 1 if target > i else target
+                if target != i:
+                    current = self.list.currentItem() is item
+                    self.list.takeItem(i)
+                    self.list.insertItem(target, item)
+                    if current:
+                        self.list.setCurrentItem(item)
+                self._filling = False
                 return
+
+    def select(self, chat_id: int | None) -> None:
+        """Show `chat_id` as the current chat without announcing it (the window chose it)."""
+        self._filling = True
+        for i, entry in enumerate(self.entries()):
+            if entry.chat_id == chat_id and self.list.currentRow() != i:
+                self.list.setCurrentRow(i)
+        self._filling = False
 
     def entries(self) -> list[ChatEntry]:
         return [self.list.item(i).data(ROLE_ENTRY) for i in range(self.list.count())]
@@ -288,3 +308,8 @@ class Sidebar(QFrame):
         menu.addSeparator()
         menu.addAction("Delete", lambda: self.delete_requested.emit(entry.chat_id))
         menu.exec(self.list.viewport().mapToGlobal(pos))
+
+
+def _tooltip(e: ChatEntry) -> str:
+    return (f"{e.title or 'New chat'}\nCache: {PLACE_LABEL.get(e.cache_place, e.cache_place)}, "
+            f"strategy {e.strategy or 'auto'}" + (" (lossy)" if e.lossy else ""))

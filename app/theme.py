@@ -1,4 +1,4 @@
-"""Light and dark themes: a Fusion palette, a style sheet from app/resources/, and the colours the
+"""Light and dark themes: a Fusion palette, a style sheet from resources/, and the colours the
 Markdown renderer needs. "system" follows `QStyleHints.colorScheme()` and its changes."""
 
 from __future__ import annotations
@@ -84,8 +84,8 @@ def palette(theme: Theme) -> QPalette:
 
 
 def style_sheet(theme: Theme) -> str:
-    """app/resources/cachet.qss with the theme's colours filled in (`{accent}` and so on)."""
-    template = resource_path("app.resources", "cachet.qss").read_text(encoding="utf-8")
+    """resources/cachet.qss with the theme's colours filled in (`{accent}` and so on)."""
+    template = resource_path("cachet.qss").read_text(encoding="utf-8")
     values = {k: getattr(theme, k) for k in theme.__dataclass_fields__ if k not in ("name", "pygments_style")}
     for key, value in values.items():
         template = template.replace("{" + key + "}", value)

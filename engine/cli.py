@@ -6,15 +6,21 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from engine import caches, models
+from engine import caches, models, paths
 from engine.caches import CacheSpec
-from engine.sampling import SamplingError, SamplingSettings
-from engine.session import OVERFLOW_POLICIES, ChatSession, ContextOverflowError, SessionSettings, TurnResult
+from engine.models import LoadedModel
+from engine.reports import Budgets, TurnDone
+from engine.service import ChatService
+from engine.specs import OVERFLOW_POLICIES, SamplingError, SamplingSettings
+from engine.store import ChatSettings, ChatStore
+from engine.weights import PRECISIONS
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -75,13 +81,30 @@ def build_parser() -> argparse.ArgumentParser:
                       help="recompute the whole conversation every turn (the baseline reuse is measured against)")
     chat.add_argument("--turns", type=Path, help="file with one user message per line")
     chat.add_argument("--json", action="store_true", help="with --turns: one JSON object per turn")
+    chat.add_argument("--data-dir", type=Path,
+                      help="keep the chat (and, on quitting, its KV cache as a snapshot) under this folder, as the "
+                           "app's --data-dir does; without it nothing is kept")
+    chat.add_argument("--chat", type=int, default=None,
+                      help="with --data-dir: go on with this chat (its number is printed at the start)")
 
     adv = sub.add_parser("advise", help="which cache strategy fits this model in this machine's memory")
     _add_model_args(adv)
     adv.add_argument("--context", type=int, default=None, help="tokens to plan for (default: the model's context)")
     adv.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
     adv.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    adv.add_argument("--weights", default="auto", choices=("auto", *PRECISIONS),
+                     help="weight precision to plan with (auto: the most faithful that fits, layers split if needed)")
     adv.add_argument("--json", action="store_true")
+
+    found = sub.add_parser("models", help="models already on this computer (LM Studio, Ollama, GPT4All, "
+                                          "Hugging Face cache) and whether each fits")
+    found.add_argument("--add-folder", action="append", type=Path, default=[], metavar="DIR",
+                       help="also look in DIR (repeatable)")
+    found.add_argument("--context", type=int, default=None,
+                       help="chat length the fit columns plan for (default: each model's context)")
+    found.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
+    found.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
+    found.add_argument("--json", action="store_true")
 
     ppl = sub.add_parser("perplexity", help="perplexity of a text through a cache strategy")
     _add_model_args(ppl)
@@ -90,38 +113,99 @@ def build_parser() -> argparse.ArgumentParser:
     ppl.add_argument("--max-tokens", type=int, default=None)
     ppl.add_argument("--chunk", type=int, default=64, help="tokens fed per forward pass")
     ppl.add_argument("--json", action="store_true")
+
+    from engine.bench.runner import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser("bench", help="measure follow-up latency, decode speed, memory and fidelity per strategy, "
+                                         "side by side with llama.cpp and plain transformers; writes JSON and plots")
+    add_bench_arguments(bench)
     return parser
 
 
-def _load(args: argparse.Namespace) -> models.LoadedModel:
-    def progress(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
+def _print_progress(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
+
+def _load(args: argparse.Namespace, progress: Callable[[str], None] = _print_progress) -> models.LoadedModel:
     return models.load(args.model, device=args.device, dtype=args.dtype, offline=not args.online,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                        progress=progress)
 
 
-def _turn_json(turn: int, result: TurnResult) -> str:
-    s = result.stats
-    record = {
-        "turn": turn, "reply": result.reply, "prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens,
-        "prefilled_tokens": s.prefilled_tokens, "generated_tokens": s.generated_tokens,
-        "ttft_ms": round(s.ttft_ms, 2), "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens,
-        "cache_bytes": s.cache_bytes, "finish_reason": s.finish_reason,
-    }
-    if s.error:
-        record["error"] = s.error
+def _turn_json(turn: int, done: TurnDone) -> str:
+    s = done.stats
+    record: dict[str, object] = {"turn": turn, "reply": done.reply, "finish_reason": done.finish_reason}
+    if s is not None:
+        record.update({
+            "prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens, "prefilled_tokens": s.prefilled_tokens,
+            "generated_tokens": s.generated_tokens, "ttft_ms": round(s.ttft_ms, 2),
+            "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens, "cache_bytes": s.cache_bytes,
+        })
+    if done.error:
+        record["error"] = done.error
     return json.dumps(record, ensure_ascii=False)
 
 
-def _run_turn_interruptible(session: ChatSession, text: str) -> TurnResult:
-    """Generate in a helper thread so Ctrl+C cancels the reply instead of killing the chat."""
+class TerminalChat:
+    """One chat in the terminal, through the same ChatService as the window: its messages are kept in
+    a ChatStore (the data folder's, or one in memory), its cache in the service's pool."""
+
+    def __init__(self, args: argparse.Namespace, settings: ChatSettings) -> None:
+        persist = args.data_dir is not None
+        if persist:
+            paths.use_base_dir(args.data_dir.expanduser().resolve())
+        self.store = ChatStore(paths.data_dir() / "chats.sqlite3" if persist else Path(":memory:"))
+        self.service = ChatService(budgets=Budgets() if persist else Budgets(disk=0), reuse=not args.no_reuse)
+        if args.chat is not None:
+            try:
+                self.chat_id = self.store.chat(args.chat).id
+            except KeyError:
+                self.store.close()
+                raise LookupError(f"There is no chat {args.chat} in {paths.data_dir()}.") from None
+            self.settings = self.store.chat(self.chat_id).settings
+        else:
+            self.chat_id = self.store.create_chat(settings).id
+            self.settings = settings
+        self.persist = persist
+
+    def load(self, args: argparse.Namespace) -> LoadedModel:
+        self.service.load_model(lambda progress: _load(args, progress))
+        assert self.service.lm is not None
+        return self.service.lm
+
+    def turn(self, text: str, on_delta: Callable[[str], None] | None = None,
+             stop: threading.Event | None = None) -> TurnDone:
+        """Keep the user's message, answer it, keep the reply (partial ones too)."""
+        self.store.add_message(self.chat_id, "user", text)
+        done = self.service.run_turn(self.chat_id, self.store.messages(self.chat_id), self.settings,
+                                     on_delta=on_delta, stop=stop)
+        if done.cache is not None:  # the engine moved the chat to another strategy: keep it
+            self.settings = replace(self.settings, cache=done.cache)
+            self.store.set_settings(self.chat_id, self.settings)
+        if done.has_reply:
+            stats = done.stats.to_dict() if done.stats is not None else None
+            status = "done" if done.finish_reason in ("stop", "length") else "stopped"
+            self.store.add_message(self.chat_id, "assistant", done.reply, status=status, token_ids=done.token_ids,
+                                   tokens=len(done.token_ids), stats=stats)
+        return done
+
+    def reset(self) -> None:
+        """Start over in a new chat (the old one stays in the data folder)."""
+        self.chat_id = self.store.create_chat(self.settings).id
+
+    def close(self) -> None:
+        self.service.close(save=self.persist)
+        self.store.close()
+
+
+def _turn_interruptible(chat: TerminalChat, text: str) -> TurnDone:
+    """Generate in a helper thread so Ctrl+C stops the reply instead of the chat."""
+    stop = threading.Event()
     box: dict[str, object] = {}
 
     def work() -> None:
         try:
-            box["result"] = session.send(text, on_delta=lambda d: print(d, end="", flush=True))
+            box["done"] = chat.turn(text, on_delta=lambda d: print(d, end="", flush=True), stop=stop)
         except BaseException as exc:  # handed to the main thread below
             box["error"] = exc
 
@@ -131,38 +215,54 @@ def _run_turn_interruptible(session: ChatSession, text: str) -> TurnResult:
         try:
             worker.join(0.1)
         except KeyboardInterrupt:
-            session.cancel()
+            stop.set()
     print()
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
-    return box["result"]  # type: ignore[return-value]
+    return box["done"]  # type: ignore[return-value]
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                                 repetition_penalty=args.repetition_penalty,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
-    spec = cache_spec_from_args(args)
-    lm = _load(args)
-    settings = SessionSettings(system_prompt=args.system, sampling=sampling, cache=spec,
-                               reuse=not args.no_reuse, overflow=args.overflow)
-    session = ChatSession(lm, settings)
+    settings = ChatSettings(system_prompt=args.system, sampling=sampling, cache=cache_spec_from_args(args),
+                            overflow=args.overflow)
+    if args.chat is not None and args.data_dir is None:
+        print("error: --chat needs --data-dir (the folder the chat is kept in).", file=sys.stderr)
+        return 2
+    try:
+        chat = TerminalChat(args, settings)
+    except LookupError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return _chat(args, chat)
+    finally:
+        chat.close()
+
+
+def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
+    lm = chat.load(args)
     if args.turns:
         lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
         for i, line in enumerate(lines, start=1):
-            try:
-                result = session.send(line) if args.json else _run_turn_interruptible(session, line)
-            except ContextOverflowError as exc:
-                print(f"error: {exc}", file=sys.stderr)
+            done = chat.turn(line) if args.json else _turn_interruptible(chat, line)
+            if done.finish_reason == "overflow" or (done.finish_reason == "error" and not done.has_reply):
+                print(f"error: {done.error}", file=sys.stderr)
                 return 1
             if args.json:
-                print(_turn_json(i, result), flush=True)
-            if result.stats.overflow_action:
-                print(f"note: {result.stats.overflow_action}", file=sys.stderr)
+                print(_turn_json(i, done), flush=True)
+            if done.notice:
+                print(f"note: {done.notice}", file=sys.stderr)
+            if done.stats is not None and done.stats.overflow_action:
+                print(f"note: {done.stats.overflow_action}", file=sys.stderr)
         return 0
 
-    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load). "
-          "Ctrl+C stops a reply; /reset clears the chat; /quit or Ctrl+D leaves.", file=sys.stderr)
+    kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
+        if chat.persist else ""
+    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load).{kept} "
+          "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
     while True:
         try:
             line = input("you> ")
@@ -174,16 +274,19 @@ def cmd_chat(args: argparse.Namespace) -> int:
         if line.strip() == "/quit":
             return 0
         if line.strip() == "/reset":
-            session.messages.clear()
-            session.reset_cache()
+            chat.reset()
             continue
         print("bot> ", end="", flush=True)
-        try:
-            result = _run_turn_interruptible(session, line)
-        except ContextOverflowError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        done = _turn_interruptible(chat, line)
+        if done.finish_reason == "overflow":
+            print(f"error: {done.error}", file=sys.stderr)
             continue
-        s = result.stats
+        if done.notice:
+            print(f"note: {done.notice}", file=sys.stderr)
+        s = done.stats
+        if s is None:
+            print(f"  [{done.finish_reason}: {done.error}]" if done.error else "  [stopped]", file=sys.stderr)
+            continue
         if s.overflow_action:
             print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
         note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
@@ -209,28 +312,131 @@ def cmd_perplexity(args: argparse.Namespace) -> int:
     return 0
 
 
+def _hardware(args: argparse.Namespace) -> Any:
+    from engine import memory
+
+    if args.vram_gib is not None or args.ram_gib is not None:
+        return memory.simulated_hardware(args.vram_gib, args.ram_gib)
+    return memory.read_hardware(models.pick_device(getattr(args, "device", "auto")))
+
+
 def cmd_advise(args: argparse.Namespace) -> int:
     from engine import memory
 
     config = models.load_config(args.model, offline=not args.online, trust_remote_code=args.trust_remote_code)
-    if args.vram_gib is not None or args.ram_gib is not None:
-        hardware = memory.simulated_hardware(args.vram_gib, args.ram_gib)
-    else:
-        hardware = memory.read_hardware(models.pick_device(args.device))
+    hardware = _hardware(args)
     dtype = None if args.dtype == "auto" else models.pick_dtype(torch.device(hardware.device), args.dtype)
-    advice = memory.advise(config, hardware, context=args.context, dtype=dtype)
+    advice = memory.advise(config, hardware, context=args.context, dtype=dtype, weights=args.weights)
     if args.json:
         print(json.dumps(advice.to_dict()))
         return 0
     gib = memory.GIB
     where = "GPU" if hardware.has_gpu else "RAM"
-    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{' (simulated)' if hardware.simulated else ''}; "
-          f"weights {advice.weights_bytes / gib:.2f} GiB; free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; "
-          f"planning for {advice.context:,} tokens")
+    ram = f", {hardware.ram_total / gib:.1f} GiB RAM" if hardware.has_gpu else ""
+    plan = advice.weight_plan
+    print(f"{hardware.accelerator_total / gib:.1f} GiB {where}{ram}{' (simulated)' if hardware.simulated else ''}; "
+          f"weights {advice.weights_bytes / gib:.2f} GiB{f' ({plan.precision})' if plan else ''}; "
+          f"free for KV {max(advice.kv_budget, 0) / gib:.2f} GiB; planning for {advice.context:,} tokens")
     for e in advice.estimates:
         print(f"  {e.describe():<58} {e.bytes_at_context / gib:8.2f} GiB at {advice.context:,} tokens")
     print(advice.explanation)
+    if plan is not None and advice.recommended is not None:
+        tokens = "any length" if advice.tokens_fit is None else f"{advice.tokens_fit:,} tokens fit"
+        print(f"Recommended: {plan.describe()}, {advice.recommended.label} KV — {tokens}.")
     return 0
+
+
+def cmd_bench(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
+    from engine.bench import runner
+
+    try:
+        options = runner.options_from_args(args, argv)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    record, out = runner.run(options)
+    print(runner.table(record))
+    print(f"\nwrote {out / 'bench.json'} and {len(list(out.glob('*.png')))} plots to {out} ({record['seconds']:.0f} s)")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from engine import discovery, memory
+
+    found = discovery.discover(args.add_folder)
+    hardware = _hardware(args)
+    ladder = [p for p, _ in memory.precision_ladder("auto", hardware)]
+    fits = [_fits(m, hardware, ladder, args.context) if m.usable else {} for m in found]
+    if args.json:
+        print(json.dumps([{**m.to_dict(), "fits": f} for m, f in zip(found, fits, strict=True)]))
+        return 0
+    gib = memory.GIB
+    where = (f"{hardware.vram_total / gib:.1f} GiB GPU, {hardware.ram_total / gib:.1f} GiB RAM" if hardware.has_gpu
+             else f"{hardware.ram_total / gib:.1f} GiB RAM, no GPU")
+    plan_for = f"{args.context:,} tokens" if args.context else "each model's full context"
+    print(f"{len(found)} model{'s' if len(found) != 1 else ''} found. Does it fit this machine ({where}"
+          f"{', simulated' if hardware.simulated else ''}) with its weights in {', '.join(ladder)}, planning for "
+          f"{plan_for}? yes; N/L: N of its L layers on the GPU, the rest in RAM; sink: only with attention sinks; no.")
+    if not found:
+        print("Looked in: " + "; ".join(f"{discovery.SOURCES[loc.source]} {loc.path}"
+                                        for loc in discovery.default_locations()))
+        return 0
+    header = ["name", "arch", "params", "quant", "context", "size", "found in", *ladder, "status"]
+    rows = []
+    for m, fit in zip(found, fits, strict=True):
+        status = "ok" if m.usable else f"{m.status}: {m.reason}"
+        rows.append([m.name, m.architecture or "—", _count(m.params), m.quantization or "—",
+                     _count(m.context_length, exact=True), f"{m.size_bytes / gib:.2f} GiB", m.source_label,
+                     *[fit.get(p, {}).get("cell", "—") for p in ladder], status])
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+
+    def line(row: list[str]) -> str:
+        return "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=False)) + "  " + row[-1]
+
+    print(line(header))
+    for m, row in zip(found, rows, strict=True):
+        print(line(row))
+        print(f"    {m.path}")
+    return 0
+
+
+def _count(n: int | None, exact: bool = False) -> str:
+    if not n:
+        return "—"
+    if exact:
+        return f"{n:,}"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _fits(model: Any, hardware: Any, ladder: list[str], context: int | None) -> dict[str, dict[str, Any]]:
+    """For each weight precision: the advisor's plan for this model on `hardware` (cell: the table's word)."""
+    from engine import memory
+
+    try:
+        inventory = model.weight_inventory()
+        if inventory is not None:
+            config = model.shape.as_config()
+        else:
+            config = models.load_config(model.path)
+            inventory = memory.inventory_of(config)
+    except Exception as exc:  # a config this transformers cannot build: say so in the cell
+        return {p: {"cell": "?", "error": f"{type(exc).__name__}: {exc}"} for p in ladder}
+    result = {}
+    for precision in ladder:
+        advice = memory.advise(config, hardware, context=context, weights=precision, inventory=inventory)
+        plan, chosen = advice.weight_plan, advice.recommended
+        if chosen is None or plan is None:
+            cell = "no"
+        elif plan.split:
+            cell = f"{plan.gpu_layers}/{plan.layers}"
+        elif chosen.spec.bounded_length:
+            cell = "sink"
+        else:
+            cell = "yes"
+        result[precision] = {"cell": cell, "plan": None if plan is None else plan.to_dict(),
+                             "kv": None if chosen is None else chosen.label, "tokens_fit": advice.tokens_fit,
+                             "context": advice.context}
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -240,6 +446,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_chat(args)
         if args.command == "advise":
             return cmd_advise(args)
+        if args.command == "bench":
+            return cmd_bench(args, argv)
+        if args.command == "models":
+            return cmd_models(args)
         return cmd_perplexity(args)
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

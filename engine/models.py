@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from engine import paths
+from engine.caches.shape import text_config
 from engine.sources import (  # noqa: F401  (re-exported: engine.models is where callers look)
     BUNDLED_GGUF,
     BUNDLED_PACKAGE,
@@ -56,7 +57,7 @@ class LoadedModel:
 
     @property
     def context_length(self) -> int:
-        return int(getattr(self.config, "max_position_embeddings", 0) or 2048)
+        return int(getattr(text_config(self.config), "max_position_embeddings", 0) or 2048)
 
     @property
     def stop_token_ids(self) -> set[int]:

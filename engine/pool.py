@@ -18,11 +18,13 @@ import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
 from engine import caches
+from engine.models import LoadedModel
+from engine.reports import CacheRestored
+from engine.session import ChatSession
 from engine.snapshots import SnapshotStore
 
 TIERS = ("device", "ram", "disk", "none")
@@ -30,55 +32,25 @@ TIERS = ("device", "ram", "disk", "none")
 
 log = logging.getLogger(__name__)
 
-@dataclass(frozen=True)
-class Restore:
-    """How a conversation's cache came back when it was activated."""
-
-    source: str  # "device" | "ram" | "disk" | "recomputed" | "empty"
-    seconds: float
-    tokens: int
-
-
 @dataclass
 class _Entry:
-    session: Any
+    session: ChatSession
     tier: str = "device"
     pending: Future[None] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
-def move_cache(cache: Any, device: torch.device, pin: bool = False) -> None:
-    """Move every tensor a cache's layers hold (including HQQ blocks, and lists of either) to
-    `device`, in place."""
-    from engine.caches.hqq_blocks import HQQBlock
-
-    def move(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            moved = value.to(device, non_blocking=pin)
-            return moved.pin_memory() if pin and device.type == "cpu" else moved
-        if isinstance(value, HQQBlock):
-            return value.map(move)
-        return value
-
-    for layer in cache.layers:
-        for name, value in list(vars(layer).items()):
-            if isinstance(value, (torch.Tensor, HQQBlock)):
-                setattr(layer, name, move(value))
-            elif isinstance(value, list) and value and isinstance(value[0], tuple):
-                setattr(layer, name, [tuple(move(t) for t in item) for item in value])
-
-
 class CachePool:
     """Keeps every conversation's cache within a device budget and a host-RAM budget."""
 
-    def __init__(self, lm: Any, *, device_budget: int, host_budget: int,
+    def __init__(self, lm: LoadedModel, *, device_budget: int, host_budget: int,
                  snapshots: SnapshotStore | None = None) -> None:
         self.lm = lm
         self.device_budget = device_budget
         self.host_budget = host_budget
         self.snapshots = snapshots
-        self.entries: OrderedDict[str, _Entry] = OrderedDict()  # least recently used first
-        self.active: str | None = None
+        self.entries: OrderedDict[int, _Entry] = OrderedDict()  # least recently used first
+        self.active: int | None = None
         self._mutex = threading.RLock()
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachet-cache-mover")
         self.host = torch.device("cpu")
@@ -87,7 +59,7 @@ class CachePool:
         self._mover.shutdown(wait=True)
 
     # ----- bookkeeping -------------------------------------------------------------------------
-    def add(self, key: str, session: Any, tier: str = "device") -> None:
+    def add(self, key: int, session: ChatSession, tier: str = "device") -> None:
         """Register a conversation; `tier="disk"` when a snapshot from an earlier run may hold its cache."""
         if tier not in TIERS:
             raise ValueError(f"tier must be one of {TIERS}, not {tier!r}")
@@ -95,7 +67,18 @@ class CachePool:
             self.entries[key] = _Entry(session, tier)
             self.entries.move_to_end(key)
 
-    def remove(self, key: str) -> None:
+    def session(self, key: int) -> ChatSession | None:
+        """The conversation registered as `key`, if any (from any thread)."""
+        with self._mutex:
+            entry = self.entries.get(key)
+        return entry.session if entry is not None else None
+
+    def sessions(self) -> list[tuple[int, ChatSession]]:
+        """Every registered conversation, least recently used first (from any thread)."""
+        with self._mutex:
+            return [(key, entry.session) for key, entry in self.entries.items()]
+
+    def remove(self, key: int) -> None:
         with self._mutex:
             entry = self.entries.pop(key, None)
         if entry is not None and entry.pending is not None:
@@ -103,7 +86,7 @@ class CachePool:
         if self.snapshots is not None:
             self.snapshots.delete(key)
 
-    def tier(self, key: str) -> str:
+    def tier(self, key: int) -> str:
         entry = self.entries[key]
         if entry.session.cache is None and entry.tier in ("device", "ram"):
             return "none"
@@ -114,11 +97,11 @@ class CachePool:
             return sum(caches.cache_bytes(e.session.cache) for e in self.entries.values() if e.tier == tier)
 
     # ----- activation --------------------------------------------------------------------------
-    def activate(self, key: str, warm: bool = True) -> Restore:
+    def activate(self, key: int, warm: bool = True) -> CacheRestored:
         """Make `key` the active conversation with its cache on the device, ready to reuse.
 
-        With `warm=False` a cache that must be recomputed is left for the next turn (e.g. when
-        the conversation first needs its overflow policy applied).
+        With `warm=False` a cache that must be recomputed is left for the next turn, which then
+        prefills it as part of its own prompt (reported as "empty": nothing was restored).
         """
         with self._mutex:
             entry = self.entries[key]
@@ -132,19 +115,20 @@ class CachePool:
             source = entry.tier
             if source in ("device", "ram") and session.cache is None:
                 source = "none"
-            if source == "ram":
-                move_cache(session.cache, self.lm.device)
+            if source == "ram" and session.cache is not None:
+                session.cache.to(self.lm.device)
             elif source == "disk":
                 loaded = self.snapshots.load(key, session) if self.snapshots else None
                 source = "disk" if loaded is not None and loaded.ok else "none"
             if source == "none":
-                source = "recomputed" if session.messages else "empty"
+                source = "recomputed" if session.messages and warm else "empty"
                 session.reset_cache()
                 entry.tier = "device"  # whatever warming does, the cache it builds is on the device
                 if session.messages and warm:
                     session.warm()
             entry.tier = "device"
-        restore = Restore(source, time.perf_counter() - started, len(session.cached_ids))
+        restore = CacheRestored(key, source, time.perf_counter() - started, len(session.cached_ids),
+                                on_gpu=self.lm.device.type in ("cuda", "mps"))
         self.rebalance()
         return restore
 
@@ -186,14 +170,14 @@ class CachePool:
                 if f is not None:
                     f.result()
 
-    def _move(self, key: str, entry: _Entry, tier: str) -> None:
+    def _move(self, key: int, entry: _Entry, tier: str) -> None:
         with entry.lock:
             session = entry.session
             if session.cache is None:
                 return
             try:
                 if tier == "ram":
-                    move_cache(session.cache, self.host, pin=self.lm.device.type == "cuda")
+                    session.cache.to(self.host, pin_memory=self.lm.device.type == "cuda")
                     return
                 if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
                     entry.tier = "none"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
 
 import torch
 from transformers import (
@@ -13,41 +13,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-
-class SamplingError(ValueError):
-    """A sampling setting is out of range; the message says which."""
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    """How the next token is chosen. Temperature 0 means greedy (always the most likely token)."""
-
-    temperature: float = 0.7
-    top_p: float = 0.95
-    top_k: int = 40
-    repetition_penalty: float = 1.1
-    max_new_tokens: int = 512
-    seed: int | None = None
-
-    def validate(self) -> SamplingSettings:
-        if not 0.0 <= self.temperature <= 5.0:
-            raise SamplingError(f"temperature must be between 0 and 5, not {self.temperature}.")
-        if not 0.0 < self.top_p <= 1.0:
-            raise SamplingError(f"top-p must be in (0, 1], not {self.top_p}.")
-        if self.top_k < 0:
-            raise SamplingError(f"top-k must be 0 (off) or positive, not {self.top_k}.")
-        if not 0.5 <= self.repetition_penalty <= 3.0:
-            raise SamplingError(f"repetition penalty must be between 0.5 and 3, not {self.repetition_penalty}.")
-        if self.max_new_tokens < 1:
-            raise SamplingError(f"max new tokens must be at least 1, not {self.max_new_tokens}.")
-        return self
-
-    def to_dict(self) -> dict[str, object]:
-        return asdict(self)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from engine.specs import SamplingError, SamplingSettings  # noqa: F401  (re-exported)
 
 
 class Sampler:
@@ -73,9 +39,11 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def choose(self, logits: torch.Tensor, context: torch.Tensor) -> int:
-        """Pick the next token from the last position's logits (shape [vocab])."""
+    def choose(self, logits: torch.Tensor, context: torch.Tensor, banned: Sequence[int] = ()) -> int:
+        """Pick the next token from the last position's logits (shape [vocab]), never one of `banned`."""
         scores = self.processors(context.view(1, -1), logits.view(1, -1).float())  # type: ignore[arg-type]
+        if banned:  # out of place: the logits may be an inference-mode tensor
+            scores = scores.index_fill(1, torch.tensor(list(banned), device=scores.device), float("-inf"))
         if self.settings.greedy:
             return int(scores.argmax(dim=-1).item())
         probs = torch.softmax(scores, dim=-1).cpu()

@@ -12,18 +12,22 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from engine import caches
 from engine.caches import CacheSpec
+from engine.caches.base import KVCache
 from engine.models import LoadedModel
-from engine.sampling import Sampler, SamplingSettings
+from engine.reports import CONTEXT_OVERFLOW, INVALID_SETTINGS, OTHER_ERROR, OUT_OF_MEMORY, TurnStats
+from engine.sampling import Sampler
+from engine.specs import OVERFLOW_POLICIES, SamplingSettings, validate_overflow  # noqa: F401  (re-exported)
 from engine.streaming import IncrementalDecoder
 
 DeltaFn = Callable[[str], None]
+TokenFn = Callable[[int], None]
 
 PREFILL_CHUNK = 512  # tokens per forward pass when prefilling; bounds activation memory
 
@@ -45,6 +49,22 @@ class _Cancelled(Exception):
     """cancel() arrived while the prompt was being prefilled."""
 
 
+def error_kind(exc: BaseException) -> str:
+    """What kind of failure `exc` is, for a front end to act on without reading its text."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OUT_OF_MEMORY
+    message = str(exc).lower()
+    if isinstance(exc, RuntimeError) and ("out of memory" in message or "can't allocate memory" in message):
+        return OUT_OF_MEMORY  # the CPU and MPS allocators raise plain RuntimeErrors
+    if isinstance(exc, ContextOverflowError):
+        return CONTEXT_OVERFLOW
+    from engine.specs import CacheConfigError, SamplingError
+
+    if isinstance(exc, CacheConfigError | SamplingError):
+        return INVALID_SETTINGS
+    return OTHER_ERROR
+
+
 @dataclass
 class Message:
     role: str  # "system" is not stored here: the session's system prompt is separate
@@ -60,33 +80,9 @@ class Message:
 
 
 @dataclass(frozen=True)
-class TurnStats:
-    """What one turn cost. `reused_tokens + prefilled_tokens == prompt_tokens`."""
-
-    prompt_tokens: int
-    reused_tokens: int
-    prefilled_tokens: int
-    generated_tokens: int
-    ttft_ms: float
-    decode_tok_s: float
-    cache_tokens: int
-    cache_bytes: int
-    finish_reason: str  # "stop" | "length" | "cancelled" | "error"
-    error: str | None = None
-    overflow_action: str | None = None  # what the overflow policy did before this turn, if anything
-    hidden_messages: int = 0  # messages left out of what the model read (truncate-middle)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
 class TurnResult:
     reply: str
     stats: TurnStats
-
-
-OVERFLOW_POLICIES = ("stop", "truncate-middle", "sink")
 
 
 @dataclass
@@ -109,10 +105,7 @@ class SessionSettings:
     def validate(self) -> SessionSettings:
         self.cache.validate()
         self.sampling.validate()
-        if self.overflow not in OVERFLOW_POLICIES:
-            raise caches.CacheConfigError(
-                f"Unknown overflow policy {self.overflow!r}; choose one of {', '.join(OVERFLOW_POLICIES)}."
-            )
+        validate_overflow(self.overflow)
         return self
 
 
@@ -146,7 +139,8 @@ class ChatSession:
     """A conversation bound to a loaded model. Not thread-safe: one worker drives it.
 
     `cancel()` is the exception: it may be called from any thread and stops the running turn
-    before its next decode step.
+    before its next decode step. So does setting `stop`, an event the caller owns (set before the
+    turn started, it stops the turn before its first forward pass).
     """
 
     def __init__(
@@ -160,9 +154,10 @@ class ChatSession:
         self.messages: list[Message] = list(messages or [])
         # truncate-middle: messages[2:context_start] are left out of what the model reads.
         self.context_start = 0
-        self.cache: Any = None
+        self.cache: KVCache | None = None
         self.cached_ids: list[int] = []
         self._cancel = threading.Event()
+        self.stop: threading.Event | None = None
 
     # ----- conversation editing -------------------------------------------------------------
     def render_ids(self, messages: Sequence[Message] | None = None, generation_prompt: bool = True) -> list[int]:
@@ -262,8 +257,8 @@ class ChatSession:
             return "unchanged"
         # Leaving a quantized cache for an exact one recomputes: converting would carry the
         # quantization error into a cache that promises the same logits as recomputing.
-        exact_again = self.settings.cache.strategy in ("quantized", "sink-quantized") and not spec.is_lossy
-        converted = (convert(self.cache, len(self.cached_ids), spec, self.lm.config)
+        exact_again = self.settings.cache.is_quantized and not spec.is_lossy
+        converted = (convert(self.cache, len(self.cached_ids), spec, self.lm.config, self.lm.device)
                      if self.cache is not None and not exact_again else None)
         self.settings.cache = spec
         if converted is None:
@@ -286,6 +281,9 @@ class ChatSession:
 
     def cancel(self) -> None:
         self._cancel.set()
+
+    def _stopped(self) -> bool:
+        return self._cancel.is_set() or (self.stop is not None and self.stop.is_set())
 
     def reset_cache(self) -> None:
         self.cache = None
@@ -314,10 +312,16 @@ class ChatSession:
         self.messages.append(Message("user", text))
         return self.generate(on_delta)
 
-    def generate(self, on_delta: DeltaFn | None = None) -> TurnResult:
-        """Generate the assistant's reply to the conversation as it stands (last message: the user's)."""
+    def generate(self, on_delta: DeltaFn | None = None, on_token: TokenFn | None = None) -> TurnResult:
+        """Generate the assistant's reply to the conversation as it stands (last message: the user's).
+
+        Args:
+            on_delta: called with each piece of the reply's text as it is decoded.
+            on_token: called with each generated token id, as soon as it is chosen.
+        """
         if not self.messages or self.messages[-1].role != "user":
             raise ValueError("There is no user message to answer.")
+        user_at = len(self.messages) - 1
         self._cancel.clear()
         self.prefill_chunk()  # invalid cache settings are reported before anything runs
         prompt = self.render_ids()
@@ -335,9 +339,11 @@ class ChatSession:
         sampler = Sampler(sampling, self.lm.device)
         decoder = IncrementalDecoder(self.lm.tokenizer)
         stop_ids = self.lm.stop_token_ids
+        held_back = sorted(stop_ids)  # not chosen before sampling.min_new_tokens
         generated: list[int] = []
         finish = "length"
         error: str | None = None
+        kind: str | None = None
         started = time.perf_counter()
         first_token_at: float | None = None
         reused = 0
@@ -345,10 +351,13 @@ class ChatSession:
             reused, logits = self._prepare(prompt)
             context_ids = torch.tensor(prompt, dtype=torch.long)
             while True:
-                token = sampler.choose(logits, context_ids)
+                token = sampler.choose(logits, context_ids,
+                                       held_back if len(generated) < sampling.min_new_tokens else ())
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
                 generated.append(token)
+                if on_token is not None:
+                    on_token(token)
                 if token in stop_ids:
                     finish = "stop"
                     break
@@ -357,7 +366,7 @@ class ChatSession:
                     on_delta(delta)
                 if len(generated) >= budget:
                     break
-                if self._cancel.is_set():
+                if self._stopped():
                     finish = "cancelled"
                     break
                 context_ids = torch.cat([context_ids, torch.tensor([token])])
@@ -367,6 +376,7 @@ class ChatSession:
         except Exception as exc:  # torch.OutOfMemoryError included: keep the conversation usable
             finish = "error"
             error = f"{type(exc).__name__}: {exc}"
+            kind = error_kind(exc)
             self._resync()
         ended = time.perf_counter()
 
@@ -392,8 +402,10 @@ class ChatSession:
             cache_bytes=caches.cache_bytes(self.cache),
             finish_reason=finish,
             error=error,
+            error_kind=kind,
             overflow_action=overflow_action,
             hidden_messages=self.hidden_messages,
+            user_tokens=len(self._tokenize(self.messages[user_at].content)),
         )
         return TurnResult(reply=reply, stats=stats)
 
@@ -422,23 +434,23 @@ class ChatSession:
         raise ContextOverflowError(prompt_tokens, context)
 
     # ----- cache plumbing ------------------------------------------------------------------
-    def _ensure_cache(self) -> Any:
+    def _ensure_cache(self) -> KVCache:
         if self.cache is None:
-            self.cache = caches.build_cache(self.settings.cache, self.lm.config)
+            self.cache = caches.build_cache(self.settings.cache, self.lm.config, self.lm.device)
             self.cached_ids = []
         return self.cache
 
     def _crop(self, length: int) -> None:
         if self.cache is None or length >= len(self.cached_ids):
             return
-        if caches.crop_to(self.cache, length):
+        if self.cache.crop_to(length):
             del self.cached_ids[length:]
         else:
             self.reset_cache()
 
     def _resync(self) -> None:
         """After a failed forward pass, bring the cache back to the ids known to be in it."""
-        if self.cache is not None and not caches.crop_to(self.cache, len(self.cached_ids)):
+        if self.cache is not None and not self.cache.crop_to(len(self.cached_ids)):
             self.reset_cache()
 
     def _prepare(self, prompt: list[int]) -> tuple[int, torch.Tensor]:
@@ -456,7 +468,7 @@ class ChatSession:
         chunk = self.prefill_chunk()
         logits = None
         for start in range(0, len(rest), chunk):
-            if self._cancel.is_set():
+            if self._stopped():
                 raise _Cancelled  # between prefill chunks: a long prompt stops within one chunk
             logits = self.forward_logits(rest[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"
@@ -503,9 +515,7 @@ class ChatSession:
     def forward_logits(self, ids: list[int], all_positions: bool = False) -> torch.Tensor:
         """Feed `ids` into the cache; return the logits (of the last position, or of every position)."""
         cache = self._ensure_cache()
-        ensure_room = getattr(cache, "ensure_room", None)
-        if callable(ensure_room):
-            ensure_room(len(ids))  # a static cache refuses to overflow, before anything is written
+        cache.ensure_room(len(ids))  # a static cache refuses to overflow, before anything is written
         start = caches.seq_length(cache)
         device = self.lm.device
         input_ids = torch.tensor([ids], dtype=torch.long, device=device)

@@ -1,7 +1,7 @@
 """KV snapshots on disk, so a chat resumes after a restart without recomputing its history.
 
 A snapshot is one safetensors file (never pickle) per conversation: every layer's keys and
-values in full precision (as `engine.caches.convert.export_kv` gives them) plus metadata —
+values in full precision (as `KVCache.full_kv` gives them) plus metadata —
 the exact token ids the cache stands for, the model's identity (file hash + dtype) and the
 cache strategy's parameters. It is used only when all of that matches the session asking
 for it; a stale, mismatched, truncated or corrupt file is deleted and the session recomputes.
@@ -21,7 +21,6 @@ from typing import Any
 
 from engine import paths
 from engine.caches import CacheSpec
-from engine.caches.shape import KVShape
 
 FORMAT = "cachet-kv-1"
 DEFAULT_BUDGET = 4 * 1024**3
@@ -41,21 +40,19 @@ class SnapshotStore:
         self.root = root or paths.data_dir() / "snapshots"
         self.budget_bytes = budget_bytes
 
-    def path(self, key: str) -> Path:
-        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in key)
+    def path(self, key: int | str) -> Path:
+        safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(key))
         return self.root / f"{safe}.safetensors"
 
     # ----- writing -----------------------------------------------------------------------------
-    def save(self, key: str, session: Any) -> Path | None:
+    def save(self, key: int | str, session: Any) -> Path | None:
         """Write the session's cache; None when there is nothing to save."""
         from safetensors.torch import save_file
-
-        from engine.caches.convert import export_kv
 
         cache = session.cache
         if cache is None or not session.cached_ids:
             return None
-        content = export_kv(cache)
+        content = cache.full_kv()
         if any(kv is None for kv in content):
             return None
         tensors = {}
@@ -83,7 +80,7 @@ class SnapshotStore:
         return target
 
     # ----- reading -----------------------------------------------------------------------------
-    def load(self, key: str, session: Any) -> LoadResult:
+    def load(self, key: int | str, session: Any) -> LoadResult:
         """Restore the session's cache and token ids from its snapshot, if it is valid for it."""
         from safetensors import safe_open
 
@@ -108,8 +105,11 @@ class SnapshotStore:
             return LoadResult(False, f"corrupt ({type(exc).__name__})")
         dtype = session.lm.dtype
         content = [(k.to(dtype), v.to(dtype)) for k, v in content]
-        cache = fill(content, len(ids), session.settings.cache, session.lm.config)
-        if cache is None or not _shapes_match(content, session):
+        try:
+            cache = fill(content, len(ids), session.settings.cache, session.lm.config, session.lm.device)
+        except (ValueError, RuntimeError, IndexError):  # fill checks the shapes; a cache may still refuse
+            cache = None
+        if cache is None:
             self.delete(key)
             return LoadResult(False, "does not fit this cache")
         session.cache = cache
@@ -132,11 +132,22 @@ class SnapshotStore:
         return None
 
     # ----- housekeeping ------------------------------------------------------------------------
-    def delete(self, key: str) -> None:
+    def delete(self, key: int | str) -> None:
         self.path(key).unlink(missing_ok=True)
 
     def files(self) -> list[Path]:
         return sorted(self.root.glob("*.safetensors"), key=lambda p: p.stat().st_mtime) if self.root.is_dir() else []
+
+    @staticmethod
+    def tokens(path: Path) -> int:
+        """How many tokens a snapshot holds, from its header (0 when it cannot be read)."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return len(json.loads((fh.metadata() or {}).get("token_ids", "[]")))
+        except Exception:  # a damaged file: loading it later deletes it
+            return 0
 
     def total_bytes(self) -> int:
         return sum(p.stat().st_size for p in self.files())
@@ -156,9 +167,3 @@ class SnapshotStore:
             removed.append(p)
         return removed
 
-
-def _shapes_match(content: list[Any], session: Any) -> bool:
-    shape = KVShape.of(session.lm.config)
-    return len(content) == shape.layers and all(
-        k.shape[1] == shape.kv_heads and k.shape[-1] == shape.head_dim for k, _ in content
-    )

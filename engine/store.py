@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import paths
+from engine.specs import AUTO, CacheSpec, SamplingSettings
 
 DB_NAME = "chats.sqlite3"
 EXPORT_FORMAT = "cachet-chat"
@@ -37,25 +38,36 @@ class StoreError(RuntimeError):
 
 @dataclass(frozen=True)
 class ChatSettings:
-    """What a chat remembers besides its messages (plain JSON-able values, no engine types)."""
+    """What a chat remembers besides its messages: its system prompt, sampling, cache strategy
+    (which may be "auto") and overflow policy, as the typed settings of engine.specs.
+
+    They are stored as they were chosen; they are validated where they are used (a turn reports
+    a setting that cannot work, and the chat keeps it until the user changes it).
+    """
 
     system_prompt: str = ""
-    sampling: dict[str, Any] = field(default_factory=dict)  # SamplingSettings.to_dict()
-    cache: dict[str, Any] = field(default_factory=dict)  # CacheSpec.to_dict(), strategy may be "auto"
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    cache: CacheSpec = field(default_factory=lambda: CacheSpec(AUTO))
     overflow: str = "stop"  # SessionSettings.overflow: what to do when the chat outgrows the context
 
     def to_dict(self) -> dict[str, Any]:
-        return {"system_prompt": self.system_prompt, "sampling": dict(self.sampling), "cache": dict(self.cache),
-                "overflow": self.overflow}
+        return {"system_prompt": self.system_prompt, "sampling": self.sampling.to_dict(),
+                "cache": self.cache.to_dict(), "overflow": self.overflow}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChatSettings:
+        """From `to_dict` output (fields an older or newer Cachet wrote and this one does not know are ignored)."""
         sampling = data.get("sampling") or {}
         cache = data.get("cache") or {}
         if not isinstance(sampling, dict) or not isinstance(cache, dict):
             raise StoreError("The chat's settings are not in the expected form (sampling and cache must be objects).")
-        return cls(system_prompt=str(data.get("system_prompt") or ""), sampling=dict(sampling), cache=dict(cache),
-                   overflow=str(data.get("overflow") or "stop"))
+        try:
+            return cls(system_prompt=str(data.get("system_prompt") or ""),
+                       sampling=SamplingSettings.from_dict(sampling),
+                       cache=CacheSpec.from_dict({"strategy": AUTO, **cache}),
+                       overflow=str(data.get("overflow") or "stop"))
+        except TypeError as exc:
+            raise StoreError(f"The chat's settings are not in the expected form ({exc}).") from exc
 
 
 @dataclass(frozen=True)
@@ -203,8 +215,8 @@ class ChatStore:
         cur = self.db.execute(
             "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
             "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (title, 0 if title else 1, now, now, settings.system_prompt, json.dumps(settings.sampling),
-             json.dumps(settings.cache), settings.overflow),
+            (title, 0 if title else 1, now, now, settings.system_prompt, json.dumps(settings.sampling.to_dict()),
+             json.dumps(settings.cache.to_dict()), settings.overflow),
         )
         return self.chat(int(cur.lastrowid or 0))
 
@@ -219,8 +231,9 @@ class ChatStore:
         return StoredChat(
             id=int(row["id"]), title=row["title"], title_is_auto=bool(row["title_is_auto"]),
             created_at=float(row["created_at"]), updated_at=float(row["updated_at"]),
-            settings=ChatSettings(system_prompt=row["system_prompt"], sampling=json.loads(row["sampling"]),
-                                  cache=json.loads(row["cache"]), overflow=row["overflow"]),
+            settings=ChatSettings.from_dict({"system_prompt": row["system_prompt"], "overflow": row["overflow"],
+                                             "sampling": json.loads(row["sampling"]),
+                                             "cache": json.loads(row["cache"])}),
         )
 
     def chats(self, search: str = "") -> list[StoredChat]:
@@ -247,8 +260,8 @@ class ChatStore:
     def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
         self.db.execute(
             "UPDATE chats SET system_prompt = ?, sampling = ?, cache = ?, overflow = ? WHERE id = ?",
-            (settings.system_prompt, json.dumps(settings.sampling), json.dumps(settings.cache), settings.overflow,
-             chat_id),
+            (settings.system_prompt, json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()),
+             settings.overflow, chat_id),
         )
 
     def delete_chat(self, chat_id: int) -> None:
@@ -326,8 +339,9 @@ class ChatStore:
         token_ids: Sequence[int] | None = None,
         tokens: int | None = None,
         stats: dict[str, Any] | None = None,
-    ) -> None:
-        """Change the given fields of a message (None leaves a field as it is)."""
+    ) -> StoredMessage | None:
+        """Change the given fields of a message (None leaves a field as it is); returns it as stored
+        now (None when there is no such message)."""
         sets: list[str] = []
         values: list[Any] = []
         for column, value in (("content", content), ("status", status), ("token_ids", _json_or_none(token_ids)),
@@ -338,7 +352,7 @@ class ChatStore:
         if status is not None and status not in STATUSES:
             raise ValueError(f"unknown message status {status!r}")
         if not sets:
-            return
+            return self._find(message_id)
         now = time.time()
         with self._transaction() as db:
             db.execute(f"UPDATE messages SET {', '.join(sets)}, updated_at = ? WHERE id = ?",
@@ -346,6 +360,11 @@ class ChatStore:
             row = db.execute("SELECT chat_id FROM messages WHERE id = ?", (message_id,)).fetchone()
             if row is not None:
                 self._touch(int(row[0]), now)
+        return self._find(message_id)
+
+    def _find(self, message_id: int) -> StoredMessage | None:
+        row = self.db.execute("SELECT * FROM messages WHERE id = ?", (message_id,)).fetchone()
+        return self._message_from_row(row) if row is not None else None
 
     def truncate(self, chat_id: int, position: int) -> None:
         """Delete message `position` and every later one (editing or regenerating starts there)."""
@@ -391,7 +410,7 @@ class ChatStore:
                 "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
                 "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (title, 0 if title else 1, float(data.get("created_at") or now), now, settings.system_prompt,
-                 json.dumps(settings.sampling), json.dumps(settings.cache), settings.overflow),
+                 json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()), settings.overflow),
             )
             chat_id = int(cur.lastrowid or 0)
             for position, m in enumerate(messages):

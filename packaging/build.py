@@ -44,7 +44,7 @@ PACKAGING = ROOT / "packaging"
 BUILD = ROOT / "build"
 DIST = ROOT / "dist"
 PREPARED = BUILD / "prepared" / "SmolLM2-135M-Instruct"
-ICONS = ROOT / "app" / "resources" / "icons"
+ICONS = ROOT / "resources" / "icons"
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 ARCH = {"amd64": "x86_64", "x86_64": "x86_64", "arm64": "arm64", "aarch64": "aarch64"}.get(
     platform.machine().lower(), platform.machine().lower())

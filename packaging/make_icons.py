@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Render every icon file from the one source image, app/resources/icons/cachet.svg.
+"""Render every icon file from the one source image, resources/icons/cachet.svg.
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python packaging/make_icons.py
 
@@ -19,7 +19,7 @@ from PySide6.QtCore import QBuffer, QByteArray, QIODevice, Qt
 from PySide6.QtGui import QGuiApplication, QImage, QPainter
 from PySide6.QtSvg import QSvgRenderer
 
-ICONS = Path(__file__).resolve().parent.parent / "app" / "resources" / "icons"
+ICONS = Path(__file__).resolve().parent.parent / "resources" / "icons"
 SOURCE = ICONS / "cachet.svg"
 LINUX_SIZES = (16, 32, 48, 64, 128, 512)  # 256: cachet.png
 ICO_SIZES = (16, 24, 32, 48, 64, 128, 256)

@@ -38,7 +38,7 @@ def main() -> int:
     p.add_argument("--disk-fit", type=int, default=10, help="how many chats' snapshots the disk budget holds")
     args = p.parse_args()
     lm = models.load("default")
-    text = (ROOT / "tests" / "data" / "alice.txt").read_text(encoding="utf-8")
+    text = (ROOT / "resources" / "texts" / "alice.txt").read_text(encoding="utf-8")
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def history(i: int) -> str:  # a different slice of the book per chat, about `tokens` long
@@ -68,7 +68,7 @@ def main() -> int:
     print(f"{args.chats} chats of ~{args.tokens} tokens, {one / 2**20:.0f} MiB of KV each; "
           f"device budget {pool.device_budget / 2**20:.0f} MiB, RAM budget {pool.host_budget / 2**20:.0f} MiB")
     for i in range(args.chats):
-        key = f"chat{i}"
+        key = i
         session = ChatSession(lm, SessionSettings(sampling=GREEDY))
         session.messages = [Message("user", history(i))]
         sessions[key] = session

@@ -32,7 +32,7 @@ def first_process(folder: Path, tokens: int) -> None:
     from engine.snapshots import SnapshotStore
 
     lm = models.load("default")
-    text = (ROOT / "tests" / "data" / "alice.txt").read_text(encoding="utf-8")
+    text = (ROOT / "resources" / "texts" / "alice.txt").read_text(encoding="utf-8")
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"][: tokens - 60]
     session = ChatSession(lm, SessionSettings(sampling=SamplingSettings(**GREEDY)))
     session.messages = [Message("user", "Read this:\n\n" + lm.tokenizer.decode(ids))]

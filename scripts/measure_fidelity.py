@@ -1,6 +1,6 @@
 """Perplexity and memory of each cache strategy on a long text, against the full (dynamic) cache.
 
-    .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of tests/data/alice.txt
+    .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of resources/texts/alice.txt
     .venv/bin/python scripts/measure_fidelity.py --max-tokens 2048 --only "quantized 4-bit"
     .venv/bin/python scripts/measure_fidelity.py --search-2bit --max-tokens 2048   # the 2-bit search
 
@@ -27,10 +27,10 @@ import torch  # noqa: E402
 
 from engine import caches, models  # noqa: E402
 from engine.caches import CacheSpec  # noqa: E402
-from engine.caches.quantized import default_spec  # noqa: E402
 from engine.perplexity import PerplexityResult, perplexity, sliding_window_perplexity  # noqa: E402
+from engine.specs import quantization_defaults as default_spec  # noqa: E402
 
-TEXT = ROOT / "tests" / "data" / "alice.txt"
+TEXT = ROOT / "resources" / "texts" / "alice.txt"
 
 # One row per strategy setting: add a line to measure another.
 ROWS: list[tuple[str, CacheSpec]] = [
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is much faster on a busy machine")
     parser.add_argument("--model", default="default")
-    parser.add_argument("--write", type=Path, help="also save the table as JSON (e.g. engine/caches/fidelity.json)")
+    parser.add_argument("--write", type=Path, help="also save the table as JSON (e.g. resources/fidelity.json)")
     parser.add_argument("--oracle-tokens", type=int, default=1000,
                         help="also compare sink 4+256 with the sliding-window oracle on this many tokens (0: skip)")
     args = parser.parse_args(argv)

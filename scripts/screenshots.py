@@ -56,6 +56,7 @@ def main() -> int:
     from app.config import AppConfig
     from app.main_window import MainWindow
     from app.settings_dialog import SettingsDialog
+    from engine.specs import CacheSpec, SamplingSettings
     from engine.store import ChatSettings, ChatStore
 
     app = QApplication([])
@@ -69,7 +70,7 @@ def main() -> int:
         from app.__main__ import default_loader
 
         loader = default_loader(AppConfig(device="cpu"))
-    sampling = {"temperature": 0.0, "max_new_tokens": 160, "repetition_penalty": 1.0}
+    sampling: dict[str, object] = {"temperature": 0.0, "max_new_tokens": 160, "repetition_penalty": 1.0}
     win = MainWindow(store, AppConfig(theme="light", default_sampling=sampling), loader, save_settings=False)
     win.resize(1280, 800)
     win.show()
@@ -115,7 +116,8 @@ def main() -> int:
         win.send(question)
         wait(lambda c=chat: idle(c))
     sink_chat = win.new_chat()
-    store.set_settings(sink_chat, ChatSettings(sampling=sampling, cache={"strategy": "sink", "window": 512}))
+    store.set_settings(sink_chat, ChatSettings(sampling=SamplingSettings.from_dict(sampling),
+                                               cache=CacheSpec("sink", window=512)))
     win.send("Let's keep a very long conversation going.")
     wait(lambda: idle(sink_chat))
 

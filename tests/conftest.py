@@ -1,12 +1,24 @@
-"""Shared fixtures: every test runs against throwaway data/cache folders; tiny random models
-for speed; the bundled model loaded once per test session for the few tests that need it."""
+"""Shared fixtures and helpers for every test.
+
+* Every test runs against throwaway data and config folders. What is keyed by content is kept
+  across runs in `kept_cache_dir()`: the converted copy of the bundled GGUF model (keyed by the
+  file's hash), so no run converts it twice, and mypy's cache.
+* `tiny_lm`: a tiny random model built from a config (tests/tiny.py), for speed.
+* `real_lm`: the bundled SmolLM2-135M-Instruct, loaded once per session, for the few tests
+  marked `real_model` (`pytest -m real_model` runs only them, `-m "not real_model"` skips them).
+* `make_front`: chats driven through the engine service the way any front end drives it.
+* `make_window` / `send_and_wait`: the desktop window, driven like a user would.
+"""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
+import platformdirs
 import pytest
 
 from engine.models import LoadedModel
@@ -16,11 +28,23 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+SHORT = {"temperature": 0.0, "max_new_tokens": 12, "repetition_penalty": 1.0}
+TURN_TIMEOUT_MS = 60_000
+
+
+def kept_cache_dir() -> Path:
+    """What test runs keep between runs (only what is keyed by content): CACHET_TEST_CACHE_DIR, else
+    the user cache folder's Cachet/tests (never the app's own cache folder)."""
+    base = os.environ.get("CACHET_TEST_CACHE_DIR")
+    return Path(base) if base else Path(platformdirs.user_cache_dir("Cachet", appauthor=False)) / "tests"
+
 
 @pytest.fixture(scope="session")
-def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One cache folder per test session, so the bundled model is converted at most once."""
-    return tmp_path_factory.mktemp("cachet-cache")
+def shared_cache_dir() -> Path:
+    """The cache folder of every test (converted models), kept between runs."""
+    path = kept_cache_dir()
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 @pytest.fixture(autouse=True)
@@ -50,3 +74,110 @@ def real_lm(shared_cache_dir: Path) -> LoadedModel:
             os.environ.pop("CACHET_CACHE_DIR", None)
         else:
             os.environ["CACHET_CACHE_DIR"] = previous
+
+
+# ----- chats through the engine service, as any front end drives them --------------------------------
+class Front:
+    """A front end in a few lines: each chat's messages in a ChatStore, turns through a ChatService.
+
+    `states` is every CacheState the service reported, in order.
+    """
+
+    def __init__(self, lm: LoadedModel, store: Any, budgets: Any = None) -> None:
+        from engine.service import ChatService
+
+        self.lm, self.store = lm, store
+        self.states: list[Any] = []
+        self.service = ChatService(budgets=budgets, on_cache_state=self.states.append)
+        self.service.load_model(lambda: lm)
+
+    def new_chat(self, **settings: Any) -> int:
+        from engine.specs import CacheSpec, SamplingSettings
+        from engine.store import ChatSettings
+
+        base = ChatSettings(sampling=SamplingSettings(**SHORT), cache=CacheSpec("dynamic"))
+        return int(self.store.create_chat(replace(base, **settings)).id)
+
+    def say(self, chat_id: int, text: str, **turn: Any) -> Any:
+        """Keep the user's message, answer it, keep the reply; returns the TurnDone."""
+        self.store.add_message(chat_id, "user", text)
+        done = self.service.run_turn(chat_id, self.store.messages(chat_id), self.store.chat(chat_id).settings, **turn)
+        if done.cache is not None:
+            self.store.set_settings(chat_id, replace(self.store.chat(chat_id).settings, cache=done.cache))
+        if done.has_reply:
+            self.store.add_message(chat_id, "assistant", done.reply, token_ids=done.token_ids,
+                                   status="done" if done.finish_reason in ("stop", "length") else "stopped")
+        return done
+
+    def open(self, chat_id: int) -> Any:
+        return self.service.open_chat(chat_id, self.store.messages(chat_id), self.store.chat(chat_id).settings)
+
+    def where(self, chat_id: int) -> str:
+        return str(self.service.cache_state(chat_id).where)
+
+
+@pytest.fixture
+def make_front(tiny_lm: LoadedModel) -> Iterator[Callable[..., Front]]:
+    """Fronts on this test's data folder; a second one after `front.service.close()` is a restart."""
+    from engine.store import ChatStore
+
+    made: list[Front] = []
+
+    def make(budgets: Any = None, lm: LoadedModel | None = None) -> Front:
+        front = Front(lm or tiny_lm, made[0].store if made else ChatStore(), budgets)
+        made.append(front)
+        return front
+
+    yield make
+    for front in made:
+        front.service.close(save=False)
+    if made:
+        made[0].store.close()
+
+
+# ----- the desktop window, driven like a user would ---------------------------------------------------
+@pytest.fixture
+def make_window(qtbot: Any) -> Iterator[Callable[..., Any]]:
+    """Open main windows on this test's data folder (a second one is a restart); closing joins each
+    one's worker thread."""
+    from PySide6.QtCore import QCoreApplication, QEvent
+
+    from app.config import AppConfig
+    from app.main_window import MainWindow
+    from engine.store import ChatStore
+
+    made: list[tuple[Any, Any]] = []
+
+    def make(loader: Callable[..., Any] = tiny_loaded_model, sampling: dict[str, Any] | None = None,
+             wait_ready: bool = True) -> MainWindow:
+        store = ChatStore()
+        config = AppConfig(default_sampling=dict(SHORT if sampling is None else sampling))
+        win = MainWindow(store, config, loader, save_settings=False)
+        win.show()
+        made.append((win, store))
+        if wait_ready:
+            with qtbot.waitSignal(win.engine.model_ready, timeout=TURN_TIMEOUT_MS):
+                win.start_engine()
+        return win
+
+    yield make
+    for win, store in made:
+        win.close()
+        assert not win.engine.running
+        win.deleteLater()  # later tests restyle the whole application: leave no windows behind
+        store.close()
+    QCoreApplication.sendPostedEvents(None, QEvent.Type.DeferredDelete)
+
+
+@pytest.fixture
+def send_and_wait(qtbot: Any) -> Callable[[Any, str], int]:
+    """Type `text` in the window's current chat (a new one if none) and wait for the turn's end;
+    returns the chat's id."""
+
+    def send(win: Any, text: str) -> int:
+        with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT_MS):
+            win.send(text)
+        assert win.current_chat is not None
+        return int(win.current_chat)
+
+    return send

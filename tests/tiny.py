@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Tokenizer, decoders, pre_tokenizers
@@ -33,8 +34,8 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     return fast
 
 
-def tiny_config(vocab_size: int, layers: int = 2, **overrides: object) -> LlamaConfig:
-    params: dict[str, object] = dict(
+def tiny_config(vocab_size: int, layers: int = 2, **overrides: Any) -> LlamaConfig:
+    params: dict[str, Any] = dict(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
         tie_word_embeddings=False,
@@ -43,7 +44,7 @@ def tiny_config(vocab_size: int, layers: int = 2, **overrides: object) -> LlamaC
     return LlamaConfig(**params)
 
 
-def tiny_loaded_model(seed: int = 0, **config_overrides: object) -> LoadedModel:
+def tiny_loaded_model(seed: int = 0, **config_overrides: Any) -> LoadedModel:
     tokenizer = tiny_tokenizer()
     torch.manual_seed(seed)
     config = tiny_config(len(tokenizer), **config_overrides)

@@ -1,6 +1,6 @@
 """What a lossy cache setting costs in accuracy, as measured by scripts/measure_fidelity.py.
 
-The script writes fidelity.json (beside this module, shipped as package data): the perplexity of
+The script writes resources/fidelity.json (shipped with the app): the perplexity of
 a long text through each setting on the bundled model, against the full cache. The settings panel
 shows that cost next to a lossy strategy and warns when it exceeds 10%; settings that were not
 measured say so rather than guess.
@@ -14,22 +14,12 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
-from engine.caches import CacheSpec
 from engine.resources import resource_location
+from engine.specs import CacheSpec
 
 # The table shipped with Cachet (package data); a missing one reads as "not measured" everywhere.
-TABLE = resource_location("engine.caches", "fidelity.json")
+TABLE = resource_location("fidelity.json")
 WARN_ABOVE = 0.10  # warn when a setting raises perplexity by more than this
-
-_RELEVANT = {
-    "dynamic": (),
-    "static": (),
-    "offloaded": (),
-    "sink": ("sink_tokens", "window"),
-    "quantized": ("nbits", "residual", "q_group_size", "axis_key", "axis_value", "backend"),
-    "sink-quantized": ("sink_tokens", "window", "nbits", "residual", "q_group_size", "axis_key", "axis_value",
-                       "backend"),
-}
 
 
 @dataclass(frozen=True)
@@ -51,16 +41,12 @@ class MeasuredCost:
         return f"{sign}{abs(self.increase):.1%} perplexity (measured over {self.tokens:,} tokens of text)"
 
 
-def _key(spec: CacheSpec) -> tuple[Any, ...]:
-    return (spec.strategy, *(getattr(spec, name) for name in _RELEVANT[spec.strategy]))
-
-
 @cache
 def _load(path: Path) -> dict[tuple[Any, ...], MeasuredCost]:
     try:
         table = json.loads(path.read_text())
         return {
-            _key(CacheSpec.from_dict(row["spec"])): MeasuredCost(float(row["ppl_ratio"]), int(table["tokens"]),
+            CacheSpec.from_dict(row["spec"]).relevant(): MeasuredCost(float(row["ppl_ratio"]), int(table["tokens"]),
                                                                   str(table["model"]))
             for row in table["rows"]
         }
@@ -70,6 +56,6 @@ def _load(path: Path) -> dict[tuple[Any, ...], MeasuredCost]:
 
 def measured_cost(spec: CacheSpec, path: Path | None = None) -> MeasuredCost | None:
     """The measured cost of exactly these settings, or None when they were not measured."""
-    if spec.strategy in ("dynamic", "static", "offloaded"):
+    if not spec.is_lossy:
         return MeasuredCost(1.0, 0, "")  # lossless: the same logits as the full cache
-    return _load(path or TABLE).get(_key(spec))
+    return _load(path or TABLE).get(spec.relevant())

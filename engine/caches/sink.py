@@ -29,10 +29,12 @@ import math
 from typing import Any
 
 import torch
-from transformers import Cache
 from transformers.cache_utils import DynamicLayer
 
-from engine.caches.shape import KVShape
+from engine.caches.base import KV, KVCache, KVLayer, move_tensor
+from engine.caches.quantizers import Quantizer, estimate_bytes, make_quantizer
+from engine.caches.shape import KVShape, dtype_size, tensor_nbytes, text_config
+from engine.specs import CacheConfigError, CacheSpec
 
 
 class SinkUnsupportedError(ValueError):
@@ -54,7 +56,7 @@ class RopeRotator:
     """
 
     def __init__(self, config: Any) -> None:
-        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        text = text_config(config)
         params = getattr(text, "rope_parameters", None) or {}
         if not params and getattr(text, "rope_theta", None) is None:
             raise SinkUnsupportedError(
@@ -118,10 +120,12 @@ def evict_batch_for(window: int) -> int:
     return max(1, window // 16)
 
 
-class SinkLayer(DynamicLayer):
-    """One layer of a sink cache: sinks + recent window, keys stored rotated for their slot."""
+class SinkLayer(KVLayer, DynamicLayer):
+    """One layer of a sink cache: sinks + recent window, keys stored rotated for their slot.
 
-    is_croppable = True
+    Its length in the conversation is `fed` (tokens ever fed in), of which `evicted` are gone;
+    `crop_to(n)` counts in those conversation tokens.
+    """
 
     def __init__(self, sink_tokens: int, window: int, rotator: RopeRotator) -> None:
         super().__init__()
@@ -155,10 +159,23 @@ class SinkLayer(DynamicLayer):
         # they were fed with; the eviction only affects later passes.
         return keys, values
 
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_kv(self) -> KV | None:
         """Everything stored, in full precision, keys rotated for slots 0..n-1."""
+        if not self.is_initialized or self.get_seq_length() == 0:
+            return None
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
+
+    def can_crop_to(self, length: int) -> bool:
+        """Whether the tokens fed after the first `length` are all still in the kept recent part."""
+        return 0 <= self.fed - length <= self.removable()
+
+    def crop_to(self, length: int) -> bool:
+        """Stand for the first `length` tokens fed again (see `can_crop_to`)."""
+        if not self.can_crop_to(length):
+            return False
+        self.crop_stream(self.fed - length)
+        return True
 
     def layout(self) -> tuple[int, ...]:
         """What every layer of a healthy cache agrees on besides its length: the tokens evicted."""
@@ -190,9 +207,11 @@ class QuantizedSinkLayer(SinkLayer):
     keys: torch.Tensor  # the full-precision residual (set on the first update)
     values: torch.Tensor
 
-    def __init__(self, sink_tokens: int, window: int, rotator: RopeRotator, quantizer: Any, block: int) -> None:
+    def __init__(self, sink_tokens: int, window: int, rotator: RopeRotator, quantizer: Quantizer, block: int,
+                 axis_key: int, axis_value: int) -> None:
         super().__init__(sink_tokens, window, rotator)
-        self.quantizer = quantizer  # a transformers QuantizedLayer, used for its _quantize/_dequantize
+        self.quantizer = quantizer
+        self.axis_key, self.axis_value = axis_key, axis_value
         self.block = block
         # Each block: (quantized un-rotated keys, quantized values, length).
         self.blocks: list[tuple[Any, Any, int]] = []
@@ -224,7 +243,7 @@ class QuantizedSinkLayer(SinkLayer):
         n_sink = self.sink_k.shape[-2]
         n_blocks = self._block_tokens()
         # Full-precision view of the window for this forward pass, at the current slots.
-        stored_k, stored_v = self.full_kv()
+        stored_k, stored_v = self._stored_kv()
         keys = torch.cat((stored_k, key_states), dim=-2)
         values = torch.cat((stored_v, value_states), dim=-2)
 
@@ -235,9 +254,8 @@ class QuantizedSinkLayer(SinkLayer):
         while residual_k.shape[-2] > self.block:
             bk = self.rotator.rotate_positions(residual_k[..., : self.block, :], start, sign=-1)
             bv = residual_v[..., : self.block, :]
-            self.blocks.append((self.quantizer._quantize(bk.contiguous(), axis=self.quantizer.axis_key),
-                                self.quantizer._quantize(bv.contiguous(), axis=self.quantizer.axis_value),
-                                self.block))
+            self.blocks.append((self.quantizer.quantize(bk, self.axis_key),
+                                self.quantizer.quantize(bv, self.axis_value), self.block))
             residual_k, residual_v = residual_k[..., self.block :, :], residual_v[..., self.block :, :]
             start += self.block
         # Evict whole oldest blocks while the window overflows.
@@ -250,13 +268,19 @@ class QuantizedSinkLayer(SinkLayer):
         self.keys, self.values = residual_k, residual_v
         return keys, values
 
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_kv(self) -> KV | None:
+        if not self.is_initialized or self.get_seq_length() == 0:
+            return None
+        return self._stored_kv()
+
+    def _stored_kv(self) -> KV:
+        """Sinks, de-quantized blocks rotated to their slots, and the residual, in slot order."""
         parts_k = [self.sink_k]
         parts_v = [self.sink_v]
         pos = self.sink_k.shape[-2]
         for qk, qv, n in self.blocks:
-            parts_k.append(self.rotator.rotate_positions(self.quantizer._dequantize(qk), pos))
-            parts_v.append(self.quantizer._dequantize(qv))
+            parts_k.append(self.rotator.rotate_positions(self.quantizer.dequantize(qk), pos))
+            parts_v.append(self.quantizer.dequantize(qv))
             pos += n
         parts_k.append(self.keys)
         parts_v.append(self.values)
@@ -286,15 +310,19 @@ class QuantizedSinkLayer(SinkLayer):
         self.fed -= remove
 
     def nbytes(self) -> int:
-        from engine.caches import _tensor_nbytes
-
-        total = 0
+        total = super().nbytes()
         if self.is_initialized:
-            for t in (self.sink_k, self.sink_v, self.keys, self.values):
-                total += _tensor_nbytes(t)
+            total += tensor_nbytes(self.sink_k) + tensor_nbytes(self.sink_v)
         for qk, qv, _ in self.blocks:
-            total += self.quantizer.quantized_nbytes(qk) + self.quantizer.quantized_nbytes(qv)
+            total += self.quantizer.nbytes(qk) + self.quantizer.nbytes(qv)
         return total
+
+    def to(self, device: torch.device, pin_memory: bool = False) -> None:
+        super().to(device, pin_memory)
+        self.sink_k = move_tensor(self.sink_k, device, pin_memory)
+        self.sink_v = move_tensor(self.sink_v, device, pin_memory)
+        move = self.quantizer.to
+        self.blocks = [(move(qk, device, pin_memory), move(qv, device, pin_memory), n) for qk, qv, n in self.blocks]
 
     def reset(self) -> None:
         super().reset()
@@ -302,24 +330,14 @@ class QuantizedSinkLayer(SinkLayer):
         self.sink_k = self.sink_v = torch.empty(0)
 
 
-def make_quantizer(spec: Any) -> Any:
-    """A quantized layer of `spec`'s backend (quanto or HQQ), used only for its block quantize and
-    de-quantize functions (quanto's de-quantization needs no compiled kernel here, see
-    engine/caches/quantized.py)."""
-    from engine.caches.quantized import _check_backend, make_layer
-
-    _check_backend(spec)
-    return make_layer(spec, spec.residual, spec.residual)
-
-
-class SinkCache(Cache):
+class SinkCache(KVCache):
     """A cache of attention sinks + a recent window, for every layer of the model.
 
     `crop_to(n)` counts in tokens fed (the conversation's token stream), not tokens stored:
     it succeeds when the tokens to remove are all still in the kept recent window.
     """
 
-    def __init__(self, config: Any, spec: Any) -> None:
+    def __init__(self, config: Any, spec: CacheSpec) -> None:
         shape = KVShape.of(config)
         self.rotator = RopeRotator(config)
         self.spec = spec
@@ -327,14 +345,13 @@ class SinkCache(Cache):
         if spec.strategy == "sink-quantized":
             block = quantized_block(spec, shape.head_dim)
             if block > spec.window:
-                from engine.caches import CacheConfigError
-
                 raise CacheConfigError(
                     f"the window ({spec.window}) is smaller than one quantized block ({block} tokens: the residual "
                     f"rounded up to whole groups of {spec.q_group_size}); make the window larger."
                 )
-            layers = [QuantizedSinkLayer(spec.sink_tokens, spec.window, self.rotator, make_quantizer(spec), block)
-                      for _ in range(shape.layers)]
+            quantizer = make_quantizer(spec)
+            layers = [QuantizedSinkLayer(spec.sink_tokens, spec.window, self.rotator, quantizer, block,
+                                         spec.axis_key, spec.axis_value) for _ in range(shape.layers)]
         else:
             layers = [SinkLayer(spec.sink_tokens, spec.window, self.rotator) for _ in range(shape.layers)]
         super().__init__(layers=layers)
@@ -357,40 +374,33 @@ class SinkCache(Cache):
         recomputes instead of attending at mismatched positions."""
         if len({layer.layout() for layer in self.sink_layers}) > 1:
             return False
-        plans = []
+        if not all(layer.can_crop_to(length) for layer in self.sink_layers):
+            return False
         for layer in self.sink_layers:
-            remove = layer.fed - length
-            if remove < 0 or remove > layer.removable():
-                return False
-            plans.append(remove)
-        for layer, remove in zip(self.sink_layers, plans, strict=True):
-            layer.crop_stream(remove)
+            layer.crop_to(length)
         return len({layer.get_seq_length() for layer in self.sink_layers}) == 1
 
-    def nbytes(self) -> int:
-        from engine.caches import tensor_bytes
-
-        total = 0
-        for layer in self.layers:
-            total += layer.nbytes() if isinstance(layer, QuantizedSinkLayer) else tensor_bytes(layer)
-        return total
+    def adopt_stream(self, stream_length: int) -> None:
+        """The window just fed in stands for `stream_length` conversation tokens: count the rest as evicted."""
+        for layer in self.sink_layers:
+            layer.evicted += stream_length - layer.fed
+            layer.fed = stream_length
 
 
-def build(config: Any, spec: Any) -> SinkCache:
+def build(config: Any, spec: CacheSpec, device: torch.device | None = None) -> SinkCache:
     return SinkCache(config, spec)
 
 
-def quantized_block(spec: Any, head_dim: int) -> int:
+def quantized_block(spec: CacheSpec, head_dim: int) -> int:
     """Tokens per quantized block of a sink-quantized window: the residual, rounded up so that no
     quantization group straddles two blocks (and at least one token)."""
-    from engine.caches.quantized import token_quantum
+    from engine.caches.quantized import spec_quantum
 
-    quantum = math.lcm(token_quantum(spec.axis_key, spec.q_group_size, head_dim),
-                       token_quantum(spec.axis_value, spec.q_group_size, head_dim))
+    quantum = spec_quantum(spec, head_dim)
     return max(1, math.ceil(spec.residual / quantum)) * quantum
 
 
-def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
+def bytes_for(tokens: int, config: Any, spec: CacheSpec, dtype: torch.dtype = torch.float32) -> int:
     """Bytes held after `tokens` tokens: never more than sinks + window, whatever the length.
 
     For sink-quantized this follows `QuantizedSinkLayer` exactly: after the sinks, the residual
@@ -403,8 +413,6 @@ def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.fl
     per_token = shape.bytes_per_token(dtype)
     if spec.strategy != "sink-quantized":
         return min(tokens, spec.sink_tokens + spec.window) * per_token
-    from engine.caches.quantized import _quantized_bytes
-
     sinks = min(tokens, spec.sink_tokens)
     rest = tokens - sinks
     if rest <= 0:
@@ -413,8 +421,8 @@ def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.fl
     blocks = (rest - 1) // block
     residual = rest - blocks * block
     kept = min(blocks, max(0, (spec.window - residual) // block))
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype_size(dtype)
     elements = block * shape.kv_heads * shape.head_dim
-    per_block = shape.layers * (_quantized_bytes(elements, spec, spec.axis_key, size)
-                                + _quantized_bytes(elements, spec, spec.axis_value, size))
+    per_block = shape.layers * (estimate_bytes(spec, elements, spec.axis_key, size)
+                                + estimate_bytes(spec, elements, spec.axis_value, size))
     return (sinks + residual) * per_token + kept * per_block

@@ -20,8 +20,9 @@ from typing import Any, cast
 import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
-from engine.caches import CacheConfigError
+from engine.caches.base import KV, KVCache, KVLayer, move_tensor
 from engine.caches.shape import KVShape
+from engine.specs import CacheConfigError, CacheSpec
 
 
 class StaticCacheFull(ValueError):
@@ -37,15 +38,13 @@ class StaticCacheFull(ValueError):
         self.capacity = capacity
 
 
-class CroppableStaticLayer(StaticLayer):
+class CroppableStaticLayer(KVLayer, StaticLayer):
     """A `StaticLayer` that can be cropped and refuses to overflow.
 
     Its length is `cumulative_length` (a 0-d tensor, so compiled graphs see no new constant);
     attention masks are computed from it, so cropping only has to lower it. The dropped tail is
     zeroed anyway so that no stale keys survive.
     """
-
-    is_croppable = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -58,11 +57,17 @@ class CroppableStaticLayer(StaticLayer):
     def get_length(self) -> int:
         return int(self.cumulative_length) if self.is_initialized else 0
 
-    def full_kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def full_kv(self) -> KV | None:
         """The cached tokens' keys and values (without the unused tail)."""
-        assert self.keys is not None and self.values is not None
         n = self.get_length()
+        if n == 0:
+            return None
+        assert self.keys is not None and self.values is not None
         return self.keys[..., :n, :], self.values[..., :n, :]
+
+    def to(self, device: torch.device, pin_memory: bool = False) -> None:
+        super().to(device, pin_memory)
+        self.cumulative_length = move_tensor(self.cumulative_length, device, pin_memory)
 
     @torch.inference_mode()  # the tensors were made by forward passes in inference mode
     def crop_to(self, length: int) -> bool:
@@ -81,8 +86,8 @@ class CroppableStaticLayer(StaticLayer):
         self.crop_to(self.get_length() + tokens_to_remove)
 
 
-class CroppableStaticCache(StaticCache):
-    """`StaticCache` with `crop_to`, `ensure_room` and `nbytes` for the session."""
+class CroppableStaticCache(KVCache, StaticCache):
+    """`StaticCache` with the layers above and `ensure_room`."""
 
     def __init__(self, config: Any, max_cache_len: int) -> None:
         super().__init__(config=config, max_cache_len=max_cache_len)
@@ -105,25 +110,11 @@ class CroppableStaticCache(StaticCache):
         if new_tokens > self.room():
             raise StaticCacheFull(int(self.get_seq_length()), new_tokens, self.max_cache_len)
 
-    def crop_to(self, length: int) -> bool:
-        if any(layer.get_length() < length for layer in self.static_layers):
-            return False
-        return all(layer.crop_to(length) for layer in self.static_layers)
 
-    def nbytes(self) -> int:
-        """Bytes allocated now: nothing before the first forward pass, then the whole pre-allocation."""
-        total = 0
-        for layer in self.static_layers:
-            for tensor in (layer.keys, layer.values):
-                if layer.is_initialized and tensor is not None:
-                    total += tensor.numel() * tensor.element_size()
-        return total
-
-
-def build(config: Any, spec: Any) -> CroppableStaticCache:
+def build(config: Any, spec: CacheSpec, device: torch.device | None = None) -> CroppableStaticCache:
     return CroppableStaticCache(config, max_cache_len=spec.max_cache_len)
 
 
-def bytes_for(tokens: int, config: Any, spec: Any, dtype: torch.dtype = torch.float32) -> int:
+def bytes_for(tokens: int, config: Any, spec: CacheSpec, dtype: torch.dtype = torch.float32) -> int:
     """The full pre-allocation, whatever `tokens` is: `max_cache_len` tokens of K and V in every layer."""
     return spec.max_cache_len * KVShape.of(config).bytes_per_token(dtype)
