@@ -75,6 +75,11 @@ def cache_bytes(cache: KVCache | None) -> int:
     return 0 if cache is None else cache.nbytes()
 
 
+def cache_reserved_bytes(cache: KVCache | None) -> int:
+    """Bytes allocated for the cache, spare capacity included; 0 without a cache."""
+    return 0 if cache is None else cache.reserved_nbytes()
+
+
 def availability(device: torch.device) -> dict[str, str | None]:
     """For each strategy: None when usable on `device`, else the reason it is not (for the UI)."""
     reasons: dict[str, str | None] = dict.fromkeys(STRATEGIES)

@@ -13,8 +13,13 @@ the session, the conversions, the snapshots and the memory pool need:
     full_kv() -> (keys, values) | None  everything held, in full precision, keys rotated for slots
                                         0..n-1 (what a conversion or a snapshot copies); None
                                         when the layer holds nothing it can give back whole
-    nbytes() -> int                     the bytes its tensors really hold now
+    nbytes() -> int                     the bytes its tensors really hold now (content)
+    reserved_nbytes() -> int            the bytes allocated for it (content plus spare capacity)
     to(device, pin_memory)              move every tensor it holds, in place
+    rewindable(n) -> bool               whether n tokens fed in one pass can be cropped away again
+                                        leaving the layer as it was, and that pass computes what n
+                                        one-token passes would (no eviction, no quantization inside
+                                        it): speculative decoding checks guesses only then
 
 and every cache is a `KVCache`, which does the same over its layers and adds `ensure_room`
 (a pre-allocated cache refuses to overflow before anything is written) and `evicted` (tokens
@@ -62,6 +67,14 @@ class KVLayer(CacheLayerMixin):
     def nbytes(self) -> int:
         return sum(tensor_nbytes(t) for t in (self.keys, self.values) if t is not None)
 
+    def rewindable(self, new_tokens: int) -> bool:
+        """True for a layer that only appends (see the module docstring)."""
+        return True
+
+    def reserved_nbytes(self) -> int:
+        """The bytes allocated for it, spare capacity included (at least `nbytes()`)."""
+        return self.nbytes()
+
     def to(self, device: torch.device, pin_memory: bool = False) -> None:
         if self.keys is not None:
             self.keys = move_tensor(self.keys, device, pin_memory)
@@ -96,10 +109,23 @@ class KVCache(Cache):
         """Bytes the cache's tensors really hold now (not an estimate)."""
         return sum(layer.nbytes() for layer in self.kv_layers)
 
+    def reserved_nbytes(self) -> int:
+        """Bytes allocated for the cache, spare capacity of layers that grow in place included."""
+        return sum(layer.reserved_nbytes() for layer in self.kv_layers)
+
     def to(self, device: torch.device, pin_memory: bool = False) -> None:
         """Move every tensor of every layer to `device`, in place (the pool moves idle caches)."""
         for layer in self.kv_layers:
             layer.to(device, pin_memory)
+
+    def rewindable(self, new_tokens: int) -> bool:
+        """Whether `new_tokens` fed in one pass can be taken back exactly (every layer agrees, and a
+        bounded cache has room for them)."""
+        try:
+            self.ensure_room(new_tokens)
+        except Exception:  # noqa: BLE001 (a bounded cache's "full")
+            return False
+        return all(layer.rewindable(new_tokens) for layer in self.kv_layers)
 
     def ensure_room(self, new_tokens: int) -> None:
         """Raise before anything is written when `new_tokens` more would not fit (a bounded

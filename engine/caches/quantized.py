@@ -182,6 +182,11 @@ class QuantizedKVLayer(KVLayer, QuantizedLayer):
         self.cumulative_length = length
         return True
 
+    def rewindable(self, new_tokens: int) -> bool:
+        """Nothing quantized inside the pass: the full-precision residual takes the new tokens."""
+        target = quantized_tokens(self.cumulative_length + new_tokens, self.residual_length, self.block)
+        return target == self._quantized_length
+
     def crop(self, tokens_to_remove: int) -> None:
         if tokens_to_remove > 0:
             raise ValueError("crop takes a negative number of tokens to remove.")

@@ -29,9 +29,9 @@ import math
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer
 
-from engine.caches.base import KV, KVCache, KVLayer, move_tensor
+from engine.caches.base import KV, KVCache, move_tensor
+from engine.caches.dynamic import GrowingLayer
 from engine.caches.quantizers import Quantizer, estimate_bytes, make_quantizer
 from engine.caches.shape import KVShape, dtype_size, tensor_nbytes, text_config
 from engine.specs import CacheConfigError, CacheSpec
@@ -120,7 +120,7 @@ def evict_batch_for(window: int) -> int:
     return max(1, window // 16)
 
 
-class SinkLayer(KVLayer, DynamicLayer):
+class SinkLayer(GrowingLayer):
     """One layer of a sink cache: sinks + recent window, keys stored rotated for their slot.
 
     Its length in the conversation is `fed` (tokens ever fed in), of which `evicted` are gone;
@@ -165,6 +165,10 @@ class SinkLayer(KVLayer, DynamicLayer):
             return None
         assert self.keys is not None and self.values is not None
         return self.keys, self.values
+
+    def rewindable(self, new_tokens: int) -> bool:
+        """No eviction inside the pass: the layer still holds everything it will be fed."""
+        return self.get_seq_length() + new_tokens <= self.capacity
 
     def can_crop_to(self, length: int) -> bool:
         """Whether the tokens fed after the first `length` are all still in the kept recent part."""
@@ -289,20 +293,35 @@ class QuantizedSinkLayer(SinkLayer):
     def layout(self) -> tuple[int, ...]:
         return (self.evicted, len(self.blocks))
 
+    def rewindable(self, new_tokens: int) -> bool:
+        """No block quantized (so nothing evicted) inside the pass: the residual takes them all."""
+        residual = self.keys.shape[-2] if self.is_initialized and self.keys is not None else 0
+        return residual + new_tokens <= self.block
+
     def removable(self) -> int:
-        residual = self.keys.shape[-2] if self.is_initialized else 0
-        if self.evicted == 0 and not self.blocks:
+        """The residual and every quantized block can be taken back (a block goes back into the residual,
+        de-quantized as attention read it); the sinks too while nothing was evicted."""
+        if not self.is_initialized:
+            return 0
+        if self.evicted == 0:
             return self.get_seq_length()
-        return residual
+        return self.keys.shape[-2] + self._block_tokens()
 
     def crop_stream(self, remove: int) -> None:
         if not remove:
             return
+        while remove > self.keys.shape[-2] and self.blocks:
+            qk, qv, _n = self.blocks.pop()
+            slot = self.sink_k.shape[-2] + self._block_tokens()  # the popped block's first slot
+            keys = self.rotator.rotate_positions(self.quantizer.dequantize(qk), slot).to(self.keys.dtype)
+            values = self.quantizer.dequantize(qv).to(self.values.dtype)
+            self.keys = torch.cat((keys, self.keys), dim=-2)
+            self.values = torch.cat((values, self.values), dim=-2)
         residual = self.keys.shape[-2]
         if remove <= residual:
             self.keys = self.keys[..., : residual - remove, :]
             self.values = self.values[..., : residual - remove, :]
-        else:  # only reachable before any block exists: crop into the sinks
+        else:  # every block is back in the residual and nothing was evicted: crop into the sinks
             keep = self.sink_k.shape[-2] - (remove - residual)
             self.keys = self.keys[..., :0, :]
             self.values = self.values[..., :0, :]

@@ -126,6 +126,24 @@ def test_regenerate_inside_the_window_reuses_the_cache(tiny_lm) -> None:
     assert result.stats.reused_tokens == result.stats.prompt_tokens - 1
 
 
+@pytest.mark.parametrize("evicting", [False, True])
+def test_sink_quantized_takes_back_a_reply_longer_than_its_residual(tiny_lm, evicting) -> None:
+    """Regenerating (or asking something else instead) crops the last reply away; a reply longer than
+    the full-precision residual reaches into quantized blocks, which go back into the residual instead
+    of the whole cache being recomputed."""
+    spec = CacheSpec("sink-quantized", sink_tokens=4, window=160 if evicting else 900, nbits=4, residual=32,
+                     q_group_size=32, axis_key=-1)
+    long = SamplingSettings(temperature=0.0, max_new_tokens=80, min_new_tokens=80, repetition_penalty=1.0)
+    session = ChatSession(tiny_lm, SessionSettings(sampling=long, cache=spec, speculative="off"))
+    for i in range(4):
+        session.send(f"turn {i} " + "filler " * 12)
+    assert session.cache.sink_layers[0].blocks  # part of the last reply is quantized
+    assert (session.cache.evicted > 0) == evicting
+    result = session.regenerate()
+    assert result.stats.finish_reason == "length", result.stats.error
+    assert result.stats.reused_tokens == result.stats.prompt_tokens - 1  # only the last prompt token fed again
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"sink_tokens": 4, "window": 4}, "larger than the sink"),
     ({"sink_tokens": -1, "window": 64}, "0 or more"),
