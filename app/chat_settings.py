@@ -40,6 +40,7 @@ from engine.specs import (
     MIN_STATIC_CACHE_LEN,
     OVERFLOW_POLICIES,
     REPETITION_PENALTY_RANGE,
+    SPECULATIVE_MODES,
     STRATEGIES,
     STRATEGY_FIELDS,
     TEMPERATURE_RANGE,
@@ -63,6 +64,11 @@ STRATEGY_TIPS = {
 AXES: tuple[tuple[int | str, str], ...] = ((0, "per token"), (-1, "per channel"))
 OVERFLOW_LABELS = {"stop": "Stop and tell me", "truncate-middle": "Truncate the middle",
                    "sink": "Continue with attention sinks"}
+SPECULATIVE_LABELS = {"auto": "Automatic (when it pays on this machine)", "off": "Off (one token per step)",
+                      "prompt-lookup": "Always guess from the conversation"}
+SPECULATIVE_TIP = ("Speculative decoding guesses the next tokens from text already in the conversation (code "
+                   "being edited, quoted passages, names) and checks several guesses in one step of the model. "
+                   "Replies are the same either way (greedy: token for token); only their speed changes.")
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,13 @@ class ChatSettingsPanel(QScrollArea):
         overflow_label.setWordWrap(True)
         cl.addWidget(overflow_label)
         cl.addWidget(self.overflow)
+        self.speculative = compact_combo()
+        self.speculative.setToolTip(SPECULATIVE_TIP)
+        self.speculative.currentIndexChanged.connect(self._changed)
+        speculative_label = QLabel("Speculative decoding:")
+        speculative_label.setToolTip(SPECULATIVE_TIP)
+        cl.addWidget(speculative_label)
+        cl.addWidget(self.speculative)
         self.progress = QProgressBar()
         self.progress.setRange(0, 0)
         self.progress.setTextVisible(False)
@@ -257,6 +270,8 @@ class ChatSettingsPanel(QScrollArea):
                                        + rows * self.strategies.sizeHintForRow(0) + 6)
         for policy in OVERFLOW_POLICIES:
             self.overflow.addItem(OVERFLOW_LABELS[policy], policy)
+        for mode in SPECULATIVE_MODES:
+            self.speculative.addItem(SPECULATIVE_LABELS[mode], mode)
         for name in STRATEGY_FIELDS["sink-quantized"] + STRATEGY_FIELDS["static"]:
             label, widget = self._param_widget(name)
             self.params_form.addRow(label, widget)
@@ -340,6 +355,7 @@ class ChatSettingsPanel(QScrollArea):
         self.max_new_tokens.setValue(int(sampling.max_new_tokens))
         self.seed.setValue(-1 if sampling.seed is None else int(sampling.seed))
         self.overflow.setCurrentIndex(max(self.overflow.findData(s.overflow), 0))
+        self.speculative.setCurrentIndex(max(self.speculative.findData(s.speculative), 0))
         for item in self._strategy_items():
             if item.data(0, Qt.ItemDataRole.UserRole) == s.cache.strategy:
                 self.strategies.setCurrentItem(item)
@@ -369,8 +385,9 @@ class ChatSettingsPanel(QScrollArea):
         base = self.loaded.cache if self.loaded is not None else CacheSpec(AUTO)
         cache = replace(base, strategy=self.current_strategy(), **values)  # type: ignore[arg-type]
         overflow = self.overflow.currentData() or (self.loaded.overflow if self.loaded else "stop")
+        speculative = self.speculative.currentData() or (self.loaded.speculative if self.loaded else "auto")
         return ChatSettings(system_prompt=self.system_prompt.toPlainText().strip(), sampling=sampling, cache=cache,
-                            overflow=str(overflow))
+                            overflow=str(overflow), speculative=str(speculative))
 
     def current_strategy(self) -> str:
         item = self.strategies.currentItem()
@@ -471,7 +488,7 @@ class ChatSettingsPanel(QScrollArea):
         ready = self.chat_id is not None
         editors: list[QWidget] = [self.system_prompt, self.temperature, self.top_p, self.top_k,
                                   self.repetition_penalty, self.max_new_tokens, self.seed, self.strategies,
-                                  self.overflow]
+                                  self.overflow, self.speculative]
         for widget in editors + [w for _label, w in self._param_widgets.values()]:
             widget.setEnabled(ready)
         dirty = ready and self.dirty()

@@ -68,7 +68,8 @@ class Meters:
         self.progress.hide()
         self.model_label.setText(f"{model.name} · {model.device} · {model.dtype}")
         self.model_label.setToolTip(f"{model.name}\nloaded in {model.load_seconds:.1f} s\n"
-                                    f"context: {model.context_length:,} tokens")
+                                    f"context: {model.context_length:,} tokens\n"
+                                    f"precision: {model.precision_note or model.dtype}")
 
     def refresh_memory(self, kv_bytes: int, warm_chats: int, ram_kv_bytes: int = 0, ram_chats: int = 0) -> int:
         """Update the memory meter; returns the free bytes it found on the model's device.
@@ -96,7 +97,9 @@ class Meters:
             return
         self.turn_label.setText(
             f"Last reply: {stats.get('reused_tokens', 0):,} reused / {stats.get('prefilled_tokens', 0):,} prefilled"
-            f" · TTFT {stats.get('ttft_ms', 0):,.0f} ms · {stats.get('decode_tok_s', 0):.1f} tok/s")
+            f" · TTFT {stats.get('ttft_ms', 0):,.0f} ms · {stats.get('decode_tok_s', 0):.1f} tok/s"
+            + (f" · {float(str(stats['tokens_per_step'])):.1f} tok/step" if stats.get("speculative")
+               and stats.get("tokens_per_step") else ""))
         restore = stored_restore(stats)
         # where the cache came from is told when the chat is opened; here only on hover
         self.turn_label.setToolTip(self.turn_tip + (f"\n{describe_restore(restore)}"

@@ -18,7 +18,7 @@ from engine.caches import CacheSpec
 from engine.models import LoadedModel
 from engine.reports import Budgets, TurnDone
 from engine.service import ChatService
-from engine.specs import OVERFLOW_POLICIES, SamplingError, SamplingSettings
+from engine.specs import OVERFLOW_POLICIES, SPECULATIVE_MODES, SamplingError, SamplingSettings
 from engine.store import ChatSettings, ChatStore
 from engine.weights import PRECISIONS
 
@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--seed", type=int, default=None)
     chat.add_argument("--overflow", default="stop", choices=OVERFLOW_POLICIES,
                       help="when the chat outgrows the model's context: stop, truncate-middle, or switch to sink")
+    chat.add_argument("--speculative", default="auto", choices=SPECULATIVE_MODES,
+                      help="check guessed tokens several per step (prompt lookup: guesses from the conversation "
+                           "itself); greedy replies are the same token for token either way")
     chat.add_argument("--no-reuse", action="store_true",
                       help="recompute the whole conversation every turn (the baseline reuse is measured against)")
     chat.add_argument("--turns", type=Path, help="file with one user message per line")
@@ -227,7 +230,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                 repetition_penalty=args.repetition_penalty,
                                 max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
     settings = ChatSettings(system_prompt=args.system, sampling=sampling, cache=cache_spec_from_args(args),
-                            overflow=args.overflow)
+                            overflow=args.overflow, speculative=args.speculative)
     if args.chat is not None and args.data_dir is None:
         print("error: --chat needs --data-dir (the folder the chat is kept in).", file=sys.stderr)
         return 2
@@ -261,7 +264,9 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
 
     kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
         if chat.persist else ""
-    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load).{kept} "
+    precision = lm.precision_note if lm.precision_note and lm.precision_note != "chosen" else str(lm.dtype)
+    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load); "
+          f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}.{kept} "
           "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
     while True:
         try:
@@ -292,8 +297,9 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
         note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
         if s.finish_reason == "cancelled":
             note = " [stopped]"
+        speculative = f", {s.tokens_per_step:.2f} tokens/step" if s.speculative and s.tokens_per_step else ""
         print(f"  ({s.reused_tokens}/{s.prompt_tokens} prompt tokens reused, {s.prefilled_tokens} prefilled, "
-              f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s, cache {s.cache_tokens} tokens "
+              f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s{speculative}, cache {s.cache_tokens} tokens "
               f"= {s.cache_bytes / 2**20:.1f} MiB){note}", file=sys.stderr)
 
 

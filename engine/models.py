@@ -15,7 +15,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,10 @@ class LoadedModel:
     dtype: torch.dtype
     load_seconds: float
     weights_bytes: int
+    precision_note: str = ""  # why this dtype (auto on a CPU: measured fastest here)
+    # A decoding step of n tokens relative to a step of one (engine/precision.py; CPU only): what
+    # speculative decoding's auto mode weighs guesses against. Empty when not measured.
+    step_costs: dict[int, float] = field(default_factory=dict)
 
     @property
     def config(self) -> Any:
@@ -90,7 +94,8 @@ _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.flo
 
 
 def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
-    """`auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU."""
+    """The dtype to load in. `auto`: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU
+    (where `load` then measures whether bf16 is faster on this machine: engine/precision.py)."""
     if dtype and dtype != "auto":
         try:
             return _DTYPES[dtype]
@@ -296,6 +301,23 @@ def load(
         raise ModelLoadError(f"{source.display_name} has no chat template, so it cannot be used for chat.")
     model.to(dev)
     model.eval()
+    from engine.attention import use_packed_attention
+
+    use_packed_attention(model)  # a few queries over a long cache without copying it (engine/attention.py)
+    note, costs = "", {}
+    if dev.type == "cpu":
+        from engine import precision
+
+        if dtype in (None, "auto"):
+            choice = precision.choose_cpu_precision(model, identity, report)
+            if choice.dtype != dt:
+                model.to(choice.dtype)
+                dt = choice.dtype
+            note, costs = choice.reason, choice.step_costs
+        else:
+            note, costs = "chosen", precision.step_costs_for(model, identity, dt)
+    else:
+        note = "chosen" if dtype not in (None, "auto") else f"the GPU's fastest supported ({dt})"
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     weights += sum(b.numel() * b.element_size() for b in model.buffers())
     return LoadedModel(
@@ -307,6 +329,8 @@ def load(
         dtype=dt,
         load_seconds=time.perf_counter() - started,
         weights_bytes=weights,
+        precision_note=note,
+        step_costs=costs,
     )
 
 

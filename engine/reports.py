@@ -34,13 +34,18 @@ class TurnStats:
     ttft_ms: float
     decode_tok_s: float
     cache_tokens: int
-    cache_bytes: int
+    cache_bytes: int  # what the cache holds
     finish_reason: str  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     error_kind: str | None = None  # OUT_OF_MEMORY, ... when finish_reason is "error"
     overflow_action: str | None = None  # what the overflow policy did before this turn, if anything
     hidden_messages: int = 0  # messages left out of what the model read (truncate-middle)
     user_tokens: int | None = None  # the length of the user message this turn answered
+    speculative: str | None = None  # what speculative decoding did (None: it was off)
+    tokens_per_step: float | None = None  # tokens each decoding pass produced (1.0 without speculation)
+    draft_ms: float = 0.0  # time spent guessing
+    verify_ms: float = 0.0  # time spent in passes that checked guesses
+    cache_reserved_bytes: int | None = None  # allocated for the cache (capacity of a cache that grows in place)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,6 +121,7 @@ class ModelInfo:
     auto_reason: str
     config: Any = field(repr=False, compare=False)  # the model config, read-only, for memory estimates
     torch_dtype: Any = field(repr=False, compare=False)
+    precision_note: str = ""  # why this dtype (auto on a CPU: measured fastest here)
 
     @property
     def on_gpu(self) -> bool:

@@ -39,12 +39,38 @@ class Sampler:
             else:
                 self.generator.seed()
 
-    def choose(self, logits: torch.Tensor, context: torch.Tensor, banned: Sequence[int] = ()) -> int:
-        """Pick the next token from the last position's logits (shape [vocab]), never one of `banned`."""
+    def _scores(self, logits: torch.Tensor, context: torch.Tensor, banned: Sequence[int]) -> torch.Tensor:
         scores = self.processors(context.view(1, -1), logits.view(1, -1).float())  # type: ignore[arg-type]
         if banned:  # out of place: the logits may be an inference-mode tensor
             scores = scores.index_fill(1, torch.tensor(list(banned), device=scores.device), float("-inf"))
+        return scores
+
+    def choose(self, logits: torch.Tensor, context: torch.Tensor, banned: Sequence[int] = ()) -> int:
+        """Pick the next token from the last position's logits (shape [vocab]), never one of `banned`."""
+        scores = self._scores(logits, context, banned)
         if self.settings.greedy:
             return int(scores.argmax(dim=-1).item())
         probs = torch.softmax(scores, dim=-1).cpu()
         return int(torch.multinomial(probs, 1, generator=self.generator).item())
+
+    def verify(self, logits: torch.Tensor, context: torch.Tensor, guess: int,
+               banned: Sequence[int] = ()) -> tuple[int, bool]:
+        """Check a speculative guess at one position: (the token to emit, whether it is the guess).
+
+        Greedy: the guess stands exactly when it is the token `choose` would pick, so the output is
+        the same token for token. Sampling: the guess (proposed deterministically, as prompt lookup
+        does) is kept with probability p(guess), else a token is drawn from p without the guess —
+        speculative sampling's rule, which leaves the distribution of the emitted token equal to p.
+        """
+        if self.settings.greedy:
+            token = self.choose(logits, context, banned)
+            return token, token == guess
+        probs = torch.softmax(self._scores(logits, context, banned), dim=-1)[0].cpu()
+        if float(torch.rand((), generator=self.generator)) < float(probs[guess]):
+            return guess, True
+        residual = probs.clone()
+        residual[guess] = 0.0
+        total = float(residual.sum())
+        if total <= 0.0:  # p was a point mass on the guess (float rounding): the guess stands
+            return guess, True
+        return int(torch.multinomial(residual / total, 1, generator=self.generator).item()), False

@@ -43,7 +43,7 @@ from engine.reports import (
 )
 from engine.session import ChatSession, ContextOverflowError, Message, SessionSettings, error_kind
 from engine.snapshots import SnapshotStore
-from engine.specs import CacheConfigError, CacheSpec, SamplingError, validate_overflow
+from engine.specs import CacheConfigError, CacheSpec, SamplingError, validate_overflow, validate_speculative
 from engine.store import ChatSettings
 
 log = logging.getLogger(__name__)
@@ -388,12 +388,13 @@ class ChatService:
         spec = settings.cache.resolve(self._auto).validate()
         sampling = settings.sampling.validate()
         overflow = validate_overflow(settings.overflow)
+        speculative = validate_speculative(settings.speculative)
         if spec.is_quantized:
             self._warm_quantization(spec.backend)
         session = pool.session(chat_id)
         created = session is None
         if session is None:
-            chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow)
+            chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow, speculative)
             session = ChatSession(pool.lm, chosen)
             # A snapshot from an earlier run: activating restores it (or, if it no longer fits this
             # model or strategy, deletes it and recomputes).
@@ -403,6 +404,7 @@ class ChatService:
             session.set_system_prompt(settings.system_prompt)
             session.set_sampling(sampling)
             session.settings.overflow = overflow
+            session.settings.speculative = speculative
         session.messages = [_message(m) for m in history]
         # Nothing to restore and too long to recompute as it stands: the turn applies the overflow
         # policy first (or says it cannot), so do not prefill it here.
@@ -484,6 +486,7 @@ class ChatService:
             context_length=lm.context_length, weights_bytes=lm.weights_bytes, load_seconds=lm.load_seconds,
             availability=caches.availability(lm.device), backend_availability=caches.backend_availability(),
             auto_cache=self._auto, auto_reason=reason, config=lm.config, torch_dtype=lm.dtype,
+            precision_note=lm.precision_note,
         )
 
     def _resolved_budgets(self) -> tuple[int, int]:

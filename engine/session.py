@@ -23,7 +23,14 @@ from engine.caches.base import KVCache
 from engine.models import LoadedModel
 from engine.reports import CONTEXT_OVERFLOW, INVALID_SETTINGS, OTHER_ERROR, OUT_OF_MEMORY, TurnStats
 from engine.sampling import Sampler
-from engine.specs import OVERFLOW_POLICIES, SamplingSettings, validate_overflow  # noqa: F401  (re-exported)
+from engine.specs import (  # noqa: F401  (re-exported)
+    OVERFLOW_POLICIES,
+    SPECULATIVE_MODES,
+    SamplingSettings,
+    validate_overflow,
+    validate_speculative,
+)
+from engine.speculative import CostAwareLength, DraftLength, PromptLookup, SpecStats
 from engine.streaming import IncrementalDecoder
 
 DeltaFn = Callable[[str], None]
@@ -101,11 +108,13 @@ class SessionSettings:
     cache: CacheSpec = field(default_factory=CacheSpec)
     reuse: bool = True  # False recomputes the whole conversation every turn (the baseline)
     overflow: str = "stop"
+    speculative: str = "auto"  # SPECULATIVE_MODES: guesses checked several per step (engine/speculative.py)
 
     def validate(self) -> SessionSettings:
         self.cache.validate()
         self.sampling.validate()
         validate_overflow(self.overflow)
+        validate_speculative(self.speculative)
         return self
 
 
@@ -157,6 +166,7 @@ class ChatSession:
         self.cache: KVCache | None = None
         self.cached_ids: list[int] = []
         self._cancel = threading.Event()
+        self._policy: tuple[str, DraftLength | CostAwareLength] | None = None  # see _draft_policy
         self.stop: threading.Event | None = None
 
     # ----- conversation editing -------------------------------------------------------------
@@ -347,30 +357,87 @@ class ChatSession:
         started = time.perf_counter()
         first_token_at: float | None = None
         reused = 0
+        # The ids the repetition penalty reads (prompt + reply so far), grown in place.
+        context_ids = torch.empty(len(prompt) + budget + 1, dtype=torch.long)
+        context_ids[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
+        n_context = len(prompt)
+        lookup = PromptLookup(prompt) if self.settings.speculative != "off" else None
+        policy = self._draft_policy()
+        spec = SpecStats()
+        shadow: int | None = None  # a guess not checked (auto judged it not worth a pass): was it right?
+
+        def banned() -> Sequence[int]:
+            return held_back if len(generated) < sampling.min_new_tokens else ()
+
+        def emit(token: int) -> str | None:
+            """Hand one chosen token out; the reason to end the turn, if it is one."""
+            nonlocal n_context
+            generated.append(token)
+            context_ids[n_context] = token
+            n_context += 1
+            if lookup is not None:
+                lookup.extend((token,))
+            if on_token is not None:
+                on_token(token)
+            if token in stop_ids:
+                return "stop"
+            delta = decoder.push(token)
+            if delta and on_delta is not None:
+                on_delta(delta)
+            if len(generated) >= budget:
+                return "length"
+            if self._stopped():
+                return "cancelled"
+            return None
+
         try:
             reused, logits = self._prepare(prompt)
-            context_ids = torch.tensor(prompt, dtype=torch.long)
+            chosen: int | None = None  # a token already chosen by the last check of guesses
             while True:
-                token = sampler.choose(logits, context_ids,
-                                       held_back if len(generated) < sampling.min_new_tokens else ())
+                if chosen is None:
+                    chosen = sampler.choose(logits, context_ids[:n_context], banned())
+                token, chosen = chosen, None
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                generated.append(token)
-                if on_token is not None:
-                    on_token(token)
-                if token in stop_ids:
-                    finish = "stop"
+                if shadow is not None:
+                    policy.update(1, int(token == shadow))
+                    shadow = None
+                end = emit(token)
+                if end is not None:
+                    finish = end
                     break
-                delta = decoder.push(token)
-                if delta and on_delta is not None:
-                    on_delta(delta)
-                if len(generated) >= budget:
+                draft, shadow = self._draft(lookup, policy, budget - len(generated) - 1, spec)
+                spec.passes += 1
+                if not draft:
+                    logits = self.forward_logits([token])
+                    continue
+                # One pass scores the token and every guess; each guess stands while it is what the
+                # sampler would have chosen there (see Sampler.verify).
+                verify_started = time.perf_counter()
+                rows = self.forward_logits([token, *draft], all_positions=True)
+                spec.verify_seconds += time.perf_counter() - verify_started
+                kept = 0
+                for i, guess in enumerate(draft):
+                    choice, agreed = sampler.verify(rows[i], context_ids[:n_context], guess, banned())
+                    if not agreed:
+                        chosen = choice
+                        break
+                    kept += 1
+                    end = emit(choice)
+                    if end is not None:
+                        break
+                spec.record(len(draft), kept)
+                policy.update(len(draft), kept)
+                # The cache holds the token and every guess: drop the guesses not kept (and, when the turn
+                # ends on a kept one, that last token too, which a one-token step would not have fed).
+                unused = len(draft) - kept + (1 if end is not None else 0)
+                if unused:
+                    self._crop(len(self.cached_ids) - unused)
+                if end is not None:
+                    finish = end
                     break
-                if self._stopped():
-                    finish = "cancelled"
-                    break
-                context_ids = torch.cat([context_ids, torch.tensor([token])])
-                logits = self.forward_logits([token])
+                if chosen is None:
+                    logits = rows[len(draft)]  # every guess stood: the next token comes from the last row
         except _Cancelled:
             finish = "cancelled"
         except Exception as exc:  # torch.OutOfMemoryError included: keep the conversation usable
@@ -400,14 +467,57 @@ class ChatSession:
             decode_tok_s=decode_steps / decode_time if decode_time > 0 else 0.0,
             cache_tokens=caches.seq_length(self.cache),
             cache_bytes=caches.cache_bytes(self.cache),
+            cache_reserved_bytes=caches.cache_reserved_bytes(self.cache),
             finish_reason=finish,
             error=error,
             error_kind=kind,
             overflow_action=overflow_action,
             hidden_messages=self.hidden_messages,
             user_tokens=len(self._tokenize(self.messages[user_at].content)),
+            speculative=spec.describe(self.settings.speculative),
+            tokens_per_step=spec.tokens_per_step if spec.passes else None,
+            draft_ms=spec.draft_seconds * 1000.0,
+            verify_ms=spec.verify_seconds * 1000.0,
         )
         return TurnResult(reply=reply, stats=stats)
+
+    def _draft_policy(self) -> DraftLength | CostAwareLength:
+        """How many guesses to check per step, kept across turns so that what it learnt carries over.
+
+        auto: weighed against this machine's measured step costs (`LoadedModel.step_costs`); without
+        them, and with "prompt-lookup", every proposal is checked with a length that follows success.
+        """
+        mode = self.settings.speculative
+        if self._policy is None or self._policy[0] != mode:
+            costs = self.lm.step_costs
+            policy: DraftLength | CostAwareLength = (CostAwareLength(costs) if mode == "auto" and len(costs) >= 2
+                                                     else DraftLength())
+            self._policy = (mode, policy)
+        return self._policy[1]
+
+    def _draft(self, lookup: PromptLookup | None, policy: DraftLength | CostAwareLength, room: int,
+               spec: SpecStats) -> tuple[list[int], int | None]:
+        """Guesses for the tokens after the one about to be fed ([] for a plain step), and a guess
+        left unchecked (whose fate still teaches the policy).
+
+        `room` bounds them (a turn never feeds more than a plain one would); a cache that could not
+        take rejected guesses back exactly (a sink about to evict, a quantized cache about to
+        quantize) gets none for this step, which the stats count.
+        """
+        if lookup is None or room <= 0:
+            return [], None
+        started = time.perf_counter()
+        proposal = lookup.propose()
+        spec.draft_seconds += time.perf_counter() - started
+        if not proposal:
+            return [], None
+        draft = proposal[: min(policy.next(), room)]
+        if not draft:
+            return [], proposal[0]
+        if not self._ensure_cache().rewindable(len(draft) + 1):
+            spec.skipped += 1
+            return [], None
+        return draft, None
 
     def _apply_overflow_policy(self, prompt_tokens: int) -> str:
         """The conversation does not fit: apply the overflow policy or raise ContextOverflowError."""

@@ -21,6 +21,9 @@ BACKENDS = ("quanto", "hqq")
 AXES = (0, -1)  # 0: groups run along a token's head vector ("per token"); -1: along tokens ("per channel")
 GROUP_SIZES = (16, 32, 64, 128)
 OVERFLOW_POLICIES = ("stop", "truncate-middle", "sink")
+# Speculative decoding (engine/speculative.py): "auto" uses prompt lookup where the cache can take
+# back rejected guesses; "off" decodes one token per step; "prompt-lookup" always tries.
+SPECULATIVE_MODES = ("auto", "off", "prompt-lookup")
 MIN_STATIC_CACHE_LEN = 16
 # The range each sampling setting must lie in (inclusive; top-p must also be above 0), for
 # `SamplingSettings.validate` and for the widgets that edit them.
@@ -236,6 +239,12 @@ class SamplingSettings:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def validate_speculative(mode: str) -> str:
+    if mode not in SPECULATIVE_MODES:
+        raise CacheConfigError(f"Unknown speculative mode {mode!r}; choose one of {', '.join(SPECULATIVE_MODES)}.")
+    return mode
 
 
 def validate_overflow(policy: str) -> str:

@@ -49,10 +49,11 @@ class ChatSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
     cache: CacheSpec = field(default_factory=lambda: CacheSpec(AUTO))
     overflow: str = "stop"  # SessionSettings.overflow: what to do when the chat outgrows the context
+    speculative: str = "auto"  # SessionSettings.speculative: guessed tokens checked several per step
 
     def to_dict(self) -> dict[str, Any]:
         return {"system_prompt": self.system_prompt, "sampling": self.sampling.to_dict(),
-                "cache": self.cache.to_dict(), "overflow": self.overflow}
+                "cache": self.cache.to_dict(), "overflow": self.overflow, "speculative": self.speculative}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ChatSettings:
@@ -65,7 +66,8 @@ class ChatSettings:
             return cls(system_prompt=str(data.get("system_prompt") or ""),
                        sampling=SamplingSettings.from_dict(sampling),
                        cache=CacheSpec.from_dict({"strategy": AUTO, **cache}),
-                       overflow=str(data.get("overflow") or "stop"))
+                       overflow=str(data.get("overflow") or "stop"),
+                       speculative=str(data.get("speculative") or "auto"))
         except TypeError as exc:
             raise StoreError(f"The chat's settings are not in the expected form ({exc}).") from exc
 

@@ -56,7 +56,7 @@ def test_corrupt_gguf_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_local_folder_loads_and_chats(tmp_path: Path) -> None:
     folder = save_tiny_folder(tmp_path / "tiny")
-    lm = models.load(str(folder), device="cpu")
+    lm = models.load(str(folder), device="cpu", dtype="float32")
     assert lm.device.type == "cpu" and lm.dtype == torch.float32
     assert lm.identity.startswith("folder:") and lm.identity.endswith("|float32")
     assert lm.weights_bytes > 0
