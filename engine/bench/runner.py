@@ -21,6 +21,7 @@ one JSON record and one PNG per section; a short table is printed.
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import functools
 import json
@@ -49,6 +50,7 @@ from engine.caches import CacheSpec
 from engine.caches import fidelity as fidelity_table
 from engine.models import LoadedModel
 from engine.session import ChatSession, Message, SessionSettings
+from engine.specs import SPECULATIVE_MODES
 
 PEERS = ("llama-cpp", "transformers")
 ROOT = Path(__file__).resolve().parents[2]
@@ -94,6 +96,7 @@ class BenchOptions:
     threads: int | None = None
     only: tuple[str, ...] = SECTIONS
     chat_cache: str = "dynamic"
+    speculative: str = "auto"  # Cachet's speculative decoding; the chat section also runs it "off" to compare
     plots: bool = True
     command: str = "python -m engine bench"
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -121,6 +124,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed runs per figure (default 3; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default: torch's)")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
+    p.add_argument("--speculative", default="auto", choices=SPECULATIVE_MODES,
+                   help="Cachet's speculative decoding (default auto); the scripted chat is also run with it off")
     p.add_argument("--chat-cache", default="dynamic", choices=caches.STRATEGIES,
                    help="the strategy the scripted chat runs with")
     p.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")
@@ -143,7 +148,8 @@ def options_from_args(args: Any, argv: Sequence[str] | None = None) -> BenchOpti
     return BenchOptions(
         quick=args.quick, out=args.out, model=args.model, device=args.device, dtype=args.dtype,
         caches=tuple(dict.fromkeys(args.caches or ())), peers=peers, repeat=args.repeat, threads=args.threads,
-        only=tuple(dict.fromkeys(args.only)) if args.only else SECTIONS, chat_cache=args.chat_cache,
+        only=tuple(dict.fromkeys(args.only)) if args.only else SECTIONS,
+        chat_cache=args.chat_cache, speculative=args.speculative,
         plots=not args.no_plots, command="python -m engine " + " ".join(words),
     )
 
@@ -280,7 +286,7 @@ class Bench:
             return
         first = self.histories[0]
         for name, spec in self.specs.items():
-            kept = CachetSystem(self.lm, spec)
+            kept = CachetSystem(self.lm, spec, speculative=self.options.speculative)
             base = _gpu_allocated(self.lm.device)
             kept.prepare(first.messages)
             kept.reply(self._follow_up(first, -1), 1)  # warm-up
@@ -297,7 +303,7 @@ class Bench:
             del kept
             if "ttft" not in self.options.only:
                 continue
-            again = CachetSystem(self.lm, spec, reuse=False)
+            again = CachetSystem(self.lm, spec, reuse=False, speculative=self.options.speculative)
             again.reply(self._follow_up(first, -1), 1)  # warm-up
             for h in self.histories:
                 replies = [again.reply(self._follow_up(h, r), 1) for r in range(self.repeat)]
@@ -335,7 +341,8 @@ class Bench:
         gen = plan.decode_late_at + plan.decode_window + 1
         histories = [self._history(min(h, self.histories[-1].target if self.histories else h))
                      for h in plan.decode_histories]
-        systems: list[tuple[str, System]] = [(n, CachetSystem(self.lm, s)) for n, s in self.specs.items()]
+        systems: list[tuple[str, System]] = [(n, CachetSystem(self.lm, s, speculative=self.options.speculative))
+                                                for n, s in self.specs.items()]
         systems += [(p.name, p) for p in self.peers()]
         for strategy, system in systems:
             system.prepare(histories[0].messages)
@@ -362,7 +369,7 @@ class Bench:
         questions = workload.FIDELITY_QUESTIONS[: plan.fidelity_questions]
         prompts = [workload.fidelity_prompt(document, q) for q in questions]
         stop = sorted(self.lm.stop_token_ids)
-        reference = CachetSystem(self.lm, CacheSpec())
+        reference = CachetSystem(self.lm, CacheSpec(), speculative="off")
         ref_ids: list[list[int]] = []
         for prompt in prompts:
             reference.reply([{"role": "user", "content": prompt}], plan.fidelity_tokens, plan.fidelity_tokens)
@@ -372,21 +379,7 @@ class Bench:
         table = _fidelity_table(self.lm) or {}
         reference_ppl: float | None = None
         for name, spec in self.specs.items():
-            session = ChatSession(self.lm, SessionSettings(cache=spec))
-            agree = total = 0
-            for prompt, ids in zip(prompts, ref_ids, strict=True):
-                if not ids:
-                    continue
-                session.messages = [Message("user", prompt)]
-                _, first = session.next_token_logits()
-                rest = session.forward_logits(ids[:-1], all_positions=True) if len(ids) > 1 else first[None, :0]
-                logits = torch.cat([first[None, :], rest], dim=0).float()
-                if stop:
-                    logits[:, stop] = float("-inf")  # the reference was generated with end-of-turn held back
-                predicted = logits.argmax(dim=-1).cpu()
-                agree += int((predicted == torch.tensor(ids)).sum())
-                total += len(ids)
-            session.reset_cache()
+            agree, total = _agreement(self.lm, spec, prompts, ref_ids, stop)
             row = table.get(name)
             if row is None:
                 if reference_ppl is None:
@@ -396,10 +389,43 @@ class Bench:
                        "ppl_tokens": plan.ppl_tokens}
             self.results["fidelity"].append({
                 "strategy": name, "label": name, **row, "agreement": agree / total if total else None,
-                "agreement_tokens": total, "spec": spec.to_dict(),
+                "agreement_tokens": total, "spec": spec.to_dict(), "dtype": _dtype_name(self.lm.dtype),
             })
             self.log(f"fidelity {name:<16} ppl {row['ppl']:.3f} (×{row['ppl_ratio']:.3f}, {row['ppl_source']}); "
                      f"agreement {agree}/{total}")
+        self._precision_fidelity(prompts, ref_ids, stop)
+
+    def _precision_fidelity(self, prompts: list[str], ref_ids: list[list[int]], stop: list[int]) -> None:
+        """bf16 against fp32 on a CPU (what `--dtype auto` may choose): perplexity of the full cache on the
+        long text and greedy agreement with fp32's replies, both models measured here."""
+        lm = self.lm
+        if lm.device.type != "cpu" or lm.dtype not in (torch.float32, torch.bfloat16):
+            return
+        other_dtype = torch.bfloat16 if lm.dtype == torch.float32 else torch.float32
+        other = replace(lm, model=copy.deepcopy(lm.model).to(other_dtype), dtype=other_dtype,
+                        identity=lm.identity.rsplit("|", 1)[0] + "|" + _dtype_name(other_dtype))
+        full, half = (lm, other) if lm.dtype == torch.float32 else (other, lm)
+        if lm.dtype != torch.float32:  # the replies to agree with are fp32's
+            reference = CachetSystem(full, CacheSpec(), speculative="off")
+            ref_ids = []
+            for prompt in prompts:
+                reference.reply([{"role": "user", "content": prompt}], self.plan.fidelity_tokens,
+                                self.plan.fidelity_tokens)
+                ref_ids.append(list(reference.session.messages[-1].token_ids or []))
+            reference.close()
+        tokens = self.plan.ppl_tokens
+        ppl_full = _measure_ppl(full, CacheSpec(), tokens)
+        ppl_half = _measure_ppl(half, CacheSpec(), tokens)
+        agree, total = _agreement(half, CacheSpec(), prompts, ref_ids, stop)
+        self.results["fidelity"].append({
+            "strategy": "dynamic", "label": "dynamic, bf16 (vs fp32)", "dtype": "bfloat16", "ppl": ppl_half,
+            "ppl_ratio": ppl_half / ppl_full, "ppl_reference": ppl_full, "ppl_source": "measured",
+            "ppl_tokens": tokens, "agreement": agree / total if total else None, "agreement_tokens": total,
+            "spec": CacheSpec().to_dict(),
+        })
+        self.log(f"fidelity bf16 vs fp32      ppl {ppl_half:.3f} vs {ppl_full:.3f} (×{ppl_half / ppl_full:.4f}); "
+                 f"agreement {agree}/{total}")
+        del other
 
     def run_chat(self) -> None:
         plan = self.plan
@@ -411,7 +437,12 @@ class Bench:
             return
         # Cachet starts every run with a new session (an empty cache); the peers keep nothing that matters
         # between runs (llama.cpp's prompt cache no longer matches a new conversation's first turn).
-        makers: list[Callable[[], System]] = [lambda: CachetSystem(self.lm, spec, label=f"Cachet {name}")]
+        mode = self.options.speculative
+        makers: list[Callable[[], System]] = [
+            lambda: CachetSystem(self.lm, spec, label=f"Cachet {name}", speculative=mode)]
+        if mode != "off":  # the same chat decoded one token per step, to show what speculation gives
+            makers.append(lambda: CachetSystem(self.lm, spec, label=f"Cachet {name} (no speculation)",
+                                               speculative="off"))
         for peer in self.peers():
             makers.append(functools.partial(lambda p: p, peer))
         for make in makers:
@@ -437,6 +468,8 @@ class Bench:
                     "decode_tok_s": figure_or_none(r.decode_rate() for r in replies),
                     "generated_tokens": replies[-1].generated, "prompt_tokens": replies[-1].prompt_tokens,
                     "reused_tokens": replies[-1].reused_tokens,
+                    "tokens_per_step": replies[-1].tokens_per_step,
+                    "speculative": system.session.settings.speculative if isinstance(system, CachetSystem) else None,
                 })
                 self.log(f"chat  {system.label:<28} turn {i + 1}: TTFT {replies[-1].ttft_ms:7.1f} ms, "
                          f"{_fmt([r.decode_rate() for r in replies])} tok/s, {replies[-1].generated} tokens")
@@ -469,7 +502,7 @@ class Bench:
                 "repeat": self.repeat, "threads": torch.get_num_threads(), "sections": list(self.options.only),
                 "plan": self.plan.__dict__, "history_tokens": [h.tokens for h in self.histories],
                 "strategies": {n: s.to_dict() for n, s in self.specs.items()}, "peers": list(self.options.peers),
-                "chat_cache": self.options.chat_cache,
+                "chat_cache": self.options.chat_cache, "speculative": self.options.speculative,
             },
             "bandwidth": {"copy_gb_s": bandwidth.to_dict(), "weights_bytes": lm.weights_bytes,
                           "decode_limit_tok_s": limit},
@@ -572,7 +605,10 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
             "chat_decode_tok_s": _mean([r["decode_tok_s"]["median"] for r in chat]),
             "chat_ttft_ms": _mean([r["ttft_ms"]["median"] for r in res["chat"] if r["system"] == peer]),
         }
-    cachet_chat = [r for r in res["chat"] if r["system"] == "cachet"]
+    cachet_chat = [r for r in res["chat"] if r["system"] == "cachet" and r.get("speculative") != "off"]
+    plain_chat = [r for r in res["chat"] if r["system"] == "cachet" and r.get("speculative") == "off"]
+    if not cachet_chat:  # a run with --speculative off
+        cachet_chat, plain_chat = plain_chat, []
     dyn = strategies.get("dynamic", {})
     ratios: dict[str, float | None] = {}
     for peer, p in peers.items():
@@ -584,9 +620,37 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
     return {
         "longest_history": longest, "decode_histories": decode_histories, "strategies": strategies, "peers": peers,
         "chat": {"cachet_decode_tok_s": _mean([r["decode_tok_s"]["median"] for r in cachet_chat if r["decode_tok_s"]]),
-                 "cachet_ttft_ms": _mean([r["ttft_ms"]["median"] for r in cachet_chat])},
+                 "cachet_ttft_ms": _mean([r["ttft_ms"]["median"] for r in cachet_chat]),
+                 "cachet_plain_decode_tok_s": _mean([r["decode_tok_s"]["median"] for r in plain_chat
+                                                     if r["decode_tok_s"]]),
+                 "tokens_per_step": _mean([r["tokens_per_step"] for r in cachet_chat if r.get("tokens_per_step")])},
         "ratios": ratios,
     }
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _agreement(lm: LoadedModel, spec: CacheSpec, prompts: Sequence[str], ref_ids: Sequence[list[int]],
+               stop: Sequence[int]) -> tuple[int, int]:
+    """How many of the reference replies' tokens `lm` with `spec` predicts greedily (teacher-forced)."""
+    session = ChatSession(lm, SessionSettings(cache=spec))
+    agree = total = 0
+    for prompt, ids in zip(prompts, ref_ids, strict=True):
+        if not ids:
+            continue
+        session.messages = [Message("user", prompt)]
+        _, first = session.next_token_logits()
+        rest = session.forward_logits(ids[:-1], all_positions=True) if len(ids) > 1 else first[None, :0]
+        logits = torch.cat([first[None, :], rest], dim=0).float()
+        if stop:
+            logits[:, list(stop)] = float("-inf")  # the reference was generated with end-of-turn held back
+        predicted = logits.argmax(dim=-1).cpu()
+        agree += int((predicted == torch.tensor(ids)).sum())
+        total += len(ids)
+    session.reset_cache()
+    return agree, total
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -625,7 +689,10 @@ def table(record: dict[str, Any]) -> str:
                          f"{_num(p['decode_short_start'], '', 1):>9}{'':>8}{_num(p['decode_long_start'], '', 1):>9}")
     chat = s["chat"]
     if chat["cachet_decode_tok_s"] is not None:
-        lines.append(f"scripted chat: Cachet {_num(chat['cachet_decode_tok_s'], ' tok/s', 1)}, "
+        plain = chat.get("cachet_plain_decode_tok_s")
+        lines.append(f"scripted chat: Cachet {_num(chat['cachet_decode_tok_s'], ' tok/s', 1)}"
+                     + (f" ({_num(chat.get('tokens_per_step'), ' tokens/step', 2)}; "
+                        f"{_num(plain, ' tok/s', 1)} without speculation)" if plain is not None else "") + ", "
                      + ", ".join(f"{peer} {_num(p['chat_decode_tok_s'], ' tok/s', 1)}" for peer, p in s["peers"].items()
                                  if p["chat_decode_tok_s"] is not None))
     ratios = {k: v for k, v in s["ratios"].items() if v is not None}

@@ -41,6 +41,7 @@ class Reply:
     prompt_tokens: int = 0
     reused_tokens: int | None = None  # None when the system does not say
     text: str = ""
+    tokens_per_step: float | None = None  # Cachet with speculative decoding: tokens per decoding pass
 
     @property
     def generated(self) -> int:
@@ -82,12 +83,14 @@ class CachetSystem:
 
     name = "cachet"
 
-    def __init__(self, lm: LoadedModel, spec: CacheSpec, *, reuse: bool = True, label: str | None = None) -> None:
+    def __init__(self, lm: LoadedModel, spec: CacheSpec, *, reuse: bool = True, label: str | None = None,
+                 speculative: str = "auto") -> None:
         self.lm = lm
         self.spec = spec
         self.reuse = reuse
         self.label = label or f"Cachet {spec.strategy}" + ("" if reuse else " (recompute)")
-        self.session = ChatSession(lm, SessionSettings(cache=spec, sampling=_greedy(1, 0), reuse=reuse))
+        self.session = ChatSession(lm, SessionSettings(cache=spec, sampling=_greedy(1, 0), reuse=reuse,
+                                                       speculative=speculative))
 
     def _set(self, messages: Sequence[dict[str, str]]) -> None:
         """Make `messages` the conversation, keeping the session's own messages where they agree (their
@@ -112,7 +115,7 @@ class CachetSystem:
         if result.stats.finish_reason == "error":
             raise RuntimeError(f"{self.label}: {result.stats.error}")
         return Reply(result.stats.ttft_ms, times, result.stats.prompt_tokens, result.stats.reused_tokens,
-                     result.reply)
+                     result.reply, result.stats.tokens_per_step)
 
     def cache_tokens(self) -> int:
         """Conversation tokens the cache stands for now."""
