@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-SOURCES = ("pyproject.toml", "README.md", "app", "engine")  # what the wheel is built from
+SOURCES = ("pyproject.toml", "README.md", "app", "engine", "resources")  # what the wheel is built from
 
 
 def build_wheel(out: Path) -> Path:
