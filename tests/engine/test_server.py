@@ -255,3 +255,64 @@ def test_the_server_refuses_to_listen_off_loopback_without_a_key(tiny_lm: Loaded
     assert keyed.api_key == "k" and keyed.defaults.cache.strategy == "sink"
     assert replace(keyed.defaults, cache=CacheSpec()).overflow == "stop"
 
+
+# ----- the remote engine: Cachet's window driving a server (here Cachet's own) -------------------------
+def test_the_remote_engine_streams_stops_and_reports_the_servers_cache(serve: Serve) -> None:
+    from engine.remote import Endpoint, RemoteEngine, RemoteError
+    from engine.session import Message
+
+    http = serve(api_key="k3y")
+    with pytest.raises(RemoteError, match="API key"):
+        RemoteEngine(Endpoint(http.base_url, MODEL, "wrong")).models()
+    remote = RemoteEngine(Endpoint(http.base_url, MODEL, "k3y"))
+    assert remote.models() == [MODEL]
+    settings = replace(GREEDY, system_prompt="You are brief.")
+    history = [Message("user", "What is a cache?")]
+    deltas: list[str] = []
+    first = remote.run_turn(7, history, settings, on_delta=deltas.append)
+    assert first.finish_reason in ("stop", "length") and first.has_reply and "".join(deltas) == first.reply
+    assert first.stats is not None and first.stats.prompt_tokens > 0 and first.stats.reused_tokens == 0
+
+    history += [Message("assistant", first.reply), Message("user", "And why keep it?")]
+    second = remote.run_turn(7, history, settings)
+    assert second.stats is not None and second.stats.reused_tokens >= 0.9 * first.stats.prompt_tokens
+
+    regenerated = remote.run_turn(7, history, settings)  # the same request again: the same greedy reply
+    assert regenerated.reply == second.reply
+
+    stop = threading.Event()
+    long = replace(settings, sampling=replace(settings.sampling, max_new_tokens=600, min_new_tokens=600))
+
+    seen: list[str] = []
+
+    def stop_after_two(text: str) -> None:  # the user presses Stop after two pieces of the reply
+        seen.append(text)
+        if len(seen) == 2:
+            stop.set()
+
+    stopped = remote.run_turn(7, history, long, on_delta=stop_after_two, stop=stop)
+    assert stopped.finish_reason == "cancelled"
+    deadline = time.monotonic() + 30
+    while http.server.stats.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert http.server.stats.cancelled == 1  # closing the stream stopped the server's generation
+
+    unknown = RemoteEngine(Endpoint(http.base_url, "nope", "k3y")).run_turn(7, history, settings)
+    assert unknown.finish_reason == "error" and "does not know this model" in (unknown.error or "")
+    down = RemoteEngine(Endpoint("http://127.0.0.1:9/v1", MODEL)).run_turn(7, history, settings)
+    assert down.finish_reason == "error" and "Cannot reach the server" in (down.error or "")
+    with pytest.raises(RemoteError, match="not a server address"):
+        Endpoint("localhost:8471").validate()
+
+
+def test_api_keys_stay_in_a_file_only_the_user_can_read(tmp_path: Any) -> None:
+    import stat
+
+    from engine import api_keys
+
+    api_keys.save("http://big-box:8000/v1", "secret", folder=tmp_path, use_keyring=False)
+    path = api_keys.key_file(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert api_keys.load("http://big-box:8000/v1", folder=tmp_path, use_keyring=False) == "secret"
+    api_keys.save("http://big-box:8000/v1", "", folder=tmp_path, use_keyring=False)
+    assert api_keys.load("http://big-box:8000/v1", folder=tmp_path, use_keyring=False) is None
