@@ -19,6 +19,8 @@ def describe_restore(restore: CacheRestored) -> str:
         return f"cache restored from RAM in {took}{count}"
     if restore.source == "disk":
         return f"cache restored from disk in {took}{count}"
+    if restore.source == "shared":
+        return f"{restore.tokens:,} tokens reused from another chat (copied in {took})"
     if restore.source == "recomputed":
         return f"cache recomputed from the messages in {took}{count}"
     return "no cache yet"

@@ -122,7 +122,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="measure follow-up latency, decode speed, memory and fidelity per strategy, "
                                          "side by side with llama.cpp and plain transformers; writes JSON and plots")
     add_bench_arguments(bench)
+    _add_serve(sub)
     return parser
+
+
+def _add_serve(sub: Any) -> None:
+    from engine.server import add_serve_arguments
+
+    serve = sub.add_parser("serve", help="an OpenAI-compatible server on this engine (chat completions, "
+                                         "completions, models), reusing caches across requests")
+    add_serve_arguments(serve)
 
 
 def _print_progress(msg: str) -> None:
@@ -456,6 +465,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_bench(args, argv)
         if args.command == "models":
             return cmd_models(args)
+        if args.command == "serve":
+            from engine.server import cmd_serve
+
+            return cmd_serve(args)
         return cmd_perplexity(args)
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -22,10 +22,13 @@ from dataclasses import dataclass, field
 import torch
 
 from engine import caches
+from engine.caches.base import KVCache
+from engine.caches.convert import fill
 from engine.models import LoadedModel
 from engine.reports import CacheRestored
 from engine.session import ChatSession
 from engine.snapshots import SnapshotStore
+from engine.specs import CacheSpec
 
 TIERS = ("device", "ram", "disk", "none")
 
@@ -132,6 +135,33 @@ class CachePool:
                                 on_gpu=self.lm.device.type in ("cuda", "mps"))
         self.rebalance()
         return restore
+
+    # ----- sharing -----------------------------------------------------------------------------
+    def copy_prefix(self, key: int, length: int, spec: CacheSpec) -> KVCache | None:
+        """A new cache of `spec`, on the device, holding a copy of the first `length` tokens of `key`'s cache.
+
+        The source is left as it is (its chat goes on with it). Only an exact copy is made: None when
+        the source no longer holds those tokens (moved to disk or dropped meanwhile), evicted some
+        (attention sinks), or cannot give them back in full precision.
+        """
+        with self._mutex:
+            entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry.pending is not None:
+            entry.pending.result()  # a move of the source was under way: let it finish
+        with entry.lock:
+            session, cache = entry.session, entry.session.cache
+            if (cache is None or entry.tier not in ("device", "ram") or cache.evicted or length < 1
+                    or length > len(session.cached_ids)):
+                return None
+            content = cache.full_kv()
+            if any(kv is None for kv in content):
+                return None
+            device = self.lm.device
+            copied = [(k[..., :length, :].to(device, copy=True), v[..., :length, :].to(device, copy=True))
+                      for k, v in (kv for kv in content if kv is not None)]
+        return fill(copied, length, spec, self.lm.config, self.lm.device)
 
     # ----- budgets -----------------------------------------------------------------------------
     def rebalance(self, wait: bool = False) -> None:

@@ -71,7 +71,8 @@ class CacheRestored:
     """Where a chat's cache came from when it was made active, and how long that took.
 
     source: "device" (it was there already), "ram", "disk" (a snapshot), "recomputed" (from the
-    messages) or "empty" (nothing to restore).
+    messages), "shared" (a copy of the prefix its prompt shares with another chat's cache: `tokens`
+    of them) or "empty" (nothing to restore).
     """
 
     chat_id: int
@@ -82,7 +83,7 @@ class CacheRestored:
 
     @property
     def worth_telling(self) -> bool:
-        return self.source in ("ram", "disk", "recomputed")
+        return self.source in ("ram", "disk", "recomputed", "shared")
 
     def to_dict(self) -> dict[str, Any]:
         return {"source": self.source, "seconds": self.seconds, "tokens": self.tokens, "on_gpu": self.on_gpu}

@@ -41,7 +41,14 @@ from engine.reports import (
     RebuildDone,
     TurnDone,
 )
-from engine.session import ChatSession, ContextOverflowError, Message, SessionSettings, error_kind
+from engine.session import (
+    ChatSession,
+    ContextOverflowError,
+    Message,
+    SessionSettings,
+    common_prefix_length,
+    error_kind,
+)
 from engine.snapshots import SnapshotStore
 from engine.specs import CacheConfigError, CacheSpec, SamplingError, validate_overflow, validate_speculative
 from engine.store import ChatSettings
@@ -50,6 +57,9 @@ log = logging.getLogger(__name__)
 
 Loader = Callable[..., LoadedModel]  # may take a `progress` keyword
 STATE_EVERY_S = 0.5  # how often a streaming turn reports its cache's size
+# A chat starts from a copy of another chat's cache when that saves at least this many prompt tokens
+# of prefill; below it, copying and prefilling cost about the same.
+MIN_SHARED_TOKENS = 32
 
 
 class LoadInterrupted(Exception):
@@ -263,6 +273,7 @@ class ChatService:
                 session, restore, _how = self._open(chat_id, history, settings)
                 restore = self._opened.pop(chat_id, restore) if restore.source == "device" else restore
                 self._opened.pop(chat_id, None)
+                restore = self._share_prefix(chat_id, session) or restore
                 if self.on_cache_restored is not None:
                     self.on_cache_restored(restore)
                 self._report_moves()
@@ -413,6 +424,45 @@ class ChatService:
         restore = pool.activate(chat_id, warm=warm)
         how = "new" if created else session.set_cache_spec(spec)  # after activating: the cache is here now
         return session, restore, how
+
+    def _share_prefix(self, chat_id: int, session: ChatSession) -> CacheRestored | None:
+        """Start the chat from a copy of the longest prefix of its prompt that another chat's cache holds
+        (the same long system prompt, the same pasted document), when that beats its own cache by at
+        least MIN_SHARED_TOKENS.
+
+        Only exact caches are shared (not quantized or attention-sink ones, on either side): the copy
+        then holds the very keys and values that prefilling those tokens computes. Returns the
+        restore to report ("shared"), or None when nothing was copied.
+        """
+        pool = self._require_pool()
+        spec = session.settings.cache
+        if not self.reuse or spec.is_lossy or spec.bounded_length:
+            return None
+        others = [(key, other) for key, other in pool.sessions()
+                  if key != chat_id and other.cached_ids and not other.settings.cache.is_lossy
+                  and not other.settings.cache.bounded_length]
+        if not others:
+            return None
+        started = time.perf_counter()
+        prompt = session.render_ids()
+        if len(prompt) + session.reply_reserve() > session.context_limit():
+            return None  # the overflow policy rewrites the prompt first; the turn prefills what it keeps
+        limit = len(prompt) - 1  # the turn feeds at least one token: its logits choose the first reply token
+        own = min(common_prefix_length(session.cached_ids, prompt), limit) if session.cache is not None else 0
+        best_key, best = None, own + MIN_SHARED_TOKENS - 1
+        for key, other in others:
+            shared = min(common_prefix_length(other.cached_ids, prompt), limit)
+            if shared > best:
+                best_key, best = key, shared
+        if best_key is None:
+            return None
+        copy = pool.copy_prefix(best_key, best, spec)
+        if copy is None:
+            return None
+        session.cache, session.cached_ids = copy, prompt[:best]
+        log.debug("chat %s starts from %d tokens of chat %s's cache", chat_id, best, best_key)
+        return CacheRestored(chat_id, "shared", time.perf_counter() - started, best,
+                             on_gpu=self.model is not None and self.model.on_gpu)
 
     def _delta_sender(self, chat_id: int, on_delta: Callable[[str], None] | None) -> Callable[[str], None]:
         last_state = time.monotonic()

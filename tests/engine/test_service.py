@@ -28,9 +28,10 @@ def test_switching_back_restores_each_chat_from_ram_or_disk_and_the_reply_reuses
     assert one > 0
     room = one * 3 // 2  # about one chat on the device and one in RAM; the rest go to disk
     front.service.set_budgets(Budgets(device=room, host=room, disk=64 * MIB))
-    for _ in range(2):
+    for i in range(2):
         chats.append(front.new_chat())
-        front.say(chats[-1], PROMPT)
+        # each its own words: identical chats would start from a copy of one another (engine prefix sharing)
+        front.say(chats[-1], f"{i}. {PROMPT}")
     front.service.pool.rebalance(wait=True)  # type: ignore[union-attr]
     # least recently used first: the oldest chat went on to disk, the newer idle one is in RAM;
     # on a CPU-only machine the active chat's "device" is RAM too

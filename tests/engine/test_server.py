@@ -1,0 +1,318 @@
+"""The OpenAI-compatible server, driven by the official `openai` client against a server on a free
+loopback port: streaming and not, caches reused across requests without any conversation id, two
+interleaved conversations each keeping its cache, a dropped connection stopping generation, and the
+errors a client meets (auth, malformed JSON, unknown model, oversized body, context overflow, busy)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Any
+
+import openai
+import pytest
+
+from engine.models import LoadedModel
+from engine.reports import Budgets
+from engine.server import BackgroundServer, CachetServer, ServerConfig, StopMatcher
+from engine.service import ChatService
+from engine.specs import CacheSpec, SamplingSettings
+from engine.store import ChatSettings
+
+MODEL = "tiny-llama"
+GREEDY = ChatSettings(sampling=SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=16),
+                      cache=CacheSpec("dynamic"))
+Serve = Callable[..., BackgroundServer]
+
+
+@pytest.fixture
+def serve(tiny_lm: LoadedModel) -> Iterator[Serve]:
+    """Start a server on the tiny model on a free loopback port; stopped after the test."""
+    started: list[tuple[BackgroundServer, ChatService]] = []
+
+    def start(**config: Any) -> BackgroundServer:
+        service = ChatService(budgets=Budgets(disk=0))
+        service.load_model(lambda: tiny_lm)
+        http = BackgroundServer(CachetServer(service, ServerConfig(model_id=MODEL, defaults=GREEDY, **config)),
+                                port=0)
+        http.start()
+        started.append((http, service))
+        return http
+
+    yield start
+    for http, service in started:
+        http.stop()
+        service.close(save=False)
+
+
+def client(http: BackgroundServer, key: str = "none") -> openai.OpenAI:
+    return openai.OpenAI(base_url=http.base_url, api_key=key, max_retries=0, timeout=60)
+
+
+def post(http: BackgroundServer, path: str, data: bytes, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(f"http://127.0.0.1:{http.port}{path}", data=data, method="POST",
+                                 headers={"content-type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_chat_completion_streaming_and_not_give_the_same_greedy_reply(serve: Serve) -> None:
+    http = serve()
+    c = client(http)
+    assert [m.id for m in c.models.list()] == [MODEL]
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hello to the cache."}]
+    whole = c.chat.completions.with_raw_response.create(model=MODEL, messages=messages, temperature=0, max_tokens=12)
+    reply = whole.parse()
+    text = reply.choices[0].message.content
+    assert reply.choices[0].finish_reason in ("stop", "length") and reply.usage is not None
+    assert reply.usage.completion_tokens <= 12 and reply.usage.prompt_tokens > 20
+    assert int(whole.headers["x-cachet-prompt-tokens"]) == reply.usage.prompt_tokens
+
+    pieces, usage = [], None
+    for chunk in c.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=12, stream=True,
+                                           stream_options={"include_usage": True}):
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        if chunk.usage is not None:
+            usage = chunk.usage
+    assert "".join(pieces) == text
+    # the same prompt again: all of it but the last token came from the first request's cache
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == usage.prompt_tokens - 1
+
+    raw = c.completions.create(model=MODEL, prompt="The cache keeps", max_tokens=8, temperature=0)
+    assert raw.choices[0].finish_reason in ("stop", "length") and raw.usage.completion_tokens <= 8
+
+
+def test_a_multi_turn_conversation_reuses_the_previous_prompt_without_a_conversation_id(serve: Serve) -> None:
+    c = client(serve())
+    messages: list[dict[str, str]] = [{"role": "system", "content": "You answer questions about caches."}]
+    previous_prompt = 0
+    for turn, question in enumerate(["What is a KV cache?", "Why keep it between turns?", "And on disk?",
+                                     "How big does it get?"]):
+        messages.append({"role": "user", "content": question})
+        reply = c.chat.completions.create(model=MODEL, messages=messages, temperature=0, max_tokens=16)
+        usage = reply.usage
+        assert usage is not None and usage.prompt_tokens_details is not None
+        cached = usage.prompt_tokens_details.cached_tokens or 0
+        if turn:
+            assert cached >= 0.9 * previous_prompt, (turn, cached, previous_prompt)
+        else:
+            assert cached == 0
+        previous_prompt = usage.prompt_tokens
+        messages.append({"role": "assistant", "content": reply.choices[0].message.content or ""})
+
+
+def test_two_interleaved_conversations_each_keep_their_cache_and_match_a_lone_run(serve: Serve) -> None:
+    http = serve()
+    c = client(http)
+    system = {"role": "system", "content": "A shared system prompt that both conversations start with. " * 3}
+    talks: dict[str, list[dict[str, str]]] = {"a": [system], "b": [system]}
+    questions = {"a": ["Tell me about apples.", "And pears?", "Which is sweeter?"],
+                 "b": ["Explain rivers.", "Where do they end?", "Name a long one."]}
+    replies: dict[str, list[str]] = {"a": [], "b": []}
+    previous: dict[str, int] = {}
+    for i in range(3):
+        for name in ("a", "b"):
+            talks[name].append({"role": "user", "content": questions[name][i]})
+            r = c.chat.completions.create(model=MODEL, messages=talks[name], temperature=0, max_tokens=12)
+            text = r.choices[0].message.content or ""
+            cached = r.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
+            if i:  # the conversation's own earlier turns came from its own cache
+                assert cached >= 0.9 * previous[name], (name, i, cached)
+            elif name == "b":  # its first turn started from a copy of the shared system prompt
+                assert cached >= len(system["content"])
+            previous[name] = r.usage.prompt_tokens  # type: ignore[union-attr]
+            replies[name].append(text)
+            talks[name].append({"role": "assistant", "content": text})
+
+    alone = client(serve())  # a fresh server: conversation b alone gives the same replies
+    talk = [system]
+    for i, q in enumerate(questions["b"]):
+        talk.append({"role": "user", "content": q})
+        text = alone.chat.completions.create(model=MODEL, messages=talk, temperature=0, max_tokens=12).choices[0]
+        assert text.message.content == replies["b"][i]
+        talk.append({"role": "assistant", "content": text.message.content or ""})
+
+
+def test_a_dropped_stream_stops_generation_within_a_token(serve: Serve) -> None:
+    http = serve(max_tokens_limit=100_000)
+    c = client(http)
+    worker = http.server.worker
+    stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go on forever."}],
+                                       temperature=0.8, max_tokens=900, stream=True, seed=1,
+                                       extra_body={"min_tokens": 900})  # no end-of-turn before 900 tokens
+    got = 0
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            got += 1
+            if got == 3:
+                break
+    stream.close()  # the client goes away mid-reply
+    deadline = time.monotonic() + 30
+    while not worker.turns and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert worker.turns, "the turn never ended"
+    done = worker.turns[-1]
+    assert done.finish_reason == "cancelled" and done.stats is not None
+    assert done.stats.generated_tokens < 900
+    assert http.server.stats.cancelled == 1
+
+
+def test_auth_is_required_when_a_key_is_set(serve: Serve) -> None:
+    http = serve(api_key="s3cret")
+    with pytest.raises(openai.AuthenticationError):
+        client(http, "wrong").models.list()
+    with pytest.raises(openai.AuthenticationError):
+        client(http, "wrong").chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert [m.id for m in client(http, "s3cret").models.list()] == [MODEL]
+
+
+def test_bad_requests_get_openai_shaped_errors(serve: Serve) -> None:
+    http = serve(max_body_bytes=4096)
+    c = client(http)
+    status, body = post(http, "/v1/chat/completions", b"{not json")
+    assert status == 400 and body["error"]["code"] == "invalid_json"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        c.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+    assert "tiny-llama" in str(unknown.value)
+    status, body = post(http, "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "x" * 5000}]}).encode())
+    assert status == 413 and body["error"]["code"] == "request_too_large"
+    with pytest.raises(openai.BadRequestError, match="last message must be the user"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "assistant", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="above this server's limit"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=10**6)
+    with pytest.raises(openai.BadRequestError, match="Unknown cache strategy 'sparkly'"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                  extra_body={"cachet": {"cache": "sparkly"}})
+    with pytest.raises(openai.BadRequestError, match="temperature"):
+        c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=9)
+    status, body = post(http, "/v1/nowhere", b"{}")
+    assert status == 404 and body["error"]["code"] == "not_found"
+
+
+def test_a_context_overflow_is_a_400_with_the_policy_message_and_sink_continues(serve: Serve) -> None:
+    http = serve(max_body_bytes=2**20)
+    c = client(http)
+    long = [{"role": "user", "content": "word " * 400}]  # 2,000 tokens: past the tiny model's 1,024
+    with pytest.raises(openai.BadRequestError) as overflow:
+        c.chat.completions.create(model=MODEL, messages=long, max_tokens=8)
+    assert overflow.value.code == "context_length_exceeded" and "overflow policy" in str(overflow.value)
+    reply = c.chat.completions.create(model=MODEL, messages=long, max_tokens=8,
+                                      extra_body={"cachet": {"overflow": "sink"}})
+    assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_full_queue_answers_503(serve: Serve) -> None:
+    http = serve(max_queue=1, max_tokens_limit=100_000)
+    worker = http.server.worker
+    gate = threading.Event()
+    run = worker.run
+    worker.run = lambda job: (gate.wait(30), run(job))[1]  # type: ignore[method-assign]
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
+    results: list[int] = []
+    threads = [threading.Thread(target=lambda: results.append(post(http, "/v1/chat/completions", body)[0]))
+               for _ in range(2)]
+    for t in threads:  # one runs (held at the gate), one waits in the queue
+        t.start()
+        time.sleep(0.3)
+    status, err = post(http, "/v1/chat/completions", body)
+    assert status == 503 and err["error"]["code"] == "server_busy"
+    gate.set()
+    for t in threads:
+        t.join(30)
+    assert results == [200, 200]
+
+
+def test_stop_strings_are_never_sent() -> None:
+    m = StopMatcher(["END", "\n\n"])
+    out = m.push("Hello E") + m.push("N") + m.push("o wait\n") + m.push("\nmore")
+    assert out == "Hello ENo wait" and m.hit
+    m = StopMatcher(["xyz"])
+    assert m.push("ab x") + m.flush() == "ab x" and not m.hit
+
+
+def test_the_server_refuses_to_listen_off_loopback_without_a_key(tiny_lm: LoadedModel) -> None:
+    from engine.cli import build_parser
+    from engine.server import config_from_args
+
+    args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
+    with pytest.raises(ValueError, match="--api-key"):
+        config_from_args(args, "m")
+    ok = config_from_args(build_parser().parse_args(["serve", "--host", "0.0.0.0", "--no-auth"]), "m (bundled)")
+    assert ok.api_key is None and ok.model_id == "m"
+    keyed = config_from_args(build_parser().parse_args(["serve", "--host", "0.0.0.0", "--api-key", "k",
+                                                        "--cache", "sink"]), "m")
+    assert keyed.api_key == "k" and keyed.defaults.cache.strategy == "sink"
+    assert replace(keyed.defaults, cache=CacheSpec()).overflow == "stop"
+
+
+# ----- the remote engine: Cachet's window driving a server (here Cachet's own) -------------------------
+def test_the_remote_engine_streams_stops_and_reports_the_servers_cache(serve: Serve) -> None:
+    from engine.remote import Endpoint, RemoteEngine, RemoteError
+    from engine.session import Message
+
+    http = serve(api_key="k3y")
+    with pytest.raises(RemoteError, match="API key"):
+        RemoteEngine(Endpoint(http.base_url, MODEL, "wrong")).models()
+    remote = RemoteEngine(Endpoint(http.base_url, MODEL, "k3y"))
+    assert remote.models() == [MODEL]
+    settings = replace(GREEDY, system_prompt="You are brief.")
+    history = [Message("user", "What is a cache?")]
+    deltas: list[str] = []
+    first = remote.run_turn(7, history, settings, on_delta=deltas.append)
+    assert first.finish_reason in ("stop", "length") and first.has_reply and "".join(deltas) == first.reply
+    assert first.stats is not None and first.stats.prompt_tokens > 0 and first.stats.reused_tokens == 0
+
+    history += [Message("assistant", first.reply), Message("user", "And why keep it?")]
+    second = remote.run_turn(7, history, settings)
+    assert second.stats is not None and second.stats.reused_tokens >= 0.9 * first.stats.prompt_tokens
+
+    regenerated = remote.run_turn(7, history, settings)  # the same request again: the same greedy reply
+    assert regenerated.reply == second.reply
+
+    stop = threading.Event()
+    long = replace(settings, sampling=replace(settings.sampling, max_new_tokens=600, min_new_tokens=600))
+
+    seen: list[str] = []
+
+    def stop_after_two(text: str) -> None:  # the user presses Stop after two pieces of the reply
+        seen.append(text)
+        if len(seen) == 2:
+            stop.set()
+
+    stopped = remote.run_turn(7, history, long, on_delta=stop_after_two, stop=stop)
+    assert stopped.finish_reason == "cancelled"
+    deadline = time.monotonic() + 30
+    while http.server.stats.cancelled == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert http.server.stats.cancelled == 1  # closing the stream stopped the server's generation
+
+    unknown = RemoteEngine(Endpoint(http.base_url, "nope", "k3y")).run_turn(7, history, settings)
+    assert unknown.finish_reason == "error" and "does not know this model" in (unknown.error or "")
+    down = RemoteEngine(Endpoint("http://127.0.0.1:9/v1", MODEL)).run_turn(7, history, settings)
+    assert down.finish_reason == "error" and "Cannot reach the server" in (down.error or "")
+    with pytest.raises(RemoteError, match="not a server address"):
+        Endpoint("localhost:8471").validate()
+
+
+def test_api_keys_stay_in_a_file_only_the_user_can_read(tmp_path: Any) -> None:
+    import stat
+
+    from engine import api_keys
+
+    api_keys.save("http://big-box:8000/v1", "secret", folder=tmp_path, use_keyring=False)
+    path = api_keys.key_file(tmp_path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert api_keys.load("http://big-box:8000/v1", folder=tmp_path, use_keyring=False) == "secret"
+    api_keys.save("http://big-box:8000/v1", "", folder=tmp_path, use_keyring=False)
+    assert api_keys.load("http://big-box:8000/v1", folder=tmp_path, use_keyring=False) is None
