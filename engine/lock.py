@@ -18,6 +18,9 @@ Usage::
     lock.acquire()          # raises FolderInUseError naming the holder
     ...
     lock.release()          # or use it as a context manager
+
+Keep a reference to the lock for as long as it must be held: a DataFolderLock that is garbage
+collected closes its file, and the OS then drops the lock.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from engine.lock import DataFolderLock, FolderInUseError, is_locked, read_holder
 
 HOLD = ("import sys, time\n"
         "from engine.lock import DataFolderLock\n"
-        "DataFolderLock(sys.argv[1], owner='server').acquire()\n"
+        "lock = DataFolderLock(sys.argv[1], owner='server').acquire()\n"
         "print('held', flush=True)\n"
         "time.sleep(120)\n")
 
@@ -22,7 +22,9 @@ HOLD = ("import sys, time\n"
 def _holder(folder: Path) -> subprocess.Popen[str]:
     proc = subprocess.Popen([sys.executable, "-c", HOLD, str(folder)], stdout=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parents[2])
-    assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
+    assert proc.stdout is not None
+    with proc.stdout:
+        assert proc.stdout.readline().strip() == "held"
     return proc
 
 
