@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -15,6 +17,7 @@ import torch
 
 from engine import caches, models, paths
 from engine.caches import CacheSpec
+from engine.lock import DataFolderLock, FolderInUseError
 from engine.models import LoadedModel
 from engine.reports import Budgets, TurnDone
 from engine.service import ChatService
@@ -134,6 +137,70 @@ def _add_serve(sub: Any) -> None:
     add_serve_arguments(serve)
 
 
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_DTYPE_NAMES = ("auto", "float32", "float16", "bfloat16", "fp32", "fp16", "bf16")
+
+
+class ArgumentProblem(ValueError):
+    """An argument that cannot work, found before anything is loaded; the message is one line."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Validate every argument of `args` that can be checked without loading a model, so a mistake
+    costs one clear line and a non-zero exit, not a model load and a traceback (ArgumentProblem)."""
+    if hasattr(args, "device") and not _DEVICE.match(str(args.device)):
+        raise ArgumentProblem(f"--device {args.device!r}: choose auto, cpu, cuda, cuda:N or mps.")
+    if hasattr(args, "dtype") and args.dtype not in _DTYPE_NAMES:
+        raise ArgumentProblem(f"--dtype {args.dtype!r}: choose auto, float32, float16 or bfloat16.")
+    if getattr(args, "context", None) is not None and args.context < 1:
+        raise ArgumentProblem(f"--context {args.context}: plan for at least 1 token (leave it out for the model's "
+                              "full context).")
+    for flag in ("vram_gib", "ram_gib"):
+        value = getattr(args, flag, None)
+        if value is not None and not (math.isfinite(value) and value >= 0):
+            raise ArgumentProblem(f"--{flag.replace('_', '-')} {value}: a memory size is 0 or more GiB.")
+    if getattr(args, "ram_gib", None) is not None and args.ram_gib == 0:
+        raise ArgumentProblem("--ram-gib 0: a computer with no RAM cannot run a model.")
+    if args.command == "perplexity":
+        if args.max_tokens is not None and args.max_tokens < 2:
+            raise ArgumentProblem(f"--max-tokens {args.max_tokens}: perplexity needs at least 2 tokens.")
+        if args.chunk < 1:
+            raise ArgumentProblem(f"--chunk {args.chunk}: feed at least 1 token per forward pass.")
+        if not _read_text(args.text, "--text").strip():
+            raise ArgumentProblem(f"--text {args.text}: the file is empty; there is nothing to measure.")
+    if args.command in ("chat", "perplexity"):
+        spec = cache_spec_from_args(args)  # CacheConfigError: exit 2 with its sentence
+        if spec.strategy == "offloaded" and models.pick_device(args.device).type == "cpu":
+            raise ArgumentProblem("--cache offloaded moves the cache between the GPU and RAM; on the CPU there is "
+                                  "nothing to offload to. Choose another --cache, or a --device with a GPU.")
+    if args.command == "chat":
+        SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
+                         seed=args.seed).validate()  # SamplingError: exit 2
+        if args.chat is not None and args.data_dir is None:
+            raise ArgumentProblem("--chat needs --data-dir (the folder the chat is kept in).")
+        if args.turns is not None and not any(line.strip() for line in _read_text(args.turns, "--turns").splitlines()):
+            raise ArgumentProblem(f"--turns {args.turns}: the file holds no message (one per line).")
+        if args.data_dir is not None:
+            try:
+                paths.check_data_dir(args.data_dir.expanduser().resolve())
+            except paths.DataDirError as exc:
+                raise ArgumentProblem(f"--data-dir: {exc}") from None
+
+
+def _read_text(path: Path, flag: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ArgumentProblem(f"{flag} {path}: no such file.") from None
+    except IsADirectoryError:
+        raise ArgumentProblem(f"{flag} {path}: a folder, not a text file.") from None
+    except UnicodeDecodeError as exc:
+        raise ArgumentProblem(f"{flag} {path}: not UTF-8 text ({exc.reason} at byte {exc.start}).") from None
+    except OSError as exc:
+        raise ArgumentProblem(f"{flag} {path}: {exc.strerror or exc}.") from None
+
+
 def _print_progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -164,15 +231,23 @@ class TerminalChat:
 
     def __init__(self, args: argparse.Namespace, settings: ChatSettings) -> None:
         persist = args.data_dir is not None
+        self.lock: DataFolderLock | None = None
         if persist:
             paths.use_base_dir(args.data_dir.expanduser().resolve())
-        self.store = ChatStore(paths.data_dir() / "chats.sqlite3" if persist else Path(":memory:"))
+            # the same lock as the app and the server: one owner per data folder (FolderInUseError)
+            self.lock = DataFolderLock(paths.data_dir(), owner="chat").acquire()
+        try:
+            self.store = ChatStore(paths.data_dir() / "chats.sqlite3" if persist else Path(":memory:"))
+        except BaseException:
+            if self.lock is not None:
+                self.lock.release()
+            raise
         self.service = ChatService(budgets=Budgets() if persist else Budgets(disk=0), reuse=not args.no_reuse)
         if args.chat is not None:
             try:
                 self.chat_id = self.store.chat(args.chat).id
             except KeyError:
-                self.store.close()
+                self.close_store()
                 raise LookupError(f"There is no chat {args.chat} in {paths.data_dir()}.") from None
             self.settings = self.store.chat(self.chat_id).settings
         else:
@@ -207,7 +282,12 @@ class TerminalChat:
 
     def close(self) -> None:
         self.service.close(save=self.persist)
+        self.close_store()
+
+    def close_store(self) -> None:
         self.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 def _turn_interruptible(chat: TerminalChat, text: str) -> TurnDone:
@@ -240,12 +320,9 @@ def cmd_chat(args: argparse.Namespace) -> int:
                                 max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
     settings = ChatSettings(system_prompt=args.system, sampling=sampling, cache=cache_spec_from_args(args),
                             overflow=args.overflow, speculative=args.speculative)
-    if args.chat is not None and args.data_dir is None:
-        print("error: --chat needs --data-dir (the folder the chat is kept in).", file=sys.stderr)
-        return 2
     try:
         chat = TerminalChat(args, settings)
-    except LookupError as exc:
+    except (LookupError, FolderInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
@@ -260,11 +337,11 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
         lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
         for i, line in enumerate(lines, start=1):
             done = chat.turn(line) if args.json else _turn_interruptible(chat, line)
-            if done.finish_reason == "overflow" or (done.finish_reason == "error" and not done.has_reply):
-                print(f"error: {done.error}", file=sys.stderr)
-                return 1
             if args.json:
                 print(_turn_json(i, done), flush=True)
+            if done.finish_reason in ("overflow", "error"):  # said on stderr and in the exit code, too
+                print(f"error: turn {i}: {done.error}", file=sys.stderr)
+                return 1
             if done.notice:
                 print(f"note: {done.notice}", file=sys.stderr)
             if done.stats is not None and done.stats.overflow_action:
@@ -457,6 +534,8 @@ def _fits(model: Any, hardware: Any, ladder: list[str], context: int | None) -> 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.command != "bench":
+            check_args(args)
         if args.command == "chat":
             return cmd_chat(args)
         if args.command == "advise":
@@ -473,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except models.ModelLoadError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    except (SamplingError, caches.CacheConfigError) as exc:  # a setting the user gave is invalid
+    except (SamplingError, caches.CacheConfigError, ArgumentProblem) as exc:  # a setting the user gave is invalid
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (OSError, UnicodeDecodeError) as exc:

@@ -168,12 +168,24 @@ def _check_architecture(config: Any, where: str) -> None:
         )
 
 
-def ensure_converted(gguf: Path, progress: ProgressFn | None = None) -> tuple[str, Path]:
-    """(SHA-256 of `gguf`, its safetensors copy in the cache folder), converting it first if needed."""
+def ensure_converted(gguf: Path, progress: ProgressFn | None = None, *, rebuild: str | None = None) -> tuple[str, Path]:
+    """(SHA-256 of `gguf`, its safetensors copy in the cache folder), converting it first if needed.
+
+    The copy is checked against the size and SHA-256 of every file recorded when it was written
+    (hashes are remembered per size and modification time, so this costs a hash only after a
+    file changed); a damaged copy is converted again from the GGUF, and `progress` says so.
+    `rebuild` (a reason) forces that, e.g. after the copy failed to load. Leftover temporary
+    folders of an interrupted conversion are removed first.
+    """
     report = progress or (lambda _msg: None)
     report(f"Checking {gguf.name}…")
     digest = file_sha256(gguf)
     folder = converted_dir(digest)
+    remove_interrupted_conversions(folder.parent)
+    damage = rebuild or (verify_converted(folder) if (folder / "model.safetensors").is_file() else None)
+    if damage is not None:
+        report(f"The converted copy of {gguf.name} is damaged ({damage}); converting it again from the GGUF file…")
+        shutil.rmtree(folder, ignore_errors=True)
     if not (folder / "model.safetensors").is_file():
         with _quiet_transformers():
             _convert_gguf(gguf, folder, report, digest)
@@ -191,6 +203,69 @@ def converted_from(folder: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return digest if isinstance(digest, str) and len(digest) == 64 else None
+
+
+def verify_converted(folder: Path) -> str | None:
+    """What is wrong with a converted copy (None: every file Cachet recorded is there with its size
+    and SHA-256; copies converted before files were recorded are trusted until they fail to load)."""
+    try:
+        recorded = json.loads((folder / "cachet-source.json").read_text()).get("files")
+    except (OSError, ValueError, AttributeError):
+        return "its record cachet-source.json is missing or damaged"
+    if recorded is None:
+        return None
+    if not isinstance(recorded, dict):
+        return "its record cachet-source.json is damaged"
+    for name, facts in sorted(recorded.items()):
+        path = folder / name
+        if not isinstance(facts, dict) or not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != facts.get("size"):
+            return f"{name} has {path.stat().st_size:,} bytes, not {facts.get('size'):,}"
+        if file_sha256(path) != facts.get("sha256"):
+            return f"{name} does not match its checksum"
+    return None
+
+
+def remove_interrupted_conversions(models_dir: Path) -> list[Path]:
+    """Delete the hidden temporary folders of conversions whose process is gone (a kill during a
+    first start left a 301 MB one behind)."""
+    removed = []
+    for tmp in models_dir.glob(".*.tmp") if models_dir.is_dir() else ():
+        try:
+            pid = int(tmp.name.rsplit(".", 2)[-2])
+        except (ValueError, IndexError):
+            continue
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(tmp, ignore_errors=True)
+        removed.append(tmp)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name == "nt":  # no cheap check without extra packages: keep it (removed once its pid is ours)
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _record_files(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a converted copy, for `verify_converted`."""
+    record = {}
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and path.name != "cachet-source.json":
+            digest = hashlib.sha256()
+            with path.open("rb") as fh:
+                while block := fh.read(1 << 22):
+                    digest.update(block)
+            record[path.name] = {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+    return record
 
 
 def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str) -> None:
@@ -219,7 +294,7 @@ def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str) -
     model.generation_config.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     (tmp / "cachet-source.json").write_text(json.dumps({"gguf": gguf.name, "sha256": digest,
-                                                       "format": CONVERTED_FORMAT}))
+                                                       "format": CONVERTED_FORMAT, "files": _record_files(tmp)}))
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
 
@@ -233,6 +308,7 @@ def load(
     allow_pickle: bool = False,
     offline: bool = True,
     progress: ProgressFn | None = None,
+    rebuilt: bool = False,
 ) -> LoadedModel:
     """Load a model for chat.
 
@@ -244,6 +320,7 @@ def load(
         allow_pickle: accept pickle `.bin` weights, which can run code when loaded.
         offline: never contact the Hub (a Hub id must then be in the local HF cache).
         progress: called with short human-readable status lines.
+        rebuilt: a GGUF's converted copy was just converted again (it is not rebuilt twice).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -284,10 +361,17 @@ def load(
             config = AutoConfig.from_pretrained(load_from, trust_remote_code=trust_remote_code,
                                                 **({"local_files_only": True} if offline else {}))
         except Exception as exc:
-            raise ModelLoadError(_explain(source, exc)) from exc
-        if not trust_remote_code:
+            if source.kind != "gguf" or rebuilt:
+                raise ModelLoadError(_explain(source, exc)) from exc
+            config = None
+            failure: Exception | None = exc
+        else:
+            failure = None
+        if config is not None and not trust_remote_code:
             _check_architecture(config, source.display_name)
         try:
+            if failure is not None:
+                raise failure
             tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code,
                                                       **({"local_files_only": True} if offline else {}))
             model: Any = AutoModelForCausalLM.from_pretrained(
@@ -296,7 +380,12 @@ def load(
         except ModelLoadError:
             raise
         except Exception as exc:
-            raise ModelLoadError(_explain(source, exc)) from exc
+            if source.kind != "gguf" or rebuilt:
+                raise ModelLoadError(_explain(source, exc)) from exc
+            # Our own converted copy failed to load: rebuild it from the GGUF once, then try again.
+            ensure_converted(Path(source.location), report, rebuild=f"{type(exc).__name__}: {exc}"[:200])
+            return load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                        allow_pickle=allow_pickle, offline=offline, progress=progress, rebuilt=True)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"{source.display_name} has no chat template, so it cannot be used for chat.")
     model.to(dev)

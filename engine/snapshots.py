@@ -2,9 +2,11 @@
 
 A snapshot is one safetensors file (never pickle) per conversation: every layer's keys and
 values in full precision (as `KVCache.full_kv` gives them) plus metadata —
-the exact token ids the cache stands for, the model's identity (file hash + dtype) and the
-cache strategy's parameters. It is used only when all of that matches the session asking
-for it; a stale, mismatched, truncated or corrupt file is deleted and the session recomputes.
+the exact token ids the cache stands for, the model's identity (file hash + dtype), the
+cache strategy's parameters, and a CRC-32 of every tensor's bytes computed while writing. It is
+used only when all of that matches the session asking for it, the checksum matches what is read
+and every value is finite; a stale, mismatched, truncated, damaged or non-finite file is deleted
+and the session recomputes (a damaged snapshot would otherwise give a garbage reply without a word).
 
 Files are written atomically (temp file + `os.replace`) and the folder is kept under a disk
 budget by deleting the least recently used snapshots.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from typing import Any
 from engine import paths
 from engine.caches import CacheSpec
 
-FORMAT = "cachet-kv-1"
+FORMAT = "cachet-kv-2"  # 2: with "checksum" (older snapshots are recomputed once)
 DEFAULT_BUDGET = 4 * 1024**3
 
 
@@ -32,6 +35,21 @@ class LoadResult:
     reason: str  # "loaded", "missing", "model changed", "strategy changed", "corrupt", ...
     seconds: float = 0.0
     tokens: int = 0
+
+
+def checksum(tensors: Any) -> str:
+    """CRC-32 of the tensors' bytes, in order (CPU, contiguous tensors): a damaged page of a
+    snapshot changes it. zlib's CRC runs at GB/s, a small share of reading the file."""
+    crc = 0
+    for t in tensors:
+        crc = zlib.crc32(memoryview(t.contiguous().view(-1).view(_uint8()).numpy()), crc)
+    return f"crc32:{crc:08x}"
+
+
+def _uint8() -> Any:
+    import torch
+
+    return torch.uint8
 
 
 class SnapshotStore:
@@ -62,6 +80,7 @@ class SnapshotStore:
             tensors[f"v.{i}"] = kv[1].contiguous().cpu()
         meta = {
             "format": FORMAT,
+            "checksum": checksum(tensors[f"{kv}.{i}"] for i in range(len(content)) for kv in "kv"),
             "model": session.lm.identity,
             "spec": json.dumps(session.settings.cache.to_dict(), sort_keys=True),
             "token_ids": json.dumps(session.cached_ids),
@@ -91,7 +110,8 @@ class SnapshotStore:
             return LoadResult(False, "missing")
         started = time.perf_counter()
         try:
-            with safe_open(str(path), framework="pt", device=str(session.lm.device)) as fh:
+            # Read to the CPU: the checksum and the finiteness check run there, then one copy to the device.
+            with safe_open(str(path), framework="pt", device="cpu") as fh:
                 meta = fh.metadata() or {}
                 problem = self._mismatch(meta, session)
                 if problem:
@@ -103,8 +123,14 @@ class SnapshotStore:
         except Exception as exc:  # truncated or damaged file, bad metadata
             self.delete(key)
             return LoadResult(False, f"corrupt ({type(exc).__name__})")
-        dtype = session.lm.dtype
-        content = [(k.to(dtype), v.to(dtype)) for k, v in content]
+        if checksum(t for kv in content for t in kv) != meta.get("checksum"):
+            self.delete(key)
+            return LoadResult(False, "corrupt (checksum)")
+        if not all(bool(t.isfinite().all()) for kv in content for t in kv):
+            self.delete(key)
+            return LoadResult(False, "corrupt (non-finite values)")
+        dtype, device = session.lm.dtype, session.lm.device
+        content = [(k.to(device=device, dtype=dtype), v.to(device=device, dtype=dtype)) for k, v in content]
         try:
             cache = fill(content, len(ids), session.settings.cache, session.lm.config, session.lm.device)
         except (ValueError, RuntimeError, IndexError):  # fill checks the shapes; a cache may still refuse

@@ -14,26 +14,48 @@ This module imports neither Qt nor torch: the app opens the store before the mod
 from __future__ import annotations
 
 import json
+import math
+import os
+import shutil
 import sqlite3
 import time
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from engine import paths
-from engine.specs import AUTO, CacheSpec, SamplingSettings
+from engine.specs import AUTO, CacheSpec, SamplingSettings, validate_overflow
 
 DB_NAME = "chats.sqlite3"
 EXPORT_FORMAT = "cachet-chat"
 EXPORT_VERSION = 1
 STATUSES = ("done", "streaming", "stopped", "error", "interrupted")
 TITLE_CHARS = 48
+# What one import may hold: past these a file is refused (a chat export of the app is far smaller;
+# a hostile one would otherwise be stored whole and weigh on every later start).
+MAX_IMPORT_BYTES = 64 * 1024 * 1024
+MAX_IMPORT_MESSAGES = 20_000
+MAX_IMPORT_NESTING = 64
+DISK_FULL = "The disk is full"
+# Bidirectional controls reorder what follows them on screen ("evil" shown as "live"); titles drop them.
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 class StoreError(RuntimeError):
     """The chat database or an imported file cannot be used; the message is meant for the user."""
+
+
+class StoreWriteError(StoreError):
+    """A change could not be written (disk full, folder read-only, database damaged); nothing of it
+    was stored, and what was stored before is intact. `disk_full` tells the commonest case apart."""
+
+    def __init__(self, message: str, disk_full: bool = False, damaged: bool = False) -> None:
+        super().__init__(message)
+        self.disk_full = disk_full
+        self.damaged = damaged  # the database file itself is malformed (salvage helps; waiting does not)
 
 
 @dataclass(frozen=True)
@@ -71,6 +93,58 @@ class ChatSettings:
         except TypeError as exc:
             raise StoreError(f"The chat's settings are not in the expected form ({exc}).") from exc
 
+    @classmethod
+    def repaired(cls, data: Any) -> tuple[ChatSettings, list[str]]:
+        """Settings from untrusted `to_dict`-shaped data (an import, a damaged row): every field
+        checked against the typed specs, one that cannot work reset to its default. Returns the
+        settings and a sentence per field reset (empty when everything was valid)."""
+        problems: list[str] = []
+        try:  # the common case, at the cost of two validations
+            settings = cls.from_dict(data)
+            settings.sampling.validate()
+            settings.cache.validate()
+            validate_overflow(settings.overflow)
+            if isinstance(data.get("system_prompt", ""), str):
+                return settings, problems
+        except (StoreError, ValueError, TypeError, AttributeError):
+            pass
+        if not isinstance(data, dict):
+            if data is not None:
+                problems.append("the settings are not an object; the defaults are used")
+            data = {}
+        prompt = data.get("system_prompt", "")
+        if not isinstance(prompt, str):
+            problems.append("the system prompt is not text")
+            prompt = ""
+        sampling = _repaired_fields(SamplingSettings(), data.get("sampling"), "sampling", problems)
+        cache = _repaired_fields(CacheSpec(AUTO), data.get("cache"), "cache", problems)
+        overflow = data.get("overflow", "stop")
+        try:
+            validate_overflow(overflow if isinstance(overflow, str) else repr(overflow))
+        except ValueError as exc:
+            problems.append(str(exc))
+            overflow = "stop"
+        return cls(system_prompt=prompt, sampling=sampling, cache=cache, overflow=overflow), problems
+
+
+def _repaired_fields(default: Any, data: Any, what: str, problems: list[str]) -> Any:
+    """`default` (a SamplingSettings or CacheSpec) with each valid field of `data` applied; a field
+    whose value fails the spec's validation keeps its default and adds a sentence to `problems`."""
+    if data is None:
+        return default
+    if not isinstance(data, dict):
+        problems.append(f"the {what} settings are not an object; the defaults are used")
+        return default
+    names = {f.name for f in fields(default)}
+    settings = default
+    # the strategy first: which cache fields are checked depends on it
+    for name in sorted((k for k in data if k in names), key=lambda k: k != "strategy"):
+        try:
+            settings = replace(settings, **{name: data[name]}).validate()
+        except (ValueError, TypeError) as exc:
+            problems.append(f"{what} {name.replace('_', ' ')}: {exc} The default is used.")
+    return settings
+
 
 @dataclass(frozen=True)
 class StoredChat:
@@ -80,6 +154,14 @@ class StoredChat:
     created_at: float
     updated_at: float  # last activity: a message added or changed
     settings: ChatSettings
+
+
+@dataclass(frozen=True)
+class ImportedChat:
+    """An imported chat and a sentence per setting that could not work and was reset to its default."""
+
+    chat: StoredChat
+    repaired: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -157,32 +239,102 @@ def default_path() -> Path:
 
 
 class ChatStore:
-    """All chats of one data folder. Use from one thread (the GUI's); every method commits."""
+    """All chats of one data folder. Use from one thread (the GUI's); every method commits.
 
-    def __init__(self, path: Path | str | None = None) -> None:
+    Opening checks the database (`PRAGMA quick_check`); a damaged one is kept aside as
+    `chats.sqlite3.damaged-<time>` and what SQLite can still read of it is copied into a fresh
+    database (`salvaged` then says what happened, for the user). A write that fails (disk full,
+    read-only folder) raises StoreWriteError and leaves the database as it was.
+    """
+
+    def __init__(self, path: Path | str | None = None, *, check: bool = True) -> None:
         self.path = Path(path) if path is not None else default_path()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.salvaged: str | None = None  # a sentence for the user when the database had to be salvaged
+        self.lost_writes: str | None = None  # a sentence when the last run's writes are missing
+        in_memory = str(self.path) == ":memory:"
+        if not in_memory:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
-            self.db.row_factory = sqlite3.Row
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a process crash
-            self.db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
+            self._open()
+            problem = self._check() if check and not in_memory else None
+        except StoreWriteError as exc:
+            if not exc.damaged:
+                raise
+            problem = str(exc.__cause__ or exc)
+            self._close_quietly()
+        except StoreError:
+            raise
+        except sqlite3.OperationalError as exc:
+            if _error_name(exc) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                raise StoreError(f"Cannot open {self.path}: {exc}.") from exc
+            problem = str(exc)
+            self._close_quietly()
         except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.path} is not a usable chat database ({exc}).") from exc
-        self.recovered = self._recover_interrupted()
+            problem = str(exc)
+            self._close_quietly()
+        if problem is not None:
+            if in_memory:
+                raise StoreError(f"The chat database is not usable ({problem}).")
+            self.salvaged = salvage(self.path, problem)
+            try:
+                self._open()
+            except sqlite3.DatabaseError as exc:
+                raise StoreError(f"{self.path} is not a usable chat database ({exc}).") from exc
+        try:
+            self.recovered = self._recover_interrupted()
+        except sqlite3.DatabaseError as exc:
+            raise _write_error(self.path, exc) from exc
+        if not in_memory and self.salvaged is None:
+            self.lost_writes = self._compare_with_last_close()
+
+    def _open(self) -> None:
+        self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a process crash
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _check(self) -> str | None:
+        """What is wrong with the open database (None: nothing). quick_check reads every page but
+        skips the index-to-table cross checks: milliseconds for a typical chat database."""
+        rows = [r[0] for r in self.db.execute("PRAGMA quick_check(5)").fetchall()]
+        if rows == ["ok"]:
+            return None
+        self._close_quietly()
+        return "; ".join(str(r) for r in rows)
+
+    def _close_quietly(self) -> None:
+        with suppress(sqlite3.Error, AttributeError):
+            self.db.close()
 
     # ----- housekeeping -----------------------------------------------------------------------
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
-        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            raise _write_error(self.path, exc) from exc
         try:
             yield self.db
-        except BaseException:
-            self.db.execute("ROLLBACK")
+            self.db.execute("COMMIT")
+        except BaseException as exc:
+            if self.db.in_transaction:
+                with suppress(sqlite3.Error):
+                    self.db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError) and not isinstance(
+                    exc, sqlite3.IntegrityError):
+                raise _write_error(self.path, exc) from exc
             raise
-        self.db.execute("COMMIT")
+
+    def _write(self, sql: str, params: Sequence[Any] = ()) -> sqlite3.Cursor:
+        """One statement that changes the database (its own transaction)."""
+        try:
+            return self.db.execute(sql, params)
+        except (sqlite3.OperationalError, sqlite3.DatabaseError) as exc:
+            if isinstance(exc, sqlite3.IntegrityError):
+                raise
+            raise _write_error(self.path, exc) from exc
 
     def schema_version(self) -> int:
         row = self.db.execute("SELECT version FROM schema_version").fetchone()
@@ -203,18 +355,58 @@ class ChatStore:
                 db.execute("UPDATE schema_version SET version = ?", (version + 1,))
 
     def _recover_interrupted(self) -> int:
-        """Replies still "streaming" belong to a process that died: mark them interrupted."""
+        """Replies still "streaming" belong to a process that died: mark them interrupted. (The
+        data folder's lock, engine.lock, guarantees no live process is writing them.)"""
         cur = self.db.execute("UPDATE messages SET status = 'interrupted' WHERE status = 'streaming'")
         return cur.rowcount
 
+    # ----- what the last run wrote ---------------------------------------------------------------
+    def _last_write(self) -> float:
+        """The time of the newest change the database holds (activity, deletion, a message)."""
+        row = self.db.execute(
+            "SELECT MAX(COALESCE((SELECT MAX(updated_at) FROM chats), 0), "
+            "COALESCE((SELECT MAX(deleted_at) FROM chats), 0), "
+            "COALESCE((SELECT MAX(updated_at) FROM messages), 0))").fetchone()
+        return float(row[0] or 0.0)
+
+    def _marker(self) -> Path:
+        return self.path.with_name(self.path.name + ".closed")
+
+    def _compare_with_last_close(self) -> str | None:
+        """SQLite silently drops the transactions of a damaged write-ahead log. Each clean close
+        records the newest change it left; a database that opens older than that has lost writes."""
+        try:
+            recorded = json.loads(self._marker().read_text(encoding="utf-8")).get("last_write")
+        except (OSError, ValueError, AttributeError):
+            return None
+        if not isinstance(recorded, int | float) or not math.isfinite(recorded):
+            return None
+        if self._last_write() + 1e-3 < recorded:
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(recorded))
+            return (f"The chat database is older than when Cachet last closed ({when}): the latest changes "
+                    "were lost, probably because its write-ahead log (chats.sqlite3-wal) was damaged.")
+        return None
+
+    def _record_close(self) -> None:
+        try:
+            marker = self._marker()
+            tmp = marker.with_name(f".{marker.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps({"last_write": self._last_write()}), encoding="utf-8")
+            os.replace(tmp, marker)
+        except (OSError, sqlite3.Error):
+            pass  # only a hint for the next start
+
     def close(self) -> None:
+        if str(self.path) != ":memory:":
+            self._record_close()
         self.db.close()
 
     # ----- chats ---------------------------------------------------------------------------------
     def create_chat(self, settings: ChatSettings | None = None, title: str = "") -> StoredChat:
         settings = settings or ChatSettings()
         now = time.time()
-        cur = self.db.execute(
+        title = clean_title(title)
+        cur = self._write(
             "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
             "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             (title, 0 if title else 1, now, now, settings.system_prompt, json.dumps(settings.sampling.to_dict()),
@@ -230,12 +422,14 @@ class ChatStore:
 
     @staticmethod
     def _chat_from_row(row: sqlite3.Row) -> StoredChat:
+        """A chat as stored; settings that cannot work (a damaged row, an older import) read as
+        their defaults, so a start never depends on every chat being well-formed."""
+        settings, _problems = ChatSettings.repaired({
+            "system_prompt": row["system_prompt"], "overflow": row["overflow"],
+            "sampling": _loads(row["sampling"]), "cache": _loads(row["cache"])})
         return StoredChat(
-            id=int(row["id"]), title=row["title"], title_is_auto=bool(row["title_is_auto"]),
-            created_at=float(row["created_at"]), updated_at=float(row["updated_at"]),
-            settings=ChatSettings.from_dict({"system_prompt": row["system_prompt"], "overflow": row["overflow"],
-                                             "sampling": json.loads(row["sampling"]),
-                                             "cache": json.loads(row["cache"])}),
+            id=int(row["id"]), title=clean_title(str(row["title"] or "")), title_is_auto=bool(row["title_is_auto"]),
+            created_at=_finite(row["created_at"]), updated_at=_finite(row["updated_at"]), settings=settings,
         )
 
     def chats(self, search: str = "") -> list[StoredChat]:
@@ -255,12 +449,12 @@ class ChatStore:
         return [self._chat_from_row(r) for r in rows]
 
     def rename(self, chat_id: int, title: str) -> None:
-        title = " ".join(title.split())
-        self.db.execute("UPDATE chats SET title = ?, title_is_auto = ? WHERE id = ?",
+        title = clean_title(title)
+        self._write("UPDATE chats SET title = ?, title_is_auto = ? WHERE id = ?",
                         (title, 0 if title else 1, chat_id))
 
     def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
-        self.db.execute(
+        self._write(
             "UPDATE chats SET system_prompt = ?, sampling = ?, cache = ?, overflow = ? WHERE id = ?",
             (settings.system_prompt, json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()),
              settings.overflow, chat_id),
@@ -268,13 +462,13 @@ class ChatStore:
 
     def delete_chat(self, chat_id: int) -> None:
         """Hide a chat; `restore_chat` brings it back until `purge_deleted` removes it for good."""
-        self.db.execute("UPDATE chats SET deleted_at = ? WHERE id = ?", (time.time(), chat_id))
+        self._write("UPDATE chats SET deleted_at = ? WHERE id = ?", (time.time(), chat_id))
 
     def restore_chat(self, chat_id: int) -> None:
-        self.db.execute("UPDATE chats SET deleted_at = NULL WHERE id = ?", (chat_id,))
+        self._write("UPDATE chats SET deleted_at = NULL WHERE id = ?", (chat_id,))
 
     def purge_deleted(self) -> int:
-        cur = self.db.execute("DELETE FROM chats WHERE deleted_at IS NOT NULL")
+        cur = self._write("DELETE FROM chats WHERE deleted_at IS NOT NULL")
         return cur.rowcount
 
     def _touch(self, chat_id: int, now: float) -> None:
@@ -293,12 +487,17 @@ class ChatStore:
 
     @staticmethod
     def _message_from_row(row: sqlite3.Row) -> StoredMessage:
-        ids = json.loads(row["token_ids"]) if row["token_ids"] else None
+        """A message as stored; token ids or figures that do not parse read as unknown (the cache
+        is then rebuilt from the text), a status this version does not know as "interrupted"."""
+        ids = _loads(row["token_ids"])
+        ids = tuple(ids) if isinstance(ids, list) and all(type(i) is int for i in ids) else None
+        stats = _loads(row["stats"])
+        tokens = row["tokens"]
         return StoredMessage(
             id=int(row["id"]), chat_id=int(row["chat_id"]), position=int(row["position"]), role=row["role"],
-            content=row["content"], status=row["status"], token_ids=tuple(ids) if ids is not None else None,
-            tokens=row["tokens"], stats=json.loads(row["stats"]) if row["stats"] else None,
-            created_at=float(row["created_at"]),
+            content=str(row["content"] or ""), status=row["status"] if row["status"] in STATUSES else "interrupted",
+            token_ids=ids, tokens=tokens if isinstance(tokens, int) else None,
+            stats=stats if isinstance(stats, dict) else None, created_at=_finite(row["created_at"]),
         )
 
     def add_message(
@@ -392,40 +591,64 @@ class ChatStore:
         }
 
     def import_json(self, data: Any) -> StoredChat:
-        """Create a chat from `export_json` output; raises StoreError when `data` is not one."""
+        """Create a chat from `export_json` output; raises StoreError when `data` is not one (see `import_chat`)."""
+        return self.import_chat(data).chat
+
+    def import_chat(self, data: Any) -> ImportedChat:
+        """Create a chat from `export_json` output, checked completely first: StoreError (naming the
+        problem) when `data` is not a chat export or holds more than MAX_IMPORT_MESSAGES messages;
+        settings that cannot work are reset to their defaults and listed in the result's `repaired`."""
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise StoreError("This file is not a Cachet chat export (its \"format\" is not cachet-chat).")
-        if int(data.get("version", 0)) > EXPORT_VERSION:
+        version = data.get("version", 0)
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise StoreError(f"The chat export's version is not a whole number ({_shown(version)}).")
+        if version > EXPORT_VERSION:
             raise StoreError("This chat was exported by a newer Cachet; update Cachet to import it.")
         messages = data.get("messages")
         if not isinstance(messages, list):
             raise StoreError("The chat export has no list of messages.")
+        if len(messages) > MAX_IMPORT_MESSAGES:
+            raise StoreError(f"The chat export holds {len(messages):,} messages; Cachet imports at most "
+                             f"{MAX_IMPORT_MESSAGES:,} per chat.")
+        rows: list[tuple[str, str, str]] = []
         for i, m in enumerate(messages):
             if not isinstance(m, dict) or m.get("role") not in ("user", "assistant") or not isinstance(
                     m.get("content"), str):
                 raise StoreError(f"Message {i + 1} of the export needs a role (user or assistant) and a text.")
-        settings = ChatSettings.from_dict(data.get("settings") or {})
-        title = str(data.get("title") or "").strip()
+            complete = m.get("complete", True)
+            if not isinstance(complete, bool):
+                raise StoreError(f"Message {i + 1} of the export: \"complete\" must be true or false, "
+                                 f"not {_shown(complete)}.")
+            rows.append((m["role"], m["content"], "done" if complete else "stopped"))
+        settings, repaired = ChatSettings.repaired(data.get("settings"))
+        title = data.get("title") or ""
+        if not isinstance(title, str):
+            repaired.append(f"the title is not text ({_shown(title)}); the chat is named after its first message")
+            title = ""
+        title = clean_title(title)
+        now = time.time()
+        created = data.get("created_at")
+        created_at = float(created) if isinstance(created, int | float) and not isinstance(created, bool) and \
+            math.isfinite(created) and 0 <= created <= now else now
         with self._transaction() as db:
-            now = time.time()
             cur = db.execute(
                 "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
                 "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (title, 0 if title else 1, float(data.get("created_at") or now), now, settings.system_prompt,
+                (title, 0 if title else 1, created_at, now, settings.system_prompt,
                  json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()), settings.overflow),
             )
             chat_id = int(cur.lastrowid or 0)
-            for position, m in enumerate(messages):
-                db.execute(
-                    "INSERT INTO messages (chat_id, position, role, content, status, created_at, updated_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    (chat_id, position, m["role"], m["content"], "done" if m.get("complete", True) else "stopped",
-                     now, now),
-                )
+            db.executemany(
+                "INSERT INTO messages (chat_id, position, role, content, status, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((chat_id, position, role, content, status, now, now)
+                 for position, (role, content, status) in enumerate(rows)),
+            )
             if not title:
-                first = next((m["content"] for m in messages if m["role"] == "user"), "")
+                first = next((content for role, content, _ in rows if role == "user"), "")
                 db.execute("UPDATE chats SET title = ? WHERE id = ?", (auto_title(first), chat_id))
-        return self.chat(chat_id)
+        return ImportedChat(self.chat(chat_id), tuple(repaired))
 
     def export_markdown(self, chat_id: int) -> str:
         chat = self.chat(chat_id)
@@ -439,10 +662,18 @@ class ChatStore:
         return "\n".join(lines)
 
 
+def clean_title(text: str) -> str:
+    """A title as shown: one line, single spaces, without bidirectional or other control characters
+    (an embedded U+202E would show "evil" as "live" in the sidebar and header)."""
+    kept = "".join(" " if unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text
+                   if c not in BIDI_CONTROLS)
+    return " ".join(kept.split())
+
+
 def auto_title(text: str) -> str:
     """A chat's name from its first message: the first line, shortened at a word boundary."""
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
-    line = " ".join(line.split())
+    line = clean_title(line)
     if len(line) <= TITLE_CHARS:
         return line
     cut = line[:TITLE_CHARS].rsplit(" ", 1)[0]
@@ -453,3 +684,153 @@ def _json_or_none(value: Any) -> str | None:
     if value is None:
         return None
     return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def load_import(path: Path) -> Any:
+    """The JSON of a file to import, bounded: StoreError with the reason when it is too large, not
+    UTF-8 text, not JSON, or nested deeper than MAX_IMPORT_NESTING (100k nested brackets would
+    otherwise exhaust the parser's recursion)."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_IMPORT_BYTES:
+            raise StoreError(f"{path.name} is {size / 2**20:,.0f} MB; Cachet imports chat files of at most "
+                             f"{MAX_IMPORT_BYTES // 2**20} MB.")
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise StoreError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
+    except OSError as exc:
+        raise StoreError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:  # bracket depth outside strings, before the recursive parser sees it
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_IMPORT_NESTING:
+                    raise StoreError(f"{path.name} is nested more than {MAX_IMPORT_NESTING} levels deep; it is "
+                                     "not a Cachet chat export.")
+        elif ch in "]}":
+            depth -= 1
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise StoreError(f"{path.name} is not valid JSON ({exc}).") from exc
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _loads(text: Any) -> Any:
+    """JSON from a column, None when it is empty or damaged."""
+    if not text:
+        return None
+    try:
+        return json.loads(text)
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
+def _finite(value: Any) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return 0.0
+    return number if math.isfinite(number) else 0.0
+
+
+def _error_name(exc: sqlite3.Error) -> str:
+    return str(getattr(exc, "sqlite_errorname", "") or "")
+
+
+def _is_full(exc: sqlite3.Error) -> bool:
+    return _error_name(exc) == "SQLITE_FULL" or "disk is full" in str(exc) or "No space left" in str(exc)
+
+
+def _write_error(path: Path, exc: sqlite3.Error) -> StoreWriteError:
+    """The StoreWriteError (a sentence for the user) for a failed write."""
+    name = _error_name(exc)
+    if _is_full(exc):
+        return StoreWriteError(f"{DISK_FULL} ({path.parent}): the change could not be saved.", disk_full=True)
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return StoreWriteError(f"The chat database {path} is damaged ({exc}).", damaged=True)
+    if name.startswith("SQLITE_READONLY"):
+        return StoreWriteError(f"The chat database {path} cannot be written (read-only).")
+    return StoreWriteError(f"Could not save to {path} ({exc}).")
+
+
+def salvage(path: Path, problem: str) -> str:
+    """Keep the damaged database `path` aside (with its -wal and -shm) and copy what SQLite can
+    still read of it, table by table and row by row, into a fresh database at `path`.
+
+    Returns a sentence for the user: what was wrong, where the damaged copy is, what was saved.
+    """
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept = path.with_name(f"{path.name}.damaged-{stamp}")
+    for suffix in ("", "-wal", "-shm"):
+        source = Path(str(path) + suffix)
+        if source.exists():
+            shutil.move(source, Path(str(kept) + suffix))
+    fresh = ChatStore(path, check=False)
+    copied = {"chats": 0, "messages": 0}
+    try:
+        old = sqlite3.connect(f"file:{kept}?mode=ro", uri=True, isolation_level=None)
+        old.row_factory = sqlite3.Row
+    except sqlite3.Error:
+        old = None
+    if old is not None:
+        try:
+            for table in ("chats", "messages"):
+                columns = [r[1] for r in fresh.db.execute(f"PRAGMA table_info({table})")]
+                for row in _readable_rows(old, table):
+                    values = {k: row[k] for k in row.keys() if k in columns}  # noqa: SIM118 - sqlite3.Row
+                    if not values:
+                        continue
+                    names = ", ".join(values)
+                    try:
+                        fresh.db.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
+                                         f"({', '.join('?' * len(values))})", tuple(values.values()))
+                        copied[table] += 1
+                    except sqlite3.Error:
+                        continue  # a row whose chat was lost, or a column damaged beyond use
+        finally:
+            old.close()
+    fresh.close()
+    return (f"The chat database was damaged ({problem}). A copy of the damaged file was kept as {kept.name}; "
+            f"{copied['chats']:,} chats and {copied['messages']:,} messages could be read from it and were "
+            "saved into a fresh database.")
+
+
+def _readable_rows(db: sqlite3.Connection, table: str) -> Iterator[sqlite3.Row]:
+    """Every row of `table` SQLite can still read: a plain scan, and when the scan breaks on a
+    damaged page, each rowid after the last one read, one by one (a damaged page loses only its rows)."""
+    last = 0
+    try:
+        for row in db.execute(f"SELECT rowid AS _rowid_, * FROM {table} ORDER BY rowid"):
+            last = int(row["_rowid_"])
+            yield row
+        return
+    except sqlite3.Error:
+        pass
+    try:
+        top = int(db.execute(f"SELECT MAX(rowid) FROM {table}").fetchone()[0] or 0)
+    except sqlite3.Error:
+        top = last + 100_000
+    for rowid in range(last + 1, top + 1):
+        try:
+            row = db.execute(f"SELECT rowid AS _rowid_, * FROM {table} WHERE rowid = ?", (rowid,)).fetchone()
+        except sqlite3.Error:
+            continue
+        if row is not None:
+            yield row

@@ -47,6 +47,7 @@ def test_no_reuse_gives_the_same_replies(tiny_folder, tmp_path, capsys) -> None:
 
 
 def test_wrong_model_path_is_a_message_not_a_traceback(tmp_path, capsys) -> None:
+    (tmp_path / "t.txt").write_text("hello\n")  # a missing --turns file is refused first (test_cli_args.py)
     code = cli.main(["chat", "--model", str(tmp_path / "missing.gguf"), "--turns", str(tmp_path / "t.txt")])
     assert code == 1
     assert "does not exist" in capsys.readouterr().err

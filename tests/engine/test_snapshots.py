@@ -9,7 +9,7 @@ import pytest
 from engine.caches import CacheSpec
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, SessionSettings
-from engine.snapshots import SnapshotStore
+from engine.snapshots import SnapshotStore, checksum
 from tests.tiny import tiny_loaded_model
 
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=12, repetition_penalty=1.0)
@@ -139,6 +139,9 @@ def test_a_snapshot_of_another_shape_is_deleted_as_not_fitting_never_raised(tiny
         ({name: t[..., :8].contiguous() for name, t in tensors.items()}, meta),
     ]
     for content, metadata in cases:
+        # a well-formed file: its checksum matches its tensors, so the shape check is what refuses it
+        count = int(metadata["layers"])
+        metadata = {**metadata, "checksum": checksum(content[f"{kv}.{i}"] for i in range(count) for kv in "kv")}
         save_file(content, str(path), metadata=metadata)
         fresh = restarted(tiny_lm, session)
         result = store.load("c", fresh)

@@ -1,0 +1,98 @@
+"""A damaged chat database never stops a start (issue 12 item 4): the damaged file is kept aside,
+what SQLite can still read is salvaged into a fresh database, and the user is told; writes lost with
+a damaged write-ahead log are noticed."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from engine.store import ChatStore
+
+PAGE = 4096
+
+
+def _filled(path: Path, chats: int = 20, per_chat: int = 20) -> dict[int, str]:
+    store = ChatStore(path)
+    texts: dict[int, str] = {}
+    for c in range(chats):
+        chat = store.create_chat()
+        for i in range(per_chat):
+            m = store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", f"chat {c} message {i} " + "x" * 300)
+            texts[m.id] = m.content
+    store.close()
+    return texts
+
+
+def test_a_damaged_page_is_salvaged_and_the_damaged_file_kept(tmp_path: Path) -> None:
+    path = tmp_path / "chats.sqlite3"
+    texts = _filled(path)
+    data = bytearray(path.read_bytes())
+    middle = len(data) // PAGE // 2
+    data[middle * PAGE:(middle + 1) * PAGE] = b"\xa5" * PAGE
+    path.write_bytes(bytes(data))
+
+    store = ChatStore(path)  # before the fix: sqlite3.DatabaseError at start-up
+
+    assert store.salvaged is not None and "damaged" in store.salvaged
+    [kept] = list(tmp_path.glob("chats.sqlite3.damaged-*[0-9]"))
+    assert kept.read_bytes() == bytes(data)  # the damaged file is kept as it was
+    assert kept.name in store.salvaged
+    salvaged = [m for chat in store.chats() for m in store.messages(chat.id)]
+    assert len(salvaged) >= len(texts) - 2 * PAGE // 300  # one page of rows lost at most
+    assert all(texts[m.id] == m.content for m in salvaged)  # what was read is intact
+    assert store.db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    chat = store.create_chat()
+    store.add_message(chat.id, "user", "still works")
+    store.close()
+    assert ChatStore(path).salvaged is None  # the fresh database opens cleanly next time
+
+
+def test_a_file_that_is_not_a_database_opens_as_an_empty_salvaged_store(tmp_path: Path) -> None:
+    path = tmp_path / "chats.sqlite3"
+    path.write_bytes(b"this is not a database" * 200)
+    store = ChatStore(path)
+    assert store.salvaged is not None and store.chats() == []
+    assert list(tmp_path.glob("chats.sqlite3.damaged-*"))
+    store.close()
+
+
+def test_writes_lost_with_a_damaged_write_ahead_log_are_noticed(tmp_path: Path) -> None:
+    path = tmp_path / "chats.sqlite3"
+    store = ChatStore(path)
+    chat = store.create_chat()
+    store.add_message(chat.id, "user", "kept")
+    store.close()
+    before = path.read_bytes()
+    store = ChatStore(path)
+    store.add_message(chat.id, "user", "written in the last session")
+    store.close()
+    # What a damaged -wal does: the last session's transactions vanish and the file is as before.
+    path.write_bytes(before)
+    for suffix in ("-wal", "-shm"):
+        Path(str(path) + suffix).unlink(missing_ok=True)
+    store = ChatStore(path)
+    assert store.lost_writes is not None and "lost" in store.lost_writes
+    store.close()
+    assert ChatStore(path).lost_writes is None  # told once: this close records the state as it is
+
+
+def test_a_damaged_settings_row_or_token_ids_do_not_stop_reading_the_chats(tmp_path: Path) -> None:
+    path = tmp_path / "chats.sqlite3"
+    store = ChatStore(path)
+    chat = store.create_chat()
+    store.add_message(chat.id, "assistant", "reply", token_ids=[1, 2, 3])
+    store.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE chats SET sampling = '{\"temperature\": \"hot\"}', cache = 'not json', overflow = 'x'")
+    db.execute("UPDATE messages SET token_ids = '[1, \"a\"]', stats = '[[[', status = 'weird'")
+    db.commit()
+    db.close()
+    store = ChatStore(path)
+    [read] = store.chats()
+    assert read.settings.sampling.temperature == 0.7 and read.settings.cache.strategy == "auto"
+    assert read.settings.overflow == "stop"
+    [message] = store.messages(chat.id)
+    assert message.content == "reply" and message.token_ids is None and message.stats is None
+    assert message.status == "interrupted"
+    store.close()
