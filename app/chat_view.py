@@ -9,7 +9,16 @@ from dataclasses import dataclass
 from typing import Any
 
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QGuiApplication, QKeyEvent, QResizeEvent, QTextOption, QWheelEvent
+from PySide6.QtGui import (
+    QGuiApplication,
+    QKeyEvent,
+    QResizeEvent,
+    QTextBlockFormat,
+    QTextCharFormat,
+    QTextCursor,
+    QTextOption,
+    QWheelEvent,
+)
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -25,10 +34,11 @@ from PySide6.QtWidgets import (
 )
 
 from app.controller import Notice
-from app.markdown_render import MarkdownRenderer, plain_html
+from app.markdown_render import MAX_BLOCK_CHARS, MarkdownRenderer, bounded_plain_html, plain_html, too_costly
 from app.meters import describe_restore, stored_restore
 from engine.store import StoredMessage
 
+PAGE = 40  # bubbles made at a time: the newest messages on opening, then one page per "Show earlier"
 RENDER_EVERY_S = 0.05  # re-render a streaming reply's Markdown at most this often
 STATUS_TEXT = {"stopped": "stopped", "error": "failed", "interrupted": "interrupted", "streaming": ""}
 
@@ -79,6 +89,29 @@ class MessageBody(QTextBrowser):
         self.setHtml(html)
         self._fit()
 
+    def append_html(self, html: str) -> int:
+        """Add `html` (whole blocks) after what is shown, in a block of its own; Qt lays out only the new
+        blocks, where setText would parse and lay out everything again. Returns where the document now
+        ends, for `truncate`."""
+        cursor = QTextCursor(self.document())
+        cursor.beginEditBlock()  # one layout pass for the whole insertion
+        cursor.movePosition(QTextCursor.MoveOperation.End)
+        if cursor.block().length() > 1:  # the last block has text: the new one must not merge into it
+            cursor.insertBlock(QTextBlockFormat(), QTextCharFormat())
+        cursor.insertHtml(html)
+        cursor.endEditBlock()
+        self._html += html
+        cursor.movePosition(QTextCursor.MoveOperation.End)
+        return cursor.position()
+
+    def truncate(self, position: int, html: str) -> None:
+        """Remove everything after `position` (an `append_html` result); `html` is what stays."""
+        cursor = QTextCursor(self.document())
+        cursor.setPosition(position)
+        cursor.movePosition(QTextCursor.MoveOperation.End, QTextCursor.MoveMode.KeepAnchor)
+        cursor.removeSelectedText()
+        self._html = html
+
     def text(self) -> str:
         """The rich text last set (what was rendered, before Qt re-serialises it)."""
         return self._html
@@ -87,7 +120,9 @@ class MessageBody(QTextBrowser):
         return None  # never fetch anything, local or remote
 
     def _fit(self, *_args: object) -> None:
-        self.document().setTextWidth(self.viewport().width())
+        width = self.viewport().width()
+        if self.document().textWidth() != width:  # setting it, even unchanged, lays the whole text out again
+            self.document().setTextWidth(width)
         height = math.ceil(self.document().size().height())
         if height != self.height():
             self.setFixedHeight(max(height, self.fontMetrics().height()))
@@ -98,6 +133,16 @@ class MessageBody(QTextBrowser):
 
     def wheelEvent(self, event: QWheelEvent) -> None:
         event.ignore()  # the chat view scrolls, not each message
+
+
+@dataclass(frozen=True)
+class _Block:
+    """A top-level Markdown block of a streaming reply, as appended to its bubble."""
+
+    source: str
+    html: str
+    code: tuple[str, ...]
+    end: int  # where the bubble's document ends after it
 
 
 class MessageWidget(QFrame):
@@ -115,8 +160,9 @@ class MessageWidget(QFrame):
         self.renderer = renderer
         self.view = view
         self._code: tuple[str, ...] = ()
-        self._rendered_text: str | None = None
+        self._rendered: tuple[str, bool] | None = None  # (text, streaming) last rendered
         self._last_render = 0.0
+        self._last_cost = 0.0
 
         layout = QVBoxLayout(self)
         layout.setContentsMargins(12, 8, 12, 10)
@@ -144,6 +190,12 @@ class MessageWidget(QFrame):
         self.body = MessageBody()
         self.body.linkActivated.connect(self._on_link)
         layout.addWidget(self.body)
+        # While a reply streams, its finished blocks are appended to `body` once and only its last block,
+        # the one still growing, is re-rendered, into `tail` (made on first use): a re-render costs one
+        # block, not the whole reply.
+        self.tail: MessageBody | None = None
+        self._settled: list[_Block] = []  # the reply's blocks appended to body, while streaming
+        self._growing = ""  # the streaming reply's last block, shown in `tail`
 
         self.editor: QPlainTextEdit | None = None
         self.update_view(view, force=True)
@@ -166,34 +218,117 @@ class MessageWidget(QFrame):
         self.regen_button.setVisible(view.can_regenerate)
         self.copy_button.setVisible(view.status != "pending")
         streaming = view.status == "streaming"
-        now = time.monotonic()
-        if not force and streaming and now - self._last_render < RENDER_EVERY_S:
+        if not force and streaming and self.next_render_in() > 0:
             return
         self.render_now()
 
+    def next_render_in(self) -> float:
+        """Seconds until a streaming reply may render again: RENDER_EVERY_S, or three times what the last
+        render took if that is longer, so the window spends at least three quarters of its time answering."""
+        return self._last_render + max(RENDER_EVERY_S, 3 * self._last_cost) - time.monotonic()
+
     @property
     def behind(self) -> bool:
-        """The text shown is older than the view's (a streaming reply waits for its next render)."""
-        return self._rendered_text != self.view.text
+        """What is shown is older than the view (a streaming reply waits for its next render, or has just
+        finished and its last block is still shown as it was while streaming)."""
+        return self._rendered != (self.view.text, self.view.status == "streaming")
 
     def render_now(self) -> None:
         view = self.view
         if not self.behind:
             return
+        start = time.monotonic()
+        self._render(view)
         self._last_render = time.monotonic()
-        self._rendered_text = view.text
+        self._last_cost = self._last_render - start
+
+    def _render(self, view: MessageView) -> None:
+        self._rendered = (view.text, view.status == "streaming")
         if view.status == "pending":
-            self.body.setText(f'<span style="color:{self.renderer.theme.muted};">{plain_html(view.text)}</span>')
+            self._show_whole(f'<span style="color:{self.renderer.theme.muted};">{plain_html(view.text)}</span>')
         elif view.role == "user":
-            self.body.setText(plain_html(view.text))
+            self._show_whole(bounded_plain_html(view.text))
         else:
-            rendered = self.renderer.render(view.text)
-            self._code = rendered.code_blocks
-            self.body.setText(rendered.html)
+            reason = too_costly(view.text)
+            if reason:
+                rendered = self.renderer.plain(view.text, reason)
+                self._show_whole(rendered.html)
+            elif view.status == "streaming" or self._settled:
+                self._render_blocks(view.text, streaming=view.status == "streaming")
+            else:
+                rendered = self.renderer.render(view.text)
+                self._show_whole(rendered.html, rendered.code_blocks)
+
+    def _show_whole(self, html: str, code: tuple[str, ...] = ()) -> None:
+        self._settled = []
+        self._growing = ""
+        self._drop_tail()
+        self._code = code
+        self.body.setText(html)
+
+    def _drop_tail(self) -> None:
+        if self.tail is not None:
+            self.tail.hide()
+            self.tail.setText("")
+
+    def _render_blocks(self, text: str, streaming: bool) -> None:
+        """Show a reply block by block: the blocks already in `body` stay, new finished blocks are appended,
+        and the last block goes to `tail` while it may still grow (into `body` once the reply is done).
+        A block that changed after it was appended (a numbered list went on) is removed with the ones
+        after it and appended again."""
+        blocks = self._blocks(text, streaming)
+        settled, growing = (blocks[:-1], blocks[-1:]) if streaming else (blocks, [])
+        self._growing = growing[0] if growing else ""
+        same = 0
+        while same < min(len(settled), len(self._settled)) and settled[same] == self._settled[same].source:
+            same += 1
+        if same < len(self._settled):
+            del self._settled[same:]
+            if self._settled:
+                self.body.truncate(self._settled[-1].end, "".join(b.html for b in self._settled))
+            else:
+                self.body.setText("")
+        for source in settled[same:]:
+            rendered = self.renderer.render_blocks([source], sum(len(b.code) for b in self._settled))
+            end = self.body.append_html(rendered.html)
+            self._settled.append(_Block(source, rendered.html, rendered.code_blocks, end))
+        code = [c for b in self._settled for c in b.code]
+        if growing:
+            rendered = self.renderer.render_blocks(growing, len(code), highlight_code=False)
+            if self.tail is None:
+                self.tail = MessageBody()
+                self.tail.linkActivated.connect(self._on_link)
+                layout = self.layout()
+                assert isinstance(layout, QVBoxLayout)
+                layout.insertWidget(layout.indexOf(self.body) + 1, self.tail)
+            self.tail.setText(rendered.html)
+            self.tail.show()
+            code += rendered.code_blocks
+        else:
+            self._drop_tail()
+            self._settled = []  # done: the next change (a regenerate) renders the reply whole
+        self._code = tuple(code)
+
+    def _blocks(self, text: str, streaming: bool) -> list[str]:
+        """`renderer.blocks(text)`, parsing only from the last appended block on (the ones before it are
+        finished); while streaming, not at all when a long last block just grew by lines without a blank
+        one (a big table or code block coming in row by row: parsing it is what would cost)."""
+        settled = [b.source for b in self._settled]
+        known = "".join(settled)
+        growing = self._growing
+        if streaming and len(growing) > MAX_BLOCK_CHARS and text.startswith(known + growing) \
+                and "\n\n" not in text[len(known) + len(growing) - 1:]:
+            return [*settled, text[len(known):]]
+        done = settled[:-1]
+        head = "".join(done)
+        if not text.startswith(head):
+            done, head = [], ""
+        return done + self.renderer.blocks(text[len(head):])
 
     def set_renderer(self, renderer: MarkdownRenderer) -> None:
         self.renderer = renderer
-        self._rendered_text = None
+        self._rendered = None
+        self._show_whole("")  # blocks appended in the old theme's colours go too
         self.render_now()
 
     def _on_link(self, href: str) -> None:
@@ -324,8 +459,17 @@ class ChatView(QScrollArea):
         self.empty_hint.setWordWrap(True)
         self._layout.addWidget(self.empty_hint)
         self._layout.addStretch(1)
+        self.earlier_button = QPushButton()
+        self.earlier_button.setObjectName("earlierButton")
+        self.earlier_button.setToolTip("Older messages are shown on demand, so a long chat opens at once")
+        self.earlier_button.clicked.connect(self.show_earlier)
+        self.earlier_button.hide()
+        self._layout.insertWidget(0, self.earlier_button, 0, Qt.AlignmentFlag.AlignHCenter)
         self.setWidget(content)
-        self.message_widgets: list[MessageWidget] = []
+        self.views: list[MessageView] = []  # every message of the chat; widgets exist for the last few only
+        self.message_widgets: list[MessageWidget] = []  # the bubbles of views[-len(message_widgets):]
+        self._shown = PAGE  # how many of the last views get a bubble
+        self._anchor_bottom: int | None = None  # keep this distance to the end while earlier bubbles lay out
         self.notice_widgets: list[NoticeWidget] = []
         self.following = True
         bar = self.verticalScrollBar()
@@ -345,42 +489,104 @@ class ChatView(QScrollArea):
             w.set_renderer(renderer)
 
     def set_messages(self, views: list[MessageView], scroll_to_end: bool = False) -> None:
-        """Show `views`, reusing the bubbles whose keys are unchanged (no flicker, scroll kept)."""
-        keep = 0
-        while (keep < len(views) and keep < len(self.message_widgets)
-               and self.message_widgets[keep].view.key == views[keep].key):
-            keep += 1
-        for w in self.message_widgets[keep:]:
-            self._layout.removeWidget(w)
-            w.deleteLater()
-        del self.message_widgets[keep:]
-        for i in range(keep):
-            if self.message_widgets[i].view != views[i]:
-                self.message_widgets[i].update_view(views[i], force=True)
-        for view in views[keep:]:
-            w = MessageWidget(view, self.renderer)
-            w.edit_submitted.connect(self.edit_submitted)
-            w.regenerate_requested.connect(self.regenerate_requested)
-            w.copied.connect(self.copied)
-            self._layout.insertWidget(self._layout.count() - 1 - len(self.notice_widgets), w)
-            self.message_widgets.append(w)
-        self.empty_hint.setVisible(bool(self.empty_hint.text()) and not self.message_widgets)
+        """Show `views`: a bubble for each of the last `PAGE` (more once the user asked for earlier ones),
+        reusing the bubbles whose keys are unchanged (no flicker, scroll kept). A chat of any length opens
+        at the cost of one page; the older messages wait behind "Show earlier messages".
+
+        Args:
+            views: every message of the chat, oldest first.
+            scroll_to_end: follow the end again (opening a chat, sending): back to one page of bubbles.
+        """
+        if scroll_to_end or not views or not self.views or views[0].key != self.views[0].key:
+            self._shown = PAGE  # another chat, or back to the end: one page again
+        self.views = list(views)
+        self._sync_widgets()
         if scroll_to_end:
             self.following = True
+            self._anchor_bottom = None
             self._scroll_to_end()
 
+    def show_earlier(self) -> None:
+        """Give bubbles to one more page of older messages, keeping what is on screen where it is."""
+        if len(self.message_widgets) >= len(self.views):
+            return
+        bar = self.verticalScrollBar()
+        self._anchor_bottom = bar.maximum() - bar.value()
+        self.following = False
+        self._shown = len(self.message_widgets) + PAGE
+        self._sync_widgets()
+
+    @property
+    def hidden_count(self) -> int:
+        """How many older messages have no bubble (yet)."""
+        return len(self.views) - len(self.message_widgets)
+
+    def _sync_widgets(self) -> None:
+        """Make `message_widgets` the bubbles of the last `_shown` views, reusing bubbles by key."""
+        window = self.views[max(0, len(self.views) - self._shown):]
+        widgets = self.message_widgets
+        keys = [w.view.key for w in widgets]
+        # Drop bubbles above the window (the window moved down), then add the ones it gained on top.
+        top = next((i for i, k in enumerate(keys) if window and k == window[0].key), None)
+        if top is None and widgets and window:
+            above = next((j for j, v in enumerate(window) if v.key == keys[0]), None)
+            if above is None:
+                self._remove(0)
+            else:
+                for j, view in enumerate(window[:above]):
+                    self._insert(j, view)
+        elif top:
+            self._remove(0, top)
+        keep = 0
+        while keep < len(window) and keep < len(self.message_widgets) \
+                and self.message_widgets[keep].view.key == window[keep].key:
+            keep += 1
+        self._remove(keep)
+        for i in range(keep):
+            if self.message_widgets[i].view != window[i]:
+                self.message_widgets[i].update_view(window[i], force=True)
+        for view in window[keep:]:
+            self._insert(len(self.message_widgets), view)
+        hidden = self.hidden_count
+        self.earlier_button.setText(f"Show earlier messages ({hidden:,} more)")
+        self.earlier_button.setVisible(hidden > 0)
+        self.empty_hint.setVisible(bool(self.empty_hint.text()) and not self.message_widgets)
+
+    def _insert(self, index: int, view: MessageView) -> None:
+        w = MessageWidget(view, self.renderer)
+        w.edit_submitted.connect(self.edit_submitted)
+        w.regenerate_requested.connect(self.regenerate_requested)
+        w.copied.connect(self.copied)
+        # layout: earlier button, empty hint, bubbles, notices, stretch
+        self._layout.insertWidget(2 + index, w)
+        self.message_widgets.insert(index, w)
+
+    def _remove(self, start: int, stop: int | None = None) -> None:
+        doomed = self.message_widgets[start:stop]
+        del self.message_widgets[start:stop]
+        for w in doomed:
+            self._layout.removeWidget(w)
+            w.deleteLater()
+
     def update_streaming(self, view: MessageView) -> None:
-        """The last bubble's text grew; it is re-rendered at most every RENDER_EVERY_S."""
+        """The last bubble's text grew; it is re-rendered at most every RENDER_EVERY_S (less often when
+        rendering it is slow, see MessageWidget.next_render_in), the text in between shown on the next one."""
         if not self.message_widgets or self.message_widgets[-1].view.key != view.key:
             return
         w = self.message_widgets[-1]
         w.update_view(view)
         if w.behind and not self._stream_timer.isActive():
-            self._stream_timer.start(int(RENDER_EVERY_S * 1000))
+            self._stream_timer.start(max(1, math.ceil(w.next_render_in() * 1000)))
 
     def _flush_stream(self) -> None:
-        if self.message_widgets:
-            self.message_widgets[-1].render_now()
+        if not self.message_widgets:
+            return
+        w = self.message_widgets[-1]
+        wait = w.next_render_in()
+        if wait > 0:  # the last render was slow: give the window its time first
+            self._stream_timer.start(math.ceil(wait * 1000))
+        else:
+            w.render_now()
 
     def set_notices(self, notices: list[Notice]) -> None:
         if [w.notice for w in self.notice_widgets] == notices:
@@ -397,22 +603,33 @@ class ChatView(QScrollArea):
 
     def _on_scrolled(self, value: int) -> None:
         bar = self.verticalScrollBar()
+        if self._anchor_bottom is not None and value != bar.maximum() - self._anchor_bottom:
+            self._anchor_bottom = None  # the user scrolled: stop pinning
         self.following = value >= bar.maximum() - 8
+        if value == bar.minimum() and bar.maximum() > 0 and self.hidden_count and self._anchor_bottom is None:
+            QTimer.singleShot(0, self.show_earlier)  # reached the top: the next page comes in
 
     def _on_range(self, _minimum: int, maximum: int) -> None:
         if self.following:
             self.verticalScrollBar().setValue(maximum)
+        elif self._anchor_bottom is not None:
+            self.verticalScrollBar().setValue(max(0, maximum - self._anchor_bottom))
 
     def _scroll_to_end(self) -> None:
         bar = self.verticalScrollBar()
         bar.setValue(bar.maximum())
 
     def bubble_texts(self) -> list[tuple[str, str]]:
-        """(role, text) of every bubble, for tests and screenshots."""
-        return [(w.view.role, w.view.text) for w in self.message_widgets]
+        """(role, text) of every message of the chat, with a bubble or not yet, for tests and screenshots."""
+        return [(v.role, v.text) for v in self.views]
 
     def widget_for(self, position: int) -> MessageWidget | None:
-        return next((w for w in self.message_widgets if w.view.position == position), None)
+        """The bubble of the message at `position`, showing earlier pages until it has one."""
+        while True:
+            w = next((w for w in self.message_widgets if w.view.position == position), None)
+            if w is not None or not self.hidden_count:
+                return w
+            self.show_earlier()
 
 
 def message_views(messages: list[StoredMessage], streaming_text: str | None, reply_id: int | None, pending: str | None,
