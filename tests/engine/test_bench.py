@@ -66,8 +66,11 @@ def test_quick_bench_writes_a_record_plots_and_a_table(real_lm, tmp_path: Path) 
         (s, p) for s in usable for p in ("start", "late")}
     assert all(r["tok_s"] is not None and r["tok_s"]["median"] > 0 for r in decode)
 
-    fidelity = {r["strategy"]: r for r in on_disk["results"]["fidelity"]}
+    rows = on_disk["results"]["fidelity"]
+    fidelity = {r["strategy"]: r for r in rows if "ppl_reference" not in r}
     assert set(fidelity) == set(usable)
+    [precision] = [r for r in rows if "ppl_reference" in r]  # bf16 against fp32, both measured in the run
+    assert precision["dtype"] == "bfloat16" and precision["ppl_ratio"] > 0 and precision["agreement_tokens"] > 0
     assert fidelity["dynamic"]["ppl_ratio"] == pytest.approx(1.0)
     assert fidelity["dynamic"]["agreement"] == pytest.approx(1.0)  # the reference agrees with itself
     assert fidelity["static"]["agreement"] == pytest.approx(1.0)  # exact: the same greedy tokens
