@@ -174,24 +174,26 @@ class CachePool:
         with self._mutex:
             device = self.bytes_in("device")
             host = self.bytes_in("ram")
-            idle = [(key, entry, caches.cache_reserved_bytes(entry.session.cache))
+            # A cache on the device counts its capacity (it grows in place); a move keeps its content only.
+            idle = [(key, entry, caches.cache_reserved_bytes(entry.session.cache),
+                     caches.cache_bytes(entry.session.cache))
                     for key, entry in self.entries.items()
                     if key != self.active and entry.session.cache is not None]  # least recently used first
-            target = {key: entry.tier for key, entry, _ in idle}
-            for key, entry, size in idle:
+            target = {key: entry.tier for key, entry, _, _ in idle}
+            for key, entry, reserved, content in idle:
                 if device <= self.device_budget:
                     break
                 if entry.tier == "device":
                     target[key] = "ram"
-                    device -= size
-                    host += size
-            for key, _entry, size in idle:
+                    device -= reserved
+                    host += content
+            for key, entry, reserved, content in idle:
                 if host <= self.host_budget:
                     break
                 if target[key] == "ram":
                     target[key] = "disk" if self.snapshots else "none"
-                    host -= size
-            plan = [(key, target[key]) for key, entry, _ in idle if target[key] != entry.tier]
+                    host -= content if entry.tier == "device" else reserved
+            plan = [(key, target[key]) for key, entry, _, _ in idle if target[key] != entry.tier]
             for key, tier in plan:
                 entry = self.entries[key]
                 entry.tier = tier  # accounted at once; the move itself runs in the background

@@ -361,7 +361,7 @@ def test_listing_does_not_import_torch(tmp_path) -> None:
             f"found = discovery.scan([discovery.Location('folder', Path({str(tmp_path / 'models')!r}))]); "
             "assert [m.status for m in found] == ['usable', 'usable'], found; "
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'imported'")
-    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, capture_output=True,
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[2], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0, result.stderr
 
