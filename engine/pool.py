@@ -96,9 +96,9 @@ class CachePool:
         return entry.tier
 
     def bytes_in(self, tier: str) -> int:
-        """Bytes the caches in `tier` take (allocated: a cache that grows in place counts its capacity)."""
+        """Bytes the caches in `tier` hold (content; a cache growing in place may hold up to 25% more spare)."""
         with self._mutex:
-            return sum(caches.cache_reserved_bytes(e.session.cache) for e in self.entries.values() if e.tier == tier)
+            return sum(caches.cache_bytes(e.session.cache) for e in self.entries.values() if e.tier == tier)
 
     # ----- activation --------------------------------------------------------------------------
     def activate(self, key: int, warm: bool = True) -> CacheRestored:
@@ -174,9 +174,7 @@ class CachePool:
         with self._mutex:
             device = self.bytes_in("device")
             host = self.bytes_in("ram")
-            # A cache on the device counts its capacity (it grows in place); a move keeps its content only.
-            idle = [(key, entry, caches.cache_reserved_bytes(entry.session.cache),
-                     caches.cache_bytes(entry.session.cache))
+            idle = [(key, entry, caches.cache_bytes(entry.session.cache), caches.cache_bytes(entry.session.cache))
                     for key, entry in self.entries.items()
                     if key != self.active and entry.session.cache is not None]  # least recently used first
             target = {key: entry.tier for key, entry, _, _ in idle}
