@@ -168,6 +168,7 @@ def test_cancel_from_another_thread_stops_within_one_step(tiny_lm) -> None:
 @pytest.mark.parametrize("exc", [RuntimeError("boom"), torch.OutOfMemoryError("CUDA out of memory")])
 def test_failure_mid_reply_leaves_cache_consistent(tiny_lm, monkeypatch, exc) -> None:
     session = make_session(tiny_lm)
+    session.settings.speculative = "off"  # one forward pass per token: the 7th call falls mid-decode
     session.send("warm up the cache")
     real_forward = type(tiny_lm.model.model.layers[1]).forward
     calls = {"n": 0}

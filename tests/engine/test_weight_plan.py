@@ -16,7 +16,7 @@ from engine.caches import CacheSpec
 from engine.weights import PrecisionError, quantized_linear_bytes, quanto_group_size
 
 GIB = 1024**3
-CONFIGS = Path(__file__).parent / "data" / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
 RAM_GIB = 64
 
 
