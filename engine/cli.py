@@ -350,7 +350,7 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
 
     kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
         if chat.persist else ""
-    precision = lm.precision_note if lm.precision_note and lm.precision_note != "chosen" else str(lm.dtype)
+    precision = lm.precision_note if lm.precision_note and lm.precision_note != "chosen" else lm.precision_label
     print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load); "
           f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}.{kept} "
           "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)

@@ -56,6 +56,14 @@ class LoadedModel:
     step_costs: dict[int, float] = field(default_factory=dict)
 
     @property
+    def precision_label(self) -> str:
+        """The precision in words: the dtype, or "float32 + bf16 weights" for fp32 with bf16 copies of the
+        weights for decoding steps (engine/half_weights.py)."""
+        if self.identity.endswith("|bf16-weights"):
+            return "float32 + bf16 weights"
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def config(self) -> Any:
         return self.model.config
 
@@ -394,14 +402,20 @@ def load(
 
     use_packed_attention(model)  # a few queries over a long cache without copying it (engine/attention.py)
     note, costs = "", {}
+    precision_name = str(dt).removeprefix("torch.")  # names the weights' precision in the identity (snapshots)
     if dev.type == "cpu":
         from engine import precision
 
         if dtype in (None, "auto"):
             choice = precision.choose_cpu_precision(model, identity, report)
-            if choice.dtype != dt:
+            if choice.half_weights:
+                from engine import half_weights
+
+                half_weights.convert(model, choice.kernel_max_tokens)  # decoding steps read a bf16 copy
+            elif choice.dtype != dt:
                 model.to(choice.dtype)
                 dt = choice.dtype
+            precision_name = choice.name
             note, costs = choice.reason, choice.step_costs
         else:
             note, costs = "chosen", precision.step_costs_for(model, identity, dt)
@@ -413,7 +427,7 @@ def load(
         model=model,
         tokenizer=tokenizer,
         source=source,
-        identity=f"{identity}|{str(dt).removeprefix('torch.')}",
+        identity=f"{identity}|{precision_name}",
         device=dev,
         dtype=dt,
         load_seconds=time.perf_counter() - started,

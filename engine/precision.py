@@ -3,11 +3,20 @@
 On a CPU a decoding step reads every weight once, so it is bound by memory bandwidth: bf16 weights
 halve the bytes and decode faster even without native bf16 arithmetic (measured on a 2-core AVX2
 machine: 1.7–1.8× for SmolLM2-135M). Prefill is bound by arithmetic, where bf16 without native
-support can be slower. So `--dtype auto` on a CPU measures, once per machine and model, what one
-decoder layer and the output head cost in fp32 and in bf16 for a decoding step and for a prefill
-chunk, and picks the precision that makes a typical turn (`TYPICAL_PROMPT` new tokens, then
-`TYPICAL_REPLY` decoded) fastest. The result is kept in the cache folder (`precision.json`), keyed
-by the CPU, the torch version, the thread count and the model, so later starts do not measure again.
+support is slower (2.8× for a 40-token follow-up there), and so is attention over a long bf16 cache.
+Three candidates are weighed:
+
+* `float32` — everything in fp32;
+* `bfloat16` — the whole model in bf16 (what suits CPUs with native bf16 arithmetic);
+* `bf16-weights` — fp32, plus a bf16 copy of the linear layers' weights that products of at most
+  `kernel_max_tokens` rows (decoding steps) read instead (engine/half_weights.py: +50% weight memory,
+  chosen only where that fits easily); the probe measures where the two kernels cross.
+
+`--dtype auto` on a CPU measures, once per machine and model, what one decoder layer and the output
+head cost in each for a decoding step and for a prefill chunk, and picks the one that makes a
+typical turn (`TYPICAL_PROMPT` new tokens, then `TYPICAL_REPLY` decoded) fastest. The result is kept
+in the cache folder (`precision.json`), keyed by the CPU, the torch version, the thread count and
+the model, so later starts do not measure again.
 
 The same probe measures how the cost of one step grows with the tokens it scores (1, 2, 4, 8),
 which is what speculative decoding's `auto` mode weighs guesses against (engine/speculative.py).
@@ -33,8 +42,11 @@ from engine import paths
 TYPICAL_PROMPT = 64  # new tokens of a follow-up (the user's message and the template around it)
 TYPICAL_REPLY = 256  # tokens of a reply
 STEP_SIZES = (1, 2, 4, 8)
-PROBE_VERSION = 2
-CANDIDATES = (torch.float32, torch.bfloat16)
+PROBE_VERSION = 3
+FP32, BF16, HALF_WEIGHTS = "float32", "bfloat16", "bf16-weights"
+CANDIDATES = (FP32, BF16, HALF_WEIGHTS)
+PROBE_STREAM_BYTES = 96 << 20  # fp32 weights the probe streams per step: more than a CPU's last-level cache
+NEVER = 1 << 30  # kernel_max_tokens meaning "always the bf16 kernel" (engine.half_weights.NEVER)
 
 
 @dataclass(frozen=True)
@@ -42,8 +54,9 @@ class PrecisionProbe:
     """What the model's steps cost, per precision (seconds, estimated from one decoder layer times
     the number of layers, plus the output head; medians)."""
 
-    step_s: dict[str, dict[int, float]]  # dtype name -> tokens per step -> seconds
-    prefill_s: dict[str, float]  # dtype name -> seconds for a TYPICAL_PROMPT-token chunk
+    step_s: dict[str, dict[int, float]]  # candidate -> tokens per step -> seconds
+    prefill_s: dict[str, float]  # candidate -> seconds for a TYPICAL_PROMPT-token chunk
+    kernel_max_tokens: int = 0  # bf16-weights: the most rows a product runs in bf16's own kernel
 
     def turn_seconds(self, dtype: str) -> float:
         """A typical turn's estimated time in `dtype`."""
@@ -58,11 +71,13 @@ class PrecisionProbe:
         return {n: s / one for n, s in self.step_s[dtype].items()}
 
     def describe(self, dtype: str) -> str:
-        other = next(d for d in self.prefill_s if d != dtype)
+        other = FP32 if dtype != FP32 and FP32 in self.prefill_s else min(
+            (d for d in self.prefill_s if d != dtype), key=self.turn_seconds)
         speed = self.turn_seconds(other) / self.turn_seconds(dtype)
         decode = self.step_s[other][1] / self.step_s[dtype][1]
         prefill = self.prefill_s[other] / self.prefill_s[dtype]
-        return (f"{dtype}: measured fastest on this CPU (a typical turn {speed:.2f}× {other}'s speed; "
+        label = "float32 with bf16 weights for decoding" if dtype == HALF_WEIGHTS else dtype
+        return (f"{label}: measured fastest on this CPU (a typical turn {speed:.2f}× {other}'s speed; "
                 f"decoding {decode:.2f}×, prefill {prefill:.2f}×)")
 
 
@@ -70,13 +85,15 @@ class PrecisionProbe:
 class PrecisionChoice:
     """The precision a model runs in, why, and its step costs (for speculative decoding)."""
 
-    dtype: torch.dtype
+    dtype: torch.dtype  # the arithmetic's (and the KV cache's) dtype
     reason: str
     step_costs: dict[int, float] = field(default_factory=dict)  # tokens per step -> cost relative to one
+    half_weights: bool = False  # linear weights stored in bf16 (engine/half_weights.py)
+    kernel_max_tokens: int = 0
 
     @property
     def name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
+        return HALF_WEIGHTS if self.half_weights else str(self.dtype).removeprefix("torch.")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -95,7 +112,7 @@ def _median_seconds(fn: Callable[[], Any], runs: int) -> float:
 
 @torch.inference_mode()
 def probe(model: Any, runs: int = 5) -> PrecisionProbe:
-    """Time one decoder layer and the output head of `model` (an fp32 model on the CPU) in fp32 and bf16.
+    """Time one decoder layer and the output head of `model` (an fp32 model on the CPU) as each candidate.
 
     Copies of one layer and of the head are timed, never the model itself, so the probe needs a few
     MB and the model is untouched. A step of n tokens attends over 256 cached tokens and scores all
@@ -103,47 +120,80 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     """
     from transformers.cache_utils import DynamicCache
 
+    from engine import half_weights
+
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layer0 = inner.layers[0]
     head_module = model.get_output_embeddings()
     rotary = inner.rotary_emb
-    hidden = int(model.config.get_text_config(decoder=True).hidden_size)
+    text_config = model.config.get_text_config(decoder=True)
+    hidden = int(text_config.hidden_size)
+    layers = int(text_config.num_hidden_layers)
     history = 256
-    step_s: dict[str, dict[int, float]] = {}
-    prefill_s: dict[str, float] = {}
-    for dtype in CANDIDATES:
-        name = dtype_name(dtype)
-        layer = copy.deepcopy(layer0).to(dtype)
-        lm_head = copy.deepcopy(head_module).to(dtype)
+
+    # A decoding step streams every weight from memory; one layer timed again and again would sit in the
+    # CPU's cache and hide exactly what bf16 weights save. So the probe runs through enough copies of
+    # the layer to outgrow the cache (at most the model's own layers).
+    layer_bytes = sum(p.numel() * 4 for p in layer0.parameters())
+    copies = max(1, min(layers, -(-PROBE_STREAM_BYTES // max(layer_bytes, 1))))
+
+    def measure(dtype: torch.dtype, kernel_max_tokens: int | None) -> tuple[dict[int, float], float]:
+        """(seconds per step of n tokens, seconds per prefill chunk) for the whole model, estimated."""
+        stack = [copy.deepcopy(layer0) for _ in range(copies)]
+        lm_head = torch.nn.Sequential(copy.deepcopy(head_module))
+        if kernel_max_tokens is None:
+            stack, lm_head = [layer.to(dtype) for layer in stack], lm_head.to(dtype)
+        else:  # fp32, with bf16 copies of the weights for products of few rows
+            for layer in stack:
+                half_weights.convert(layer, kernel_max_tokens)
+            half_weights.convert(lm_head, kernel_max_tokens)
         rope = copy.deepcopy(rotary)
 
-        def feed(cache: Any, start: int, n: int, layer: Any = layer, rope: Any = rope,
-                 dtype: torch.dtype = dtype) -> None:
+        def feed(caches: list[Any], start: int, n: int) -> None:
             x = torch.randn(1, n, hidden, dtype=dtype)
             pos = torch.arange(start, start + n).unsqueeze(0)
-            layer(x, position_embeddings=rope(x, pos), past_key_values=cache, position_ids=pos,
-                  attention_mask=None, use_cache=True)
+            position_embeddings = rope(x, pos)
+            for layer, cache in zip(stack, caches, strict=True):
+                layer(x, position_embeddings=position_embeddings, past_key_values=cache, position_ids=pos,
+                      attention_mask=None, use_cache=True)
 
-        def score(n: int, lm_head: Any = lm_head, dtype: torch.dtype = dtype) -> None:
+        def score(n: int) -> None:
             lm_head(torch.randn(1, n, hidden, dtype=dtype))
 
-        past = DynamicCache()
-        feed(past, 0, history)
+        pasts = [DynamicCache() for _ in stack]
+        feed(pasts, 0, history)
 
-        def step(n: int, past: Any = past, feed: Callable[..., None] = feed) -> None:
-            feed(past, history, n)
-            past.crop(-n)
+        def step(n: int) -> None:
+            feed(pasts, history, n)
+            for past in pasts:
+                past.crop(-n)
 
-        def prefill(feed: Callable[..., None] = feed) -> None:
-            feed(DynamicCache(), 0, TYPICAL_PROMPT)
-
-        layers = int(model.config.get_text_config(decoder=True).num_hidden_layers)
         # The whole model: every layer, and the head scoring every token a step feeds (a verifying step
         # scores them all) but only the last of a prefill chunk.
+        per_layer = layers / copies
         head = {n: _median_seconds(partial(score, n), runs) for n in STEP_SIZES}
-        step_s[name] = {n: layers * _median_seconds(partial(step, n), runs) + head[n] for n in STEP_SIZES}
-        prefill_s[name] = layers * _median_seconds(prefill, runs) + head[1]
-    return PrecisionProbe(step_s, prefill_s)
+        steps = {n: per_layer * _median_seconds(partial(step, n), runs) + head[n] for n in STEP_SIZES}
+        prefill = per_layer * _median_seconds(lambda: feed([DynamicCache() for _ in stack], 0, TYPICAL_PROMPT),
+                                              runs) + head[1]
+        return steps, prefill
+
+    step_s: dict[str, dict[int, float]] = {}
+    prefill_s: dict[str, float] = {}
+    step_s[FP32], prefill_s[FP32] = measure(torch.float32, None)
+    step_s[BF16], prefill_s[BF16] = measure(torch.bfloat16, None)
+    # bf16 copies of the weights: bf16's kernel serves products up to the size where fp32 gets faster.
+    kernel_steps, kernel_prefill = measure(torch.float32, NEVER)
+    kernel_max = 0
+    for n in STEP_SIZES:
+        if kernel_steps[n] > step_s[FP32][n]:
+            break
+        kernel_max = n
+    else:
+        if kernel_prefill <= prefill_s[FP32]:
+            kernel_max = NEVER
+    step_s[HALF_WEIGHTS] = {n: kernel_steps[n] if n <= kernel_max else step_s[FP32][n] for n in STEP_SIZES}
+    prefill_s[HALF_WEIGHTS] = kernel_prefill if kernel_max >= TYPICAL_PROMPT else prefill_s[FP32]
+    return PrecisionProbe(step_s, prefill_s, kernel_max)
 
 
 def _machine_key(identity: str) -> str:
@@ -186,10 +236,12 @@ def _recall(key: str) -> PrecisionProbe | None:
     if not isinstance(entry, dict):
         return None
     try:
-        return PrecisionProbe(
+        found = PrecisionProbe(
             step_s={d: {int(n): float(s) for n, s in v.items()} for d, v in entry["step_s"].items()},
             prefill_s={d: float(s) for d, s in entry["prefill_s"].items()},
+            kernel_max_tokens=int(entry.get("kernel_max_tokens", 0)),
         )
+        return found if set(found.prefill_s) == set(CANDIDATES) else None
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
@@ -206,12 +258,25 @@ def measured_probe(model: Any, identity: str, report: Callable[[str], None] | No
     return found
 
 
+def _room_for_copies(model: Any) -> bool:
+    """bf16 copies of the weights only where they convert and fit easily: a quarter of the RAM available now."""
+    import psutil
+
+    from engine import half_weights
+
+    return half_weights.convertible(model) and half_weights.extra_bytes(model) * 4 <= psutil.virtual_memory().available
+
+
 def choose_cpu_precision(model: Any, identity: str, report: Callable[[str], None] | None = None) -> PrecisionChoice:
-    """`auto` on a CPU: the precision whose typical turn is fastest here (see the module docstring)."""
+    """`auto` on a CPU: the precision whose typical turn is fastest here (see the module docstring).
+    bf16 copies of the weights are a candidate only where they convert and fit (`_room_for_copies`)."""
     found = measured_probe(model, identity, report)
     best = found.best()
-    dtype = torch.bfloat16 if best == "bfloat16" else torch.float32
-    return PrecisionChoice(dtype, found.describe(best), found.step_costs(best))
+    if best == HALF_WEIGHTS and not _room_for_copies(model):
+        best = min((FP32, BF16), key=found.turn_seconds)
+    dtype = torch.bfloat16 if best == BF16 else torch.float32
+    return PrecisionChoice(dtype, found.describe(best), found.step_costs(best), half_weights=best == HALF_WEIGHTS,
+                           kernel_max_tokens=found.kernel_max_tokens)
 
 
 def step_costs_for(model: Any, identity: str, dtype: torch.dtype) -> dict[int, float]:

@@ -532,7 +532,7 @@ class ChatService:
         self._advised_kv = advice.kv_budget if advice is not None else None
         self._hardware = advice.hardware if advice is not None else None
         return ModelInfo(
-            name=lm.source.display_name, device=str(lm.device), dtype=str(lm.dtype).removeprefix("torch."),
+            name=lm.source.display_name, device=str(lm.device), dtype=lm.precision_label,
             context_length=lm.context_length, weights_bytes=lm.weights_bytes, load_seconds=lm.load_seconds,
             availability=caches.availability(lm.device), backend_availability=caches.backend_availability(),
             auto_cache=self._auto, auto_reason=reason, config=lm.config, torch_dtype=lm.dtype,

@@ -396,36 +396,50 @@ class Bench:
         self._precision_fidelity(prompts, ref_ids, stop)
 
     def _precision_fidelity(self, prompts: list[str], ref_ids: list[list[int]], stop: list[int]) -> None:
-        """bf16 against fp32 on a CPU (what `--dtype auto` may choose): perplexity of the full cache on the
-        long text and greedy agreement with fp32's replies, both models measured here."""
+        """The CPU precisions `--dtype auto` may choose, against fp32: the whole model in bf16, and fp32 with
+        bf16 copies of the weights (engine/half_weights.py) measured with *every* product on the copies
+        (decoding steps use them; prefill does not, so this bounds what a reply sees). Perplexity of the
+        full cache on the long text and greedy agreement with fp32's replies, all measured here."""
+        from engine import half_weights
+
         lm = self.lm
         if lm.device.type != "cpu" or lm.dtype not in (torch.float32, torch.bfloat16):
             return
-        other_dtype = torch.bfloat16 if lm.dtype == torch.float32 else torch.float32
-        other = replace(lm, model=copy.deepcopy(lm.model).to(other_dtype), dtype=other_dtype,
-                        identity=lm.identity.rsplit("|", 1)[0] + "|" + _dtype_name(other_dtype))
-        full, half = (lm, other) if lm.dtype == torch.float32 else (other, lm)
-        if lm.dtype != torch.float32:  # the replies to agree with are fp32's
-            reference = CachetSystem(full, CacheSpec(), speculative="off")
-            ref_ids = []
-            for prompt in prompts:
-                reference.reply([{"role": "user", "content": prompt}], self.plan.fidelity_tokens,
-                                self.plan.fidelity_tokens)
-                ref_ids.append(list(reference.session.messages[-1].token_ids or []))
-            reference.close()
+        base = lm.identity.rsplit("|", 1)[0]
+        full = lm if lm.dtype == torch.float32 else replace(
+            lm, model=copy.deepcopy(lm.model).to(torch.float32), dtype=torch.float32, identity=base + "|float32")
         tokens = self.plan.ppl_tokens
-        ppl_full = _measure_ppl(full, CacheSpec(), tokens)
-        ppl_half = _measure_ppl(half, CacheSpec(), tokens)
-        agree, total = _agreement(half, CacheSpec(), prompts, ref_ids, stop)
-        self.results["fidelity"].append({
-            "strategy": "dynamic", "label": "dynamic, bf16 (vs fp32)", "dtype": "bfloat16", "ppl": ppl_half,
-            "ppl_ratio": ppl_half / ppl_full, "ppl_reference": ppl_full, "ppl_source": "measured",
-            "ppl_tokens": tokens, "agreement": agree / total if total else None, "agreement_tokens": total,
-            "spec": CacheSpec().to_dict(),
-        })
-        self.log(f"fidelity bf16 vs fp32      ppl {ppl_half:.3f} vs {ppl_full:.3f} (×{ppl_half / ppl_full:.4f}); "
-                 f"agreement {agree}/{total}")
-        del other
+        with half_weights.kernel_limit(full.model, 0):  # plain fp32, also where the model has bf16 copies
+            if full is not lm or half_weights.is_converted(lm.model):  # the replies to agree with are fp32's
+                reference = CachetSystem(full, CacheSpec(), speculative="off")
+                ref_ids = []
+                for prompt in prompts:
+                    reference.reply([{"role": "user", "content": prompt}], self.plan.fidelity_tokens,
+                                    self.plan.fidelity_tokens)
+                    ref_ids.append(list(reference.session.messages[-1].token_ids or []))
+                reference.close()
+            ppl_full = _measure_ppl(full, CacheSpec(), tokens)
+        bf16 = lm if lm.dtype == torch.bfloat16 else replace(
+            lm, model=copy.deepcopy(full.model).to(torch.bfloat16), dtype=torch.bfloat16, identity=base + "|bfloat16")
+        copies = lm if half_weights.is_converted(lm.model) else None
+        if copies is None and half_weights.convertible(full.model):
+            copies = replace(full, model=copy.deepcopy(full.model), identity=base + "|bf16-weights")
+            half_weights.convert(copies.model, half_weights.NEVER)
+        candidates: list[tuple[str, str, LoadedModel]] = [("bfloat16", "dynamic, bf16 (vs fp32)", bf16)]
+        if copies is not None:
+            candidates.append(("bf16-weights", "dynamic, fp32 + bf16 weight copies (vs fp32)", copies))
+        for dtype, label, model in candidates:
+            with half_weights.kernel_limit(model.model, half_weights.NEVER):
+                ppl = _measure_ppl(model, CacheSpec(), tokens)
+                agree, total = _agreement(model, CacheSpec(), prompts, ref_ids, stop)
+            self.results["fidelity"].append({
+                "strategy": "dynamic", "label": label, "dtype": dtype, "ppl": ppl,
+                "ppl_ratio": ppl / ppl_full, "ppl_reference": ppl_full, "ppl_source": "measured",
+                "ppl_tokens": tokens, "agreement": agree / total if total else None, "agreement_tokens": total,
+                "spec": CacheSpec().to_dict(),
+            })
+            self.log(f"fidelity {dtype} vs fp32 ppl {ppl:.3f} vs {ppl_full:.3f} (×{ppl / ppl_full:.4f}); "
+                     f"agreement {agree}/{total}")
 
     def run_chat(self) -> None:
         plan = self.plan

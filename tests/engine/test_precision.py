@@ -7,35 +7,62 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import models, precision
-from engine.precision import STEP_SIZES, PrecisionProbe
-from tests.tiny import save_tiny_folder
+from engine import half_weights, models, precision
+from engine.precision import BF16, CANDIDATES, FP32, HALF_WEIGHTS, STEP_SIZES, PrecisionProbe
+from tests.tiny import save_tiny_folder, tiny_loaded_model
 
 
-def _probe(decode_speedup: float, prefill_speedup: float) -> PrecisionProbe:
+def _probe(decode_speedup: float, prefill_speedup: float, copies_decode: float = 0.0) -> PrecisionProbe:
+    """fp32; bf16 decoding `decode_speedup`× and prefilling `prefill_speedup`× as fast; fp32 with bf16 copies
+    decoding `copies_decode`× as fast (0: as fast as fp32) and prefilling as fp32 does."""
     step = {n: 0.010 * (1 + 0.1 * (n - 1)) for n in STEP_SIZES}
+    copies = {n: s / copies_decode for n, s in step.items()} if copies_decode else dict(step)
     return PrecisionProbe(
-        step_s={"float32": step, "bfloat16": {n: s / decode_speedup for n, s in step.items()}},
-        prefill_s={"float32": 0.050, "bfloat16": 0.050 / prefill_speedup},
+        step_s={FP32: step, BF16: {n: s / decode_speedup for n, s in step.items()}, HALF_WEIGHTS: copies},
+        prefill_s={FP32: 0.050, BF16: 0.050 / prefill_speedup, HALF_WEIGHTS: 0.050},
+        kernel_max_tokens=4,
     )
 
 
 def test_the_typical_turn_decides_not_one_phase() -> None:
-    # bf16 decodes 1.7x faster but prefills 2x slower: a turn of 64 new tokens and 256 decoded still favours bf16.
-    assert _probe(1.7, 0.5).best() == "bfloat16"
+    # bf16 decodes 1.7x faster but prefills 2x slower: a turn of 64 new tokens and 256 decoded still favours bf16 ...
+    assert _probe(1.7, 0.5).best() == BF16
+    # ... unless bf16 copies of the weights decode as fast and prefill in fp32
+    assert _probe(1.7, 0.5, copies_decode=1.7).best() == HALF_WEIGHTS
+    # with native bf16 arithmetic (prefill faster too) the whole model in bf16 wins
+    assert _probe(1.7, 1.5, copies_decode=1.7).best() == BF16
     # decoding no faster and prefill slower: fp32
-    assert _probe(1.0, 0.5).best() == "float32"
-    assert "bfloat16: measured fastest" in _probe(1.7, 1.0).describe("bfloat16")
-    costs = _probe(1.7, 1.0).step_costs("bfloat16")
+    assert _probe(1.0, 0.5).best() == FP32
+    assert "bfloat16: measured fastest" in _probe(1.7, 1.0).describe(BF16)
+    assert "bf16 weights for decoding" in _probe(1.7, 0.5, 1.7).describe(HALF_WEIGHTS)
+    costs = _probe(1.7, 1.0).step_costs(BF16)
     assert costs[1] == 1.0 and costs[8] == pytest.approx(1.7)
 
 
-def test_the_probe_times_every_step_size_in_both_precisions(tiny_lm) -> None:
+def test_the_probe_times_every_step_size_for_every_candidate(tiny_lm) -> None:
     found = precision.probe(tiny_lm.model, runs=1)
-    for name in ("float32", "bfloat16"):
+    for name in CANDIDATES:
         assert set(found.step_s[name]) == set(STEP_SIZES)
         assert all(s > 0 for s in found.step_s[name].values()) and found.prefill_s[name] > 0
-    assert tiny_lm.model.dtype == torch.float32  # the model itself is untouched
+    # bf16 copies serve exactly the step sizes where they measured faster than fp32
+    for n in STEP_SIZES:
+        assert found.step_s[HALF_WEIGHTS][n] <= found.step_s[FP32][n] or n > found.kernel_max_tokens
+    assert tiny_lm.model.dtype == torch.float32 and not half_weights.is_converted(tiny_lm.model)  # untouched
+
+
+def test_bf16_copies_keep_fp32_arithmetic_and_cache() -> None:
+    plain, halved = tiny_loaded_model(seed=6), tiny_loaded_model(seed=6)
+    added = half_weights.convert(halved.model, kernel_max_tokens=4)
+    assert added == half_weights.extra_bytes(plain.model) > 0
+    assert halved.model.dtype == torch.float32  # parameters are still the fp32 ones
+    ids = torch.tensor([list(range(40, 90))])
+    with torch.inference_mode():
+        prefill_a, prefill_b = plain.model(ids).logits, halved.model(ids).logits  # 50 rows: fp32 on both
+        torch.testing.assert_close(prefill_b, prefill_a)
+        step_a = plain.model(ids[:, :1]).logits
+        step_b = halved.model(ids[:, :1]).logits  # one row: bf16 copies, close to fp32
+    assert (step_a - step_b).abs().max() < 0.05 * step_a.abs().max()
+    assert not torch.equal(step_a, step_b)  # the bf16 copy did run
 
 
 @pytest.fixture(autouse=True)
@@ -69,3 +96,16 @@ def test_a_damaged_table_is_measured_again(tmp_path: Path, monkeypatch: pytest.M
     folder = save_tiny_folder(tmp_path / "tiny")
     lm = models.load(str(folder), device="cpu")
     assert lm.dtype == torch.float32 and "float32: measured fastest" in lm.precision_note
+
+
+def test_auto_may_load_fp32_with_bf16_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(precision, "probe", lambda model, runs=5: _probe(1.7, 0.5, copies_decode=1.7))
+    folder = save_tiny_folder(tmp_path / "tiny")
+    lm = models.load(str(folder), device="cpu")
+    assert lm.dtype == torch.float32 and half_weights.is_converted(lm.model)  # the KV cache stays fp32
+    assert lm.identity.endswith("|bf16-weights")  # its snapshots are not those of plain fp32
+    assert "bf16 weights for decoding" in lm.precision_note
+    # where the copies would not fit easily in memory, the best of the others is taken
+    monkeypatch.setattr(precision, "_room_for_copies", lambda model: False)
+    lm = models.load(str(folder), device="cpu")
+    assert lm.dtype == torch.bfloat16 and not half_weights.is_converted(lm.model)
