@@ -81,6 +81,10 @@ def cachet_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
             and query.dtype == key.dtype == value.dtype and query.dtype in (torch.float32, torch.bfloat16)
             and (attention_mask is None or (attention_mask.dtype == torch.bool and bool(attention_mask.all())))):
         return split_decode(query, key, value, scaling).transpose(1, 2).contiguous(), None
+    if 1 < n <= ROW_EXACT_MAX_QUERIES and getattr(module, ROW_EXACT, False):
+        rows = _row_exact(module, query, key, value, attention_mask, dropout, scaling, **kwargs)
+        if rows is not None:
+            return rows, None
     packable = (rep > 1 and 1 < n <= PACK_MAX_QUERIES and attention_mask is not None
                 and attention_mask.dim() == 4 and attention_mask.shape[1] == 1
                 and attention_mask.shape[-1] == key.shape[2]
@@ -99,6 +103,51 @@ def cachet_sdpa(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     mask = mask.reshape(mask_batch, 1, rep * n, kv_len)
     out = torch.nn.functional.scaled_dot_product_attention(packed, key, value, attn_mask=mask, scale=scaling)
     return out.reshape(batch, heads, n, dim).transpose(1, 2).contiguous(), None
+
+
+ROW_EXACT = "cachet_row_exact"  # attribute set on attention modules whose model needs row-exact passes
+ROW_EXACT_MAX_QUERIES = 9  # a decoding pass: one token and up to 8 guesses
+
+
+def _row_exact(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, dropout: float, scaling: float | None,
+               **kwargs: Any) -> torch.Tensor | None:
+    """A pass of a few queries computed one query at a time, each exactly as a one-token step at its position
+    computes it (the same function, the same keys), or None where the mask is not the plain causal one.
+
+    A model with bf16 copies of its weights (engine/half_weights.py) rounds each layer's input to bf16,
+    which turns the last-bit differences between attention over several queries and over one into
+    different logits; computed this way, a pass checking speculative guesses gives every position the
+    logits that decoding one token at a time would, so greedy replies do not depend on speculation.
+    """
+    n, length = query.shape[2], key.shape[2]
+    if attention_mask is None:
+        visible = [length - n + 1 + i for i in range(n)]
+    elif attention_mask.dtype == torch.bool and attention_mask.dim() == 4 and attention_mask.shape[0] == 1:
+        rows = attention_mask[0, 0]
+        visible = [int(r.sum()) for r in rows]
+        if any(not bool(r[:v].all()) for r, v in zip(rows, visible, strict=True)):
+            return None  # not a prefix per row (sliding window, padding): the packed pass handles it
+    else:
+        return None
+    outs = []
+    for i, keys in enumerate(visible):
+        q = query[:, :, i : i + 1]
+        k, v = key[:, :, :keys], value[:, :, :keys]
+        out, _ = cachet_sdpa(module, q, k, v, None, dropout=dropout, scaling=scaling, **kwargs)
+        outs.append(out)  # [b, 1, heads, d]
+    return torch.cat(outs, dim=1)
+
+
+def mark_row_exact(model: torch.nn.Module) -> int:
+    """Make `model`'s attention compute passes of a few queries one query at a time (see `_row_exact`);
+    returns how many attention modules were marked."""
+    marked = 0
+    for module in model.modules():
+        if hasattr(module, "num_key_value_groups"):
+            setattr(module, ROW_EXACT, True)
+            marked += 1
+    return marked
 
 
 def register() -> str:

@@ -9,10 +9,10 @@ emulated) and attention over an 8k-token bf16 cache ran 1.8× slower than in fp3
 weights back to fp32 for every prefill product cost about as much as the product itself.
 
 So each `nn.Linear` keeps its fp32 weight and gains a bf16 copy (+50% weight memory): a product
-over at most `kernel_max_tokens` rows (a decoding step, a speculative check of a few guesses) runs
-bf16's kernel on the copy and reads half the bytes; a larger one (a prefill chunk) runs in fp32 on
-the original. Activations, norms, RoPE, the KV cache and attention stay fp32, so a cache is exactly
-as precise as with fp32 weights, the advisor's byte counts do not change, and the model's
+over at most `kernel_max_tokens` rows (at least `DECODE_ROWS`: a decoding step, a speculative check
+of a few guesses) runs bf16's kernel on the copy and reads half the bytes; a larger one (a prefill
+chunk) runs in fp32 on the original. Activations, norms, RoPE, the KV cache and attention stay
+fp32, so a cache is exactly as precise as with fp32 weights, the advisor's byte counts do not change, and the model's
 `dtype` is still fp32. `engine/precision.py` measures whether this pays on the machine it runs on
 and where the two kernels cross.
 """
@@ -28,6 +28,11 @@ from torch import nn
 
 WEIGHT_DTYPE = torch.bfloat16
 NEVER = 1 << 30  # a kernel_max_tokens that sends every product to the bf16 copies
+# The most rows a decoding pass has: one token plus the guesses speculative decoding checks (engine/speculative.py
+# checks at most 8). Every such pass runs on the bf16 copies, whose kernel computes each row as it would alone
+# (checked: bitwise equal), so a pass checking guesses gives each position the logits a one-token step would,
+# and greedy replies are the same with speculation on and off.
+DECODE_ROWS = 9
 
 
 class HalfWeightLinear(nn.Module):
@@ -42,7 +47,7 @@ class HalfWeightLinear(nn.Module):
         self.register_buffer("weight_bf16", linear.weight.detach().to(WEIGHT_DTYPE), persistent=False)
         self.register_buffer("bias_bf16", None if linear.bias is None else linear.bias.detach().to(WEIGHT_DTYPE),
                              persistent=False)
-        self.kernel_max_tokens = kernel_max_tokens
+        self.kernel_max_tokens = max(kernel_max_tokens, DECODE_ROWS) if kernel_max_tokens else 0
         self.weight_bf16: torch.Tensor
         self.bias_bf16: torch.Tensor | None
 
@@ -73,6 +78,9 @@ def convertible(model: nn.Module) -> bool:
 def convert(model: nn.Module, kernel_max_tokens: int) -> int:
     """Give every `nn.Linear` of `model` a bf16 copy for products of at most `kernel_max_tokens` rows, in
     place; returns the bytes added."""
+    from engine.attention import mark_row_exact
+
+    mark_row_exact(model)  # a decoding pass's rows get exactly what one-token steps get (engine/attention.py)
     added = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):

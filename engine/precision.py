@@ -42,7 +42,7 @@ from engine import paths
 TYPICAL_PROMPT = 64  # new tokens of a follow-up (the user's message and the template around it)
 TYPICAL_REPLY = 256  # tokens of a reply
 STEP_SIZES = (1, 2, 4, 8)
-PROBE_VERSION = 3
+PROBE_VERSION = 4
 FP32, BF16, HALF_WEIGHTS = "float32", "bfloat16", "bf16-weights"
 CANDIDATES = (FP32, BF16, HALF_WEIGHTS)
 PROBE_STREAM_BYTES = 96 << 20  # fp32 weights the probe streams per step: more than a CPU's last-level cache
@@ -181,18 +181,12 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     prefill_s: dict[str, float] = {}
     step_s[FP32], prefill_s[FP32] = measure(torch.float32, None)
     step_s[BF16], prefill_s[BF16] = measure(torch.bfloat16, None)
-    # bf16 copies of the weights: bf16's kernel serves products up to the size where fp32 gets faster.
+    # bf16 copies of the weights: bf16's kernel serves every decoding pass (one token, or one and the guesses
+    # speculation checks: `half_weights.DECODE_ROWS` rows at most), and prefill too where it is faster there.
     kernel_steps, kernel_prefill = measure(torch.float32, NEVER)
-    kernel_max = 0
-    for n in STEP_SIZES:
-        if kernel_steps[n] > step_s[FP32][n]:
-            break
-        kernel_max = n
-    else:
-        if kernel_prefill <= prefill_s[FP32]:
-            kernel_max = NEVER
-    step_s[HALF_WEIGHTS] = {n: kernel_steps[n] if n <= kernel_max else step_s[FP32][n] for n in STEP_SIZES}
-    prefill_s[HALF_WEIGHTS] = kernel_prefill if kernel_max >= TYPICAL_PROMPT else prefill_s[FP32]
+    kernel_max = NEVER if kernel_prefill <= prefill_s[FP32] else half_weights.DECODE_ROWS
+    step_s[HALF_WEIGHTS] = kernel_steps
+    prefill_s[HALF_WEIGHTS] = min(kernel_prefill, prefill_s[FP32])
     return PrecisionProbe(step_s, prefill_s, kernel_max)
 
 

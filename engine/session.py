@@ -409,13 +409,19 @@ class ChatSession:
                 draft, shadow = self._draft(lookup, policy, budget - len(generated) - 1, spec)
                 spec.passes += 1
                 if not draft:
+                    step_started = time.perf_counter()
                     logits = self.forward_logits([token])
+                    if isinstance(policy, CostAwareLength):
+                        policy.observe(1, time.perf_counter() - step_started)
                     continue
                 # One pass scores the token and every guess; each guess stands while it is what the
                 # sampler would have chosen there (see Sampler.verify).
                 verify_started = time.perf_counter()
                 rows = self.forward_logits([token, *draft], all_positions=True)
-                spec.verify_seconds += time.perf_counter() - verify_started
+                took = time.perf_counter() - verify_started
+                spec.verify_seconds += took
+                if isinstance(policy, CostAwareLength):
+                    policy.observe(len(draft) + 1, took)
                 kept = 0
                 for i, guess in enumerate(draft):
                     choice, agreed = sampler.verify(rows[i], context_ids[:n_context], guess, banned())

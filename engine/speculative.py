@@ -90,29 +90,54 @@ class DraftLength:
 class CostAwareLength:
     """`auto`: check as many guesses as pay for themselves, from measured step costs.
 
-    A step of n tokens costs `costs[n]` times a one-token step (engine/precision.py measures it on
-    the CPU). If each guess holds with probability a (estimated from every proposal so far, also those
-    not checked: whether a guess was right is known for free once the next token is chosen), a
-    step checking k guesses emits (1 - a^(k+1)) / (1 - a) tokens on average. The length chosen
-    maximises tokens per unit of cost; 0 means a plain step.
+    A step of n tokens costs `cost(n)` times a one-token step. If each guess holds with probability a,
+    a step checking k guesses emits (1 - a^(k+1)) / (1 - a) tokens on average; the length chosen
+    maximises tokens per unit of cost, and 0 means a plain step.
+
+    * a is estimated from every proposal, also those not checked (whether a guess was right is known
+      for free once the next token is chosen), with older evidence fading (`decay` per proposal): a
+      chat that turns from editing code, where guesses hold, to free conversation, where they do not,
+      stops paying for checks within a few tokens.
+    * cost(n) starts from the precision probe's figures (engine/precision.py) and follows the passes
+      actually timed in this session (`observe`), once each size has been seen a few times: the probe
+      times one layer, the session the whole model at its real cache length.
     """
 
-    def __init__(self, costs: dict[int, float], most: int = 8, prior: tuple[int, int] = (1, 2)) -> None:
+    def __init__(self, costs: dict[int, float], most: int = 8, prior: tuple[float, float] = (1.0, 2.0),
+                 decay: float = 0.8) -> None:
         self.costs = dict(sorted(costs.items()))
         self.most = most
-        self.kept, self.seen = prior  # Laplace-style prior: a = 1/2 before any evidence
+        self.kept, self.seen = prior  # a = 1/2 before any evidence
+        self.decay = decay
+        self._timed: dict[int, tuple[int, float]] = {}  # tokens -> (passes seen, moving average of seconds)
 
     def cost(self, tokens: int) -> float:
-        """Relative cost of a step of `tokens` tokens, interpolated between the measured sizes."""
-        sizes = list(self.costs)
-        if tokens in self.costs:
-            return self.costs[tokens]
+        """Relative cost of a step of `tokens` tokens, interpolated (and extended past the largest size) over
+        the sizes timed in this session once there are two, else over the probe's."""
+        table = self._observed_costs()
+        if len(table) < 2:
+            table = self.costs
+        if tokens in table:
+            return table[tokens]
+        sizes = list(table)
         lo = max((n for n in sizes if n < tokens), default=sizes[0])
         hi = min((n for n in sizes if n > tokens), default=None)
-        if hi is None:  # beyond the largest measured size: extend the last segment
+        if hi is None:  # beyond the largest known size: extend the last segment
             lo, hi = sizes[-2], sizes[-1]
-        slope = (self.costs[hi] - self.costs[lo]) / (hi - lo)
-        return max(self.costs[lo] + slope * (tokens - lo), 1e-9)
+        slope = (table[hi] - table[lo]) / (hi - lo)
+        return max(table[lo] + slope * (tokens - lo), 1e-9)
+
+    def _observed_costs(self) -> dict[int, float]:
+        one = self._timed.get(1)
+        if one is None or one[0] < OBSERVED_ENOUGH:
+            return {}
+        return {n: mean / one[1] for n, (count, mean) in sorted(self._timed.items()) if count >= OBSERVED_ENOUGH}
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        """A forward pass of `tokens` tokens took `seconds` (moving average over the last ~10 of that size)."""
+        count, mean = self._timed.get(tokens, (0, seconds))
+        weight = max(1.0 / (count + 1), 0.1)
+        self._timed[tokens] = (count + 1, mean + weight * (seconds - mean))
 
     def acceptance(self) -> float:
         return self.kept / self.seen
@@ -128,8 +153,13 @@ class CostAwareLength:
 
     def update(self, drafted: int, kept: int) -> None:
         """`kept` of `drafted` guesses held (the first miss ends a check, so count it and those before)."""
-        self.kept += kept
-        self.seen += min(drafted, kept + 1)
+        seen = min(drafted, kept + 1)
+        fade = self.decay ** seen
+        self.kept = self.kept * fade + kept
+        self.seen = self.seen * fade + seen
+
+
+OBSERVED_ENOUGH = 3  # passes of a size timed before their time replaces the probe's estimate
 
 
 @dataclass

@@ -9,7 +9,7 @@ from engine import caches
 from engine.caches import CacheConfigError, CacheSpec
 from engine.sampling import Sampler, SamplingSettings
 from engine.session import ChatSession, SessionSettings
-from engine.speculative import DraftLength, PromptLookup
+from engine.speculative import CostAwareLength, DraftLength, PromptLookup
 
 
 def test_prompt_lookup_proposes_what_followed_the_latest_earlier_occurrence() -> None:
@@ -134,3 +134,61 @@ def test_min_new_tokens_and_the_budget_hold_with_speculation(tiny_lm) -> None:
 def test_speculation_off_is_validated_like_every_setting(tiny_lm) -> None:
     with pytest.raises(CacheConfigError, match="speculative mode"):
         ChatSession(tiny_lm, SessionSettings(speculative="psychic")).settings.validate()
+
+
+def test_auto_stops_checking_soon_after_guesses_stop_holding() -> None:
+    policy = CostAwareLength({1: 1.0, 2: 1.2, 4: 1.5, 8: 2.0})
+    for _ in range(40):  # editing code: every guess holds
+        policy.update(4, 4)
+    assert policy.next() >= 4
+    misses = 0
+    while policy.next() > 0:  # free conversation: none holds
+        policy.update(1, 0)
+        misses += 1
+    assert misses <= 12  # a fading memory: not the hundreds of misses a lifetime average would need
+
+
+def test_auto_weighs_guesses_with_the_step_costs_it_times() -> None:
+    policy = CostAwareLength({1: 1.0, 2: 1.1, 4: 1.2, 8: 1.5})  # the probe: checks look cheap
+    for _ in range(20):
+        policy.update(2, 1)  # half the guesses hold
+    assert policy.next() > 0
+    for _ in range(5):  # but this session's passes say a check costs as much as two plain steps
+        policy.observe(1, 0.030)
+        for n in (2, 3, 4, 5, 9):
+            policy.observe(n, 0.030 * n)
+    assert policy.cost(4) == pytest.approx(4.0)
+    assert policy.next() == 0
+
+
+@pytest.fixture(scope="module")
+def tiny_with_copies():
+    """The tiny model with bf16 copies of its weights for decoding passes (what `--dtype auto` may pick on a CPU)."""
+    from engine import attention, half_weights
+    from tests.tiny import tiny_loaded_model
+
+    lm = tiny_loaded_model(seed=0)
+    attention.use_packed_attention(lm.model)
+    half_weights.convert(lm.model, kernel_max_tokens=half_weights.DECODE_ROWS)
+    return lm
+
+
+def test_a_pass_checking_guesses_gives_each_position_a_one_token_steps_logits_with_bf16_copies(
+        tiny_with_copies) -> None:
+    ids = list(range(40, 100))
+    a, b = ChatSession(tiny_with_copies), ChatSession(tiny_with_copies)
+    a.forward_logits(ids)
+    b.forward_logits(ids)
+    checked = a.forward_logits([7, 8, 9, 10, 11], all_positions=True)
+    one_by_one = torch.stack([b.forward_logits([t]) for t in (7, 8, 9, 10, 11)])
+    assert torch.equal(checked, one_by_one)  # bitwise: layer inputs are rounded to bf16, so nothing less holds
+
+
+@pytest.mark.parametrize("strategy", ["dynamic", "sink", "quantized"])
+def test_greedy_replies_are_identical_with_speculation_on_and_off_with_bf16_copies(tiny_with_copies,
+                                                                                   strategy) -> None:
+    greedy = SamplingSettings(temperature=0.0, max_new_tokens=48, repetition_penalty=1.0)
+    plain, _ = _chat(tiny_with_copies, SPECS[strategy], "off", greedy)
+    fast, stats = _chat(tiny_with_copies, SPECS[strategy], "prompt-lookup", greedy)
+    assert fast == plain
+    assert any(s.tokens_per_step and s.tokens_per_step > 1.0 for s in stats)
