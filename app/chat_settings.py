@@ -271,7 +271,8 @@ class ChatSettingsPanel(QScrollArea):
         for policy in OVERFLOW_POLICIES:
             self.overflow.addItem(OVERFLOW_LABELS[policy], policy)
         for mode in SPECULATIVE_MODES:
-            self.speculative.addItem(SPECULATIVE_LABELS[mode], mode)
+            if mode in SPECULATIVE_LABELS:  # "draft-model" needs a draft model, which the window cannot load yet
+                self.speculative.addItem(SPECULATIVE_LABELS[mode], mode)
         for name in STRATEGY_FIELDS["sink-quantized"] + STRATEGY_FIELDS["static"]:
             label, widget = self._param_widget(name)
             self.params_form.addRow(label, widget)

@@ -21,6 +21,7 @@ from engine.lock import DataFolderLock, FolderInUseError
 from engine.models import LoadedModel
 from engine.reports import Budgets, TurnDone
 from engine.service import ChatService
+from engine.session import DraftModelError
 from engine.specs import OVERFLOW_POLICIES, SPECULATIVE_MODES, SamplingError, SamplingSettings
 from engine.store import ChatSettings, ChatStore
 from engine.weights import PRECISIONS
@@ -83,6 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--speculative", default="auto", choices=SPECULATIVE_MODES,
                       help="check guessed tokens several per step (prompt lookup: guesses from the conversation "
                            "itself); greedy replies are the same token for token either way")
+    chat.add_argument("--draft-model", default=None, metavar="PATH",
+                      help="with --speculative draft-model: a small model of the same family (same tokenizer) that "
+                           "guesses the next tokens, e.g. SmolLM2-135M for SmolLM2-360M/1.7B (a .gguf or a folder)")
     chat.add_argument("--no-reuse", action="store_true",
                       help="recompute the whole conversation every turn (the baseline reuse is measured against)")
     chat.add_argument("--turns", type=Path, help="file with one user message per line")
@@ -150,6 +154,10 @@ def check_args(args: argparse.Namespace) -> None:
     costs one clear line and a non-zero exit, not a model load and a traceback (ArgumentProblem)."""
     if hasattr(args, "device") and not _DEVICE.match(str(args.device)):
         raise ArgumentProblem(f"--device {args.device!r}: choose auto, cpu, cuda, cuda:N or mps.")
+    if getattr(args, "speculative", None) == "draft-model" and not getattr(args, "draft_model", None):
+        raise ArgumentProblem("--speculative draft-model needs --draft-model PATH (a small model of the same family).")
+    if getattr(args, "draft_model", None) and getattr(args, "speculative", None) != "draft-model":
+        raise ArgumentProblem("--draft-model is used by --speculative draft-model; add that, or leave the draft out.")
     if hasattr(args, "dtype") and args.dtype not in _DTYPE_NAMES:
         raise ArgumentProblem(f"--dtype {args.dtype!r}: choose auto, float32, float16 or bfloat16.")
     if getattr(args, "context", None) is not None and args.context < 1:
@@ -258,6 +266,10 @@ class TerminalChat:
     def load(self, args: argparse.Namespace) -> LoadedModel:
         self.service.load_model(lambda progress: _load(args, progress))
         assert self.service.lm is not None
+        if getattr(args, "draft_model", None):
+            self.service.load_draft_model(lambda progress: models.load(
+                args.draft_model, device=args.device, dtype=args.dtype, offline=not args.online,
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, progress=progress))
         return self.service.lm
 
     def turn(self, text: str, on_delta: Callable[[str], None] | None = None,
@@ -549,7 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
             return cmd_serve(args)
         return cmd_perplexity(args)
-    except models.ModelLoadError as exc:
+    except (models.ModelLoadError, DraftModelError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except (SamplingError, caches.CacheConfigError, ArgumentProblem) as exc:  # a setting the user gave is invalid

@@ -98,7 +98,8 @@ class CachePool:
     def bytes_in(self, tier: str) -> int:
         """Bytes the caches in `tier` hold (content; a cache growing in place may hold up to 25% more spare)."""
         with self._mutex:
-            return sum(caches.cache_bytes(e.session.cache) for e in self.entries.values() if e.tier == tier)
+            return sum(caches.cache_bytes(e.session.cache) + e.session.draft_cache_bytes()
+                       for e in self.entries.values() if e.tier == tier)  # a draft model's cache moves with its chat
 
     # ----- activation --------------------------------------------------------------------------
     def activate(self, key: int, warm: bool = True) -> CacheRestored:
@@ -121,6 +122,8 @@ class CachePool:
                 source = "none"
             if source == "ram" and session.cache is not None:
                 session.cache.to(self.lm.device)
+                if session.draft is not None and session.draft.session.cache is not None:
+                    session.draft.session.cache.to(self.lm.device)
             elif source == "disk":
                 loaded = self.snapshots.load(key, session) if self.snapshots else None
                 source = "disk" if loaded is not None and loaded.ok else "none"
@@ -174,7 +177,8 @@ class CachePool:
         with self._mutex:
             device = self.bytes_in("device")
             host = self.bytes_in("ram")
-            idle = [(key, entry, caches.cache_bytes(entry.session.cache), caches.cache_bytes(entry.session.cache))
+            idle = [(key, entry, caches.cache_bytes(entry.session.cache) + entry.session.draft_cache_bytes(),
+                     caches.cache_bytes(entry.session.cache) + entry.session.draft_cache_bytes())
                     for key, entry in self.entries.items()
                     if key != self.active and entry.session.cache is not None]  # least recently used first
             target = {key: entry.tier for key, entry, _, _ in idle}
@@ -210,6 +214,8 @@ class CachePool:
             try:
                 if tier == "ram":
                     session.cache.to(self.host, pin_memory=self.lm.device.type == "cuda")
+                    if session.draft is not None and session.draft.session.cache is not None:
+                        session.draft.session.cache.to(self.host, pin_memory=self.lm.device.type == "cuda")
                     return
                 if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
                     entry.tier = "none"

@@ -46,6 +46,7 @@ from engine.session import (
     ContextOverflowError,
     Message,
     SessionSettings,
+    check_draft_compatible,
     common_prefix_length,
     error_kind,
 )
@@ -177,6 +178,7 @@ class ChatService:
         self._shown: dict[int, CacheState] = {}  # the last place reported for each chat
         self._opened: dict[int, CacheRestored] = {}  # restores done on opening, told with the next reply
         self._interrupted = threading.Event()
+        self.draft_lm: LoadedModel | None = None  # speculative "draft-model": the small model guessing for chats
 
     # ----- from any thread -----------------------------------------------------------------------
     def interrupt(self) -> None:
@@ -199,6 +201,7 @@ class ChatService:
         """
         self._close_pool(save=False)
         self.lm = self.model = None
+        self.draft_lm = None  # a draft fits one main model's tokenizer; load it again after
         self._shown.clear()
         self._opened.clear()
 
@@ -217,6 +220,24 @@ class ChatService:
         self.pool.device_budget, self.pool.host_budget = self._resolved_budgets()
         self._announce_snapshots()
         return self.model
+
+    def load_draft_model(self, loader: Loader | None, progress: Callable[[str], None] | None = None) -> str | None:
+        """Load the small model that guesses for chats whose speculative mode is "draft-model" (None: drop it).
+
+        It must share the main model's tokenizer (DraftModelError otherwise, and the previous draft stays).
+        Returns its name. Every chat keeps its own cache of it, in the pool with the chat's cache.
+        """
+        if loader is None:
+            self.draft_lm = None
+        else:
+            if self.lm is None:
+                raise RuntimeError("Load the model before its draft model.")
+            draft = call_loader(loader, progress or (lambda _msg: None))
+            check_draft_compatible(self.lm, draft)
+            self.draft_lm = draft
+        for _key, session in self.pool.sessions() if self.pool is not None else []:
+            session.set_draft_model(self.draft_lm)
+        return self.draft_lm.source.display_name if self.draft_lm is not None else None
 
     def set_budgets(self, budgets: Budgets) -> None:
         self.budgets = budgets
@@ -400,6 +421,9 @@ class ChatService:
         sampling = settings.sampling.validate()
         overflow = validate_overflow(settings.overflow)
         speculative = validate_speculative(settings.speculative)
+        if speculative == "draft-model" and self.draft_lm is None:
+            raise CacheConfigError("Speculative decoding with a draft model needs one: choose a draft model of the "
+                                   "same family (CLI: --draft-model PATH), or another speculative mode.")
         if spec.is_quantized:
             self._warm_quantization(spec.backend)
         session = pool.session(chat_id)
@@ -407,6 +431,7 @@ class ChatService:
         if session is None:
             chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow, speculative)
             session = ChatSession(pool.lm, chosen)
+            session.set_draft_model(self.draft_lm)
             # A snapshot from an earlier run: activating restores it (or, if it no longer fits this
             # model or strategy, deletes it and recomputes).
             on_disk = pool.snapshots is not None and pool.snapshots.path(chat_id).is_file()

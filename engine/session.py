@@ -168,6 +168,9 @@ class ChatSession:
         self._cancel = threading.Event()
         self._policy: tuple[str, DraftLength | CostAwareLength] | None = None  # see _draft_policy
         self.stop: threading.Event | None = None
+        # speculative "draft-model": the small model (set by the owner) and this conversation's cache of it
+        self.draft_lm: LoadedModel | None = None
+        self.draft: DraftModel | None = None
 
     # ----- conversation editing -------------------------------------------------------------
     def render_ids(self, messages: Sequence[Message] | None = None, generation_prompt: bool = True) -> list[int]:
@@ -298,6 +301,19 @@ class ChatSession:
     def reset_cache(self) -> None:
         self.cache = None
         self.cached_ids = []
+        self.draft = None  # the draft's cache follows the main one (it is rebuilt from the conversation)
+
+    def set_draft_model(self, lm: LoadedModel | None) -> None:
+        """The small model that guesses for speculative "draft-model" (None: none); checked for the same tokenizer."""
+        if lm is not None:
+            check_draft_compatible(self.lm, lm)
+        if lm is not self.draft_lm:
+            self.draft = None
+        self.draft_lm = lm
+
+    def draft_cache_bytes(self) -> int:
+        """Bytes the draft model's cache of this conversation holds (0 without one)."""
+        return caches.cache_bytes(self.draft.session.cache) if self.draft is not None else 0
 
     # ----- turns ------------------------------------------------------------------------------
     def send(self, text: str, on_delta: DeltaFn | None = None) -> TurnResult:
@@ -361,7 +377,15 @@ class ChatSession:
         context_ids = torch.empty(len(prompt) + budget + 1, dtype=torch.long)
         context_ids[: len(prompt)] = torch.tensor(prompt, dtype=torch.long)
         n_context = len(prompt)
-        lookup = PromptLookup(prompt) if self.settings.speculative != "off" else None
+        mode = self.settings.speculative
+        if mode == "draft-model" and self.draft_lm is None:
+            raise ValueError("Speculative decoding with a draft model needs a draft model: choose one (CLI: "
+                             "--draft-model PATH), or another speculative mode.")
+        lookup = PromptLookup(prompt) if mode not in ("off", "draft-model") else None
+        if mode == "draft-model" and self.draft is None:
+            assert self.draft_lm is not None
+            self.draft = DraftModel(self.draft_lm)
+        drafter = self.draft if mode == "draft-model" else None
         policy = self._draft_policy()
         spec = SpecStats()
         shadow: int | None = None  # a guess not checked (auto judged it not worth a pass): was it right?
@@ -406,7 +430,11 @@ class ChatSession:
                 if end is not None:
                     finish = end
                     break
-                draft, shadow = self._draft(lookup, policy, budget - len(generated) - 1, spec)
+                if drafter is not None:
+                    draft, shadow = self._draft_from_model(drafter, context_ids[:n_context].tolist(), policy,
+                                                           budget - len(generated) - 1, spec)
+                else:
+                    draft, shadow = self._draft(lookup, policy, budget - len(generated) - 1, spec)
                 spec.passes += 1
                 if not draft:
                     step_started = time.perf_counter()
@@ -480,7 +508,7 @@ class ChatSession:
             overflow_action=overflow_action,
             hidden_messages=self.hidden_messages,
             user_tokens=len(self._tokenize(self.messages[user_at].content)),
-            speculative=spec.describe(self.settings.speculative),
+            speculative=spec.describe(self.settings.speculative, "draft model" if drafter is not None else None),
             tokens_per_step=spec.tokens_per_step if spec.passes else None,
             draft_ms=spec.draft_seconds * 1000.0,
             verify_ms=spec.verify_seconds * 1000.0,
@@ -497,7 +525,7 @@ class ChatSession:
         if self._policy is None or self._policy[0] != mode:
             costs = self.lm.step_costs
             policy: DraftLength | CostAwareLength = (CostAwareLength(costs) if mode == "auto" and len(costs) >= 2
-                                                     else DraftLength())
+                                                     else DraftLength())  # prompt lookup, draft model
             self._policy = (mode, policy)
         return self._policy[1]
 
@@ -523,6 +551,22 @@ class ChatSession:
         if not self._ensure_cache().rewindable(len(draft) + 1):
             spec.skipped += 1
             return [], None
+        return draft, None
+
+    def _draft_from_model(self, drafter: DraftModel, context: list[int], policy: DraftLength | CostAwareLength,
+                          room: int, spec: SpecStats) -> tuple[list[int], int | None]:
+        """The draft model's guesses for the tokens after `context` (whose last token is about to be fed)."""
+        if room <= 0:
+            return [], None
+        k = min(policy.next(), room)
+        if k <= 0:
+            return [], None
+        if not self._ensure_cache().rewindable(k + 1):
+            spec.skipped += 1
+            return [], None
+        started = time.perf_counter()
+        draft = drafter.propose(context, k)
+        spec.draft_seconds += time.perf_counter() - started
         return draft, None
 
     def _apply_overflow_policy(self, prompt_tokens: int) -> str:
@@ -646,3 +690,46 @@ class ChatSession:
         self.cached_ids.extend(ids)
         return out.logits[0] if all_positions else out.logits[0, -1]
 
+
+
+class DraftModelError(ValueError):
+    """A draft model that cannot guess for this model (another tokenizer)."""
+
+
+def check_draft_compatible(main: LoadedModel, draft: LoadedModel) -> None:
+    """A draft model must read and write the same tokens: the same vocabulary, token for token."""
+    if main.tokenizer.get_vocab() != draft.tokenizer.get_vocab():
+        raise DraftModelError(
+            f"{draft.source.display_name} cannot draft for {main.source.display_name}: their tokenizers differ "
+            "(a draft model must come from the same family, e.g. SmolLM2-135M for SmolLM2-360M or 1.7B).")
+
+
+class DraftModel:
+    """Speculative decoding's small model for one conversation: it keeps its own cache of the conversation,
+    reused and cropped by the same longest-common-prefix rule as the main cache, and guesses greedily.
+
+    Each `propose` brings the draft's cache to the tokens so far (after a turn, an edit or rejected
+    guesses it crops to what still agrees and feeds the rest), then decodes `k` guesses, feeding all but
+    the last: the next call crops what the main model rejected.
+    """
+
+    def __init__(self, lm: LoadedModel) -> None:
+        self.session = ChatSession(lm, SessionSettings(speculative="off"))
+
+    def propose(self, context: list[int], k: int) -> list[int]:
+        s = self.session
+        keep = min(common_prefix_length(s.cached_ids, context), len(context) - 1)
+        s._crop(keep)
+        rest = context[len(s.cached_ids):]
+        chunk = PREFILL_CHUNK
+        logits = None
+        for start in range(0, len(rest), chunk):
+            logits = s.forward_logits(rest[start : start + chunk])
+        assert logits is not None
+        guesses: list[int] = []
+        for i in range(k):
+            token = int(torch.argmax(logits))
+            guesses.append(token)
+            if i + 1 < k:
+                logits = s.forward_logits([token])
+        return guesses

@@ -22,8 +22,9 @@ AXES = (0, -1)  # 0: groups run along a token's head vector ("per token"); -1: a
 GROUP_SIZES = (16, 32, 64, 128)
 OVERFLOW_POLICIES = ("stop", "truncate-middle", "sink")
 # Speculative decoding (engine/speculative.py): "auto" uses prompt lookup where the cache can take
-# back rejected guesses; "off" decodes one token per step; "prompt-lookup" always tries.
-SPECULATIVE_MODES = ("auto", "off", "prompt-lookup")
+# back rejected guesses; "off" decodes one token per step; "prompt-lookup" always tries; "draft-model"
+# guesses with a small model of the same tokenizer (its own cache per conversation).
+SPECULATIVE_MODES = ("auto", "off", "prompt-lookup", "draft-model")
 MIN_STATIC_CACHE_LEN = 16
 # The range each sampling setting must lie in (inclusive; top-p must also be above 0), for
 # `SamplingSettings.validate` and for the widgets that edit them.

@@ -188,12 +188,14 @@ class SpecStats:
     def acceptance(self) -> float:
         return self.accepted / self.drafted if self.drafted else 0.0
 
-    def describe(self, mode: str) -> str | None:
+    def describe(self, mode: str, source: str | None = None) -> str | None:
         """One line for the reply's details, or None when speculation was off."""
         if mode == "off":
             return None
-        text = (f"prompt lookup: {self.tokens_per_step:.2f} tokens/step, {self.accepted} of {self.drafted} "
-                f"guesses kept in {self.checks} checks")
+        text = (f"{source or 'prompt lookup'}: {self.tokens_per_step:.2f} tokens/step, {self.accepted} of "
+                f"{self.drafted} guesses kept in {self.checks} checks")
+        if source and self.draft_seconds:
+            text += f", drafting {self.draft_seconds * 1000:.0f} ms"
         if self.skipped:
             text += f"; {self.skipped} steps without guesses (the cache could not take them back)"
         return text

@@ -124,8 +124,9 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--repeat", type=int, default=None, help="timed runs per figure (default 3; 1 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch and llama.cpp (default: torch's)")
     p.add_argument("--only", action="append", choices=SECTIONS, help="run only this section (repeatable)")
-    p.add_argument("--speculative", default="auto", choices=SPECULATIVE_MODES,
-                   help="Cachet's speculative decoding (default auto); the scripted chat is also run with it off")
+    p.add_argument("--speculative", default="auto", choices=[m for m in SPECULATIVE_MODES if m != "draft-model"],
+                   help="Cachet's speculative decoding (default auto); the scripted chat is also run with it off. "
+                        "A draft model is measured with `python -m engine chat --speculative draft-model --turns`")
     p.add_argument("--chat-cache", default="dynamic", choices=caches.STRATEGIES,
                    help="the strategy the scripted chat runs with")
     p.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")

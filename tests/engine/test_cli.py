@@ -111,3 +111,17 @@ def test_a_terminal_chat_resumes_its_cache_from_the_data_folder(tiny_folder, tmp
     assert cli.main(["chat", "--model", str(tiny_folder), "--data-dir", str(data), "--chat", "7",
                      "--turns", str(turns)]) == 1
     assert "no chat 7" in capsys.readouterr().err
+
+
+def test_chat_with_a_draft_model_from_the_command_line(tmp_path, capsys) -> None:  # noqa: ANN001
+    from tests.tiny import save_tiny_folder
+
+    main = save_tiny_folder(tmp_path / "main")
+    turns = tmp_path / "turns.txt"
+    turns.write_text("abc abc abc abc\nabc abc again\n", encoding="utf-8")
+    code = cli.main(["chat", "--model", str(main), "--draft-model", str(main), "--speculative", "draft-model",
+                     "--device", "cpu", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "24",
+                     "--turns", str(turns), "--json"])
+    assert code == 0
+    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert len(records) == 2 and all(r["finish_reason"] in ("stop", "length") for r in records)

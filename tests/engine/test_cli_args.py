@@ -36,6 +36,8 @@ CASES = [
     (["chat", "--turns", "{folder}"], "a folder"),
     (["chat", "--device", "potato"], "--device 'potato'"),
     (["chat", "--dtype", "float8"], "--dtype 'float8'"),
+    (["chat", "--speculative", "draft-model"], "needs --draft-model PATH"),
+    (["chat", "--draft-model", "{folder}"], "used by --speculative draft-model"),
     (["chat", "--temperature", "-1"], "temperature"),
     (["chat", "--max-new-tokens", "0"], "max new tokens"),
     (["chat", "--cache", "sink", "--window", "2", "--sink-tokens", "4"], "window"),
