@@ -108,3 +108,15 @@ def kernel_limit(model: nn.Module, rows: int) -> Iterator[None]:
     finally:
         for m, limit in zip(layers, saved, strict=True):
             m.kernel_max_tokens = limit
+
+
+def decode_bytes(model: nn.Module) -> int:
+    """Bytes of weights a one-token step reads: the bf16 copies, and every other parameter except embedding
+    tables (a step reads one row); for a model without copies, its parameters and buffers as they are."""
+    layers = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
+    if not layers:
+        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+    copied = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
+    embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in copied | embedded)
+    return rest + sum(b.numel() * b.element_size() for m in layers for b in m.buffers())

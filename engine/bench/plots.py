@@ -59,7 +59,7 @@ def _colour(row: dict[str, Any]) -> str:
 def _subtitle(record: dict[str, Any]) -> str:
     m, model = record["machine"], record["model"]
     where = m["gpu"]["name"] if m.get("gpu") else f"{m['cpu']}, {m['torch_threads']} threads"
-    return f"{model['name']}, {model['dtype']} — {where}"
+    return f"{model['name']}, {model.get('precision', model['dtype'])} — {where}"
 
 
 def _finish(fig: Any, ax: Any, path: Path, title: str, record: dict[str, Any]) -> None:

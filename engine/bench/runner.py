@@ -74,7 +74,7 @@ class Plan:
     @classmethod
     def full(cls, gpu: bool) -> Plan:
         histories = (256, 512, 1024, 2048, 4096, 8192) + ((16384, 32768) if gpu else ())
-        return cls(histories, (256, 4096), 256, 32, 2000, 20, 64, 8000, len(workload.CHAT_TURNS), 128)
+        return cls(histories, (256, 4096, 8192), 256, 32, 2000, 20, 64, 8000, len(workload.CHAT_TURNS), 128)
 
     @classmethod
     def quick(cls) -> Plan:
@@ -365,6 +365,14 @@ class Bench:
             system.close()
 
     def run_fidelity(self) -> None:
+        """The strategies' fidelity in plain fp32 arithmetic (bf16 weight copies, if the model has them, are
+        switched off: what each strategy costs is measured alone), then the precisions against fp32."""
+        from engine import half_weights
+
+        with half_weights.kernel_limit(self.lm.model, 0):
+            self._strategy_fidelity()
+
+    def _strategy_fidelity(self) -> None:
         plan = self.plan
         document = workload.fidelity_document(plan.fidelity_doc_tokens, self._tokenize, self._detokenize)
         questions = workload.FIDELITY_QUESTIONS[: plan.fidelity_questions]
@@ -499,7 +507,10 @@ class Bench:
     def record(self, started: float) -> dict[str, Any]:
         lm = self.lm
         bandwidth = machine.copy_bandwidth(lm.device, mib=1024 if lm.device.type == "cuda" else 256)
-        limit = bandwidth.median * 1e9 / lm.weights_bytes
+        from engine import half_weights
+
+        step_bytes = half_weights.decode_bytes(lm.model)  # with bf16 copies, a step reads those, not the fp32 weights
+        limit = bandwidth.median * 1e9 / step_bytes
         params = sum(p.numel() for p in lm.model.parameters())
         record: dict[str, Any] = {
             "schema": SCHEMA,
@@ -510,7 +521,8 @@ class Bench:
             "machine": machine.machine_info(lm.device),
             "packages": machine.package_versions(),
             "model": {"name": lm.source.display_name, "spec": self.options.model, "identity": lm.identity,
-                      "dtype": str(lm.dtype).removeprefix("torch."), "device": str(lm.device),
+                      "dtype": str(lm.dtype).removeprefix("torch."), "precision": lm.precision_label,
+                      "precision_note": lm.precision_note, "device": str(lm.device),
                       "parameters": params, "weights_bytes": lm.weights_bytes, "context_length": lm.context_length,
                       "gguf": Path(self.gguf).name if self.gguf else None},
             "settings": {
@@ -520,6 +532,7 @@ class Bench:
                 "chat_cache": self.options.chat_cache, "speculative": self.options.speculative,
             },
             "bandwidth": {"copy_gb_s": bandwidth.to_dict(), "weights_bytes": lm.weights_bytes,
+                          "decode_step_bytes": step_bytes,
                           "decode_limit_tok_s": limit},
             "unavailable": dict(self.unavailable),
             "results": self.results,
@@ -684,7 +697,7 @@ def table(record: dict[str, Any]) -> str:
     if len(s["decode_histories"]) >= 2:
         short, long = s["decode_histories"][0], s["decode_histories"][-1]
     m = record["model"]
-    lines = [f"{m['name']} ({m['dtype']}, {m['device']}, {record['settings']['threads']} threads), "
+    lines = [f"{m['name']} ({m.get('precision', m['dtype'])}, {m['device']}, {record['settings']['threads']} threads), "
              f"{record['settings']['repeat']} run(s) per figure; medians",
              f"{'strategy':<16}{'TTFT kept':>11}{'recompute':>11}{'×':>6}{'decode':>9}{'@256th':>8}{'decode':>9}"
              f"{'KV MiB':>9}{'ppl ×':>7}{'agree':>7}",

@@ -109,3 +109,11 @@ def test_auto_may_load_fp32_with_bf16_copies(tmp_path: Path, monkeypatch: pytest
     monkeypatch.setattr(precision, "_room_for_copies", lambda model: False)
     lm = models.load(str(folder), device="cpu")
     assert lm.dtype == torch.bfloat16 and not half_weights.is_converted(lm.model)
+
+
+def test_a_step_reads_the_bf16_copies_not_the_fp32_weights() -> None:
+    plain, halved = tiny_loaded_model(seed=8), tiny_loaded_model(seed=8)
+    half_weights.convert(halved.model, kernel_max_tokens=half_weights.DECODE_ROWS)
+    linear = sum(m.weight.numel() for m in plain.model.modules() if type(m) is torch.nn.Linear)
+    assert half_weights.decode_bytes(halved.model) < half_weights.decode_bytes(plain.model)
+    assert half_weights.decode_bytes(halved.model) >= linear * 2  # the copies, at 2 bytes a weight
