@@ -105,6 +105,11 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
         QMessageBox.critical(None, "Cachet is not installed completely", str(exc))
         return 1
 
+    from app.single_instance import claim_data_folder
+
+    claim = claim_data_folder()
+    if claim is None:
+        return 0  # the user quit, or the running Cachet that owns the folder was brought to the front
     config = load_config()
     save = True
     overrides: dict[str, Any] = {}
@@ -121,6 +126,7 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
         QMessageBox.critical(None, "Cachet cannot open its chats", str(exc))
         return 1
     window = MainWindow(store, config, loader or default_loader(config), save_settings=save)
+    claim.serve(window)
     self_test = None
     if args.self_test:
         from app.selftest import SelfTest
@@ -146,6 +152,7 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
     QTimer.singleShot(0, after_show)
     code = app.exec()
     store.close()
+    claim.release()
     if self_test is not None:
         return self_test.result if self_test.result is not None else 1
     return code

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import paths
+from engine.specs import AUTO, CacheSpec, SamplingSettings
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,11 @@ class AppConfig:
     default_cache: dict[str, Any] = field(default_factory=lambda: {"strategy": "auto"})
 
     def validate(self) -> AppConfig:
+        for name in ("model", "device", "dtype", "theme", "default_system_prompt"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name}: must be text, not {type(getattr(self, name)).__name__}.")
+        if not isinstance(self.online, bool):
+            raise ConfigError(f"online: must be true or false, not {self.online!r}.")
         if not self.model.strip():
             raise ConfigError("model: choose 'default', a GGUF file, a model folder or a Hub id.")
         if not _DEVICE.match(self.device):
@@ -71,6 +77,11 @@ class AppConfig:
             raise ConfigError(f"theme: {self.theme!r} is not one of {', '.join(THEMES)}.")
         if not isinstance(self.default_sampling, dict) or not isinstance(self.default_cache, dict):
             raise ConfigError("default sampling and cache settings must be objects.")
+        try:  # what every new chat starts with: the same typed checks as a chat's own settings
+            SamplingSettings.from_dict(self.default_sampling).validate()
+            CacheSpec.from_dict({"strategy": AUTO, **self.default_cache}).validate()
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"default chat settings: {exc}") from exc
         return self
 
     def with_changes(self, **changes: Any) -> AppConfig:
@@ -92,7 +103,7 @@ class AppConfig:
                 continue
             try:
                 config = replace(config, **{f.name: data[f.name]}).validate()
-            except (ConfigError, TypeError) as exc:
+            except (ConfigError, TypeError, ValueError, AttributeError) as exc:
                 log.warning("Ignoring setting %s: %s", f.name, exc)
         return config
 
@@ -111,7 +122,7 @@ def load_config(path: Path | None = None) -> AppConfig:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return AppConfig()
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, RecursionError) as exc:  # RecursionError: JSON nested 100k deep
         log.warning("Could not read %s (%s); using default settings.", path, exc)
         return AppConfig()
     return AppConfig.from_dict(data if isinstance(data, dict) else {})

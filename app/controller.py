@@ -6,6 +6,11 @@ that the window redraws without reading the database again.
 Streaming replies are written to the store when their first token arrives and then at most
 every `FLUSH_EVERY_S`, so a crash loses at most that much of a reply; the store marks such a
 reply "interrupted" on the next start.
+
+A write that fails (a full disk, a folder gone read-only) loses nothing either: the change is
+applied in memory at once and queued, the chat stays usable, `save_problem` says what is wrong,
+and the queue is written, in order, as soon as the store accepts writes again (retried every
+`RETRY_MS`).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from PySide6.QtCore import QObject, Signal, Slot
+from PySide6.QtCore import QObject, QTimer, Signal, Slot
 
 from app.client import EngineClient
 from app.config import AppConfig
@@ -34,9 +39,10 @@ from app.protocol import (
 )
 from app.texts import human_bytes
 from engine.specs import OVERFLOW_POLICIES, CacheSpec, SamplingSettings
-from engine.store import ChatSettings, ChatStore, StoredMessage
+from engine.store import ChatSettings, ChatStore, ImportedChat, StoredMessage, StoreWriteError, load_import
 
 FLUSH_EVERY_S = 0.5
+RETRY_MS = 2000  # how often changes that could not be written are tried again
 NEAR_CONTEXT = 0.85  # warn once a chat uses this share of the model's context
 
 POLICY_PLANS = {  # "When this chat is full, Cachet will …"
@@ -86,6 +92,22 @@ class ChatRuntime:
         return self.state != "idle"
 
 
+@dataclass
+class PendingWrite:
+    """A change to a chat's messages the store refused (disk full...), kept until it can be written.
+
+    kind "add": `message` is the message as shown, under a temporary negative id until stored;
+    "update": `changes` for message `message_id`; "truncate": from `position` on.
+    """
+
+    kind: str
+    chat_id: int
+    message_id: int = 0
+    message: StoredMessage | None = None
+    changes: dict[str, object] = field(default_factory=dict)
+    position: int = 0
+
+
 class ChatController(QObject):
     """Signals:
         chats_changed(): chats were added, removed or renamed (the list is read again).
@@ -96,6 +118,8 @@ class ChatController(QObject):
         cache_changed(int): where a chat's cache is, or its size, changed.
         turn_finished(int): a turn ended and its reply is stored.
         rebuild_finished(int): a cache strategy switch ended (see the chat's notices).
+        save_state_changed(): writing to the store started or stopped failing (see `save_problem`).
+        write_failed(str): a change that is not kept for a retry (a rename, new settings) could not be saved.
     """
 
     chats_changed = Signal()
@@ -106,6 +130,8 @@ class ChatController(QObject):
     cache_changed = Signal(int)
     turn_finished = Signal(int)
     rebuild_finished = Signal(int)
+    save_state_changed = Signal()
+    write_failed = Signal(str)
 
     def __init__(self, store: ChatStore, engine: EngineClient, config: AppConfig,
                  parent: QObject | None = None) -> None:
@@ -116,6 +142,12 @@ class ChatController(QObject):
         self.runtimes: dict[int, ChatRuntime] = {}
         self.last_deleted: int | None = None
         self._turn_ids = itertools.count(1)
+        self.unsaved: list[PendingWrite] = []  # in order; written by `flush_unsaved`
+        self.save_problem: str | None = None  # why they are not written yet, for the user
+        self._temp_ids = itertools.count(-1, -1)
+        self._retry = QTimer(self)
+        self._retry.setInterval(RETRY_MS)
+        self._retry.timeout.connect(self.flush_unsaved)
         engine.turn_started.connect(self._on_turn_started)
         engine.token_delta.connect(self._on_delta)
         engine.turn_done.connect(self._on_turn_done)
@@ -151,16 +183,67 @@ class ChatController(QObject):
     def _add(self, chat_id: int, role: str, content: str, *, status: str = "done",
              token_ids: Sequence[int] | None = None, tokens: int | None = None,
              stats: dict[str, object] | None = None) -> StoredMessage:
-        message = self.store.add_message(chat_id, role, content, status=status, token_ids=token_ids, tokens=tokens,
-                                         stats=stats)
-        self.messages(chat_id).append(message)
+        messages = self.messages(chat_id)
+        if not self.unsaved:
+            try:
+                message = self.store.add_message(chat_id, role, content, status=status, token_ids=token_ids,
+                                                 tokens=tokens, stats=stats)
+            except StoreWriteError as exc:
+                self._failed(exc)
+            else:
+                messages.append(message)
+                return message
+        message = StoredMessage(id=next(self._temp_ids), chat_id=chat_id,
+                                position=messages[-1].position + 1 if messages else 0, role=role, content=content,
+                                status=status, token_ids=tuple(token_ids) if token_ids is not None else None,
+                                tokens=tokens, stats=dict(stats) if stats is not None else None,
+                                created_at=time.time())
+        self.unsaved.append(PendingWrite("add", chat_id, message.id, message))
+        messages.append(message)
         return message
 
     def _update(self, chat_id: int, message_id: int, *, content: str | None = None, status: str | None = None,
                 token_ids: Sequence[int] | None = None, tokens: int | None = None,
                 stats: dict[str, object] | None = None) -> None:
-        message = self.store.update_message(message_id, content=content, status=status, token_ids=token_ids,
-                                            tokens=tokens, stats=stats)
+        changes: dict[str, object] = {k: v for k, v in (("content", content), ("status", status),
+                                                        ("token_ids", token_ids), ("tokens", tokens),
+                                                        ("stats", stats)) if v is not None}
+        message: StoredMessage | None = None
+        if not self.unsaved:
+            try:
+                message = self.store.update_message(message_id, content=content, status=status,
+                                                    token_ids=token_ids, tokens=tokens, stats=stats)
+            except StoreWriteError as exc:
+                self._failed(exc)
+            else:
+                self._replace_message(chat_id, message_id, message)
+                return
+        self._queue_update(chat_id, message_id, changes)
+        old = next((m for m in self.runtime(chat_id).messages or () if m.id == message_id), None)
+        if old is not None:
+            shown = {**changes}
+            if "token_ids" in shown:
+                shown["token_ids"] = tuple(token_ids or ())
+            self._replace_message(chat_id, message_id, replace(old, **shown))  # type: ignore[arg-type]
+
+    def _queue_update(self, chat_id: int, message_id: int, changes: dict[str, object]) -> None:
+        """Queue `changes`, folded into a queued write of the same message (a streaming reply
+        grows one queued row, not a queue of every token)."""
+        for pending in reversed(self.unsaved):
+            if pending.chat_id != chat_id or pending.kind == "truncate":
+                break
+            if pending.kind == "add" and pending.message is not None and pending.message_id == message_id:
+                fixed = {**changes}
+                if "token_ids" in fixed:
+                    fixed["token_ids"] = tuple(fixed["token_ids"])  # type: ignore[arg-type]
+                pending.message = replace(pending.message, **fixed)  # type: ignore[arg-type]
+                return
+            if pending.kind == "update" and pending.message_id == message_id:
+                pending.changes.update(changes)
+                return
+        self.unsaved.append(PendingWrite("update", chat_id, message_id, changes=dict(changes)))
+
+    def _replace_message(self, chat_id: int, message_id: int, message: StoredMessage | None) -> None:
         messages = self.runtime(chat_id).messages
         if message is not None and messages is not None:
             for i, old in enumerate(messages):
@@ -168,8 +251,78 @@ class ChatController(QObject):
                     messages[i] = message
 
     def _truncate(self, chat_id: int, position: int) -> None:
-        self.store.truncate(chat_id, position)
+        if not self.unsaved:
+            try:
+                self.store.truncate(chat_id, position)
+            except StoreWriteError as exc:
+                self._failed(exc)
+                self.unsaved.append(PendingWrite("truncate", chat_id, position=position))
+        else:
+            self.unsaved.append(PendingWrite("truncate", chat_id, position=position))
         self.runtime(chat_id).messages = [m for m in self.messages(chat_id) if m.position < position]
+
+    def _failed(self, exc: StoreWriteError) -> None:
+        """A message write failed: say so, and retry until the store takes it."""
+        self.save_problem = (f"{exc} Disk full: the reply is kept in memory and will be saved when space is "
+                             "free." if exc.disk_full else f"{exc} The chat is kept in memory and will be saved "
+                             "as soon as the database accepts it again.")
+        if not self._retry.isActive():
+            self._retry.start()
+        self.save_state_changed.emit()
+
+    def flush_unsaved(self) -> bool:
+        """Write what the store refused, in order; True when nothing is left unsaved."""
+        touched: set[int] = set()
+        ids: dict[int, int] = {}  # temporary id -> stored id
+        while self.unsaved:
+            pending = self.unsaved[0]
+            try:
+                if pending.kind == "add" and pending.message is not None:
+                    m = pending.message
+                    stored = self.store.add_message(m.chat_id, m.role, m.content, status=m.status,
+                                                    token_ids=m.token_ids, tokens=m.tokens, stats=m.stats)
+                    ids[m.id] = stored.id
+                    self._replace_message(m.chat_id, m.id, stored)
+                    rt = self.runtimes.get(m.chat_id)
+                    if rt is not None and rt.reply_id == m.id:
+                        rt.reply_id = stored.id
+                elif pending.kind == "update":
+                    target = ids.get(pending.message_id, pending.message_id)
+                    c = pending.changes
+                    updated = self.store.update_message(
+                        target, content=c.get("content"), status=c.get("status"),  # type: ignore[arg-type]
+                        token_ids=c.get("token_ids"), tokens=c.get("tokens"),  # type: ignore[arg-type]
+                        stats=c.get("stats"))  # type: ignore[arg-type]
+                    self._replace_message(pending.chat_id, target, updated)
+                elif pending.kind == "truncate":
+                    self.store.truncate(pending.chat_id, pending.position)
+            except StoreWriteError as exc:
+                if ids:  # a later update may refer to an add written now
+                    for later in self.unsaved:
+                        later.message_id = ids.get(later.message_id, later.message_id)
+                self._failed(exc)
+                return False
+            except KeyError:
+                pass  # the chat was deleted for good meanwhile
+            self.unsaved.pop(0)
+            touched.add(pending.chat_id)
+        self._retry.stop()
+        self.save_problem = None
+        self.save_state_changed.emit()
+        for chat_id in touched:
+            self.chat_touched.emit(chat_id)
+            self.messages_changed.emit(chat_id)
+        return True
+
+    def _try(self, write: object, what: str) -> bool:
+        """Run a write that is not queued for a retry (settings, titles): False, and `write_failed`
+        with the reason, when the store refuses it."""
+        try:
+            write()  # type: ignore[operator]
+        except StoreWriteError as exc:
+            self.write_failed.emit(f"Could not save {what}: {exc}")
+            return False
+        return True
 
     # ----- chats ---------------------------------------------------------------------------------
     def new_settings(self) -> ChatSettings:
@@ -178,8 +331,13 @@ class ChatController(QObject):
                             sampling=SamplingSettings.from_dict(self.config.default_sampling),
                             cache=CacheSpec.from_dict(self.config.default_cache))
 
-    def new_chat(self) -> int:
-        chat = self.store.create_chat(self.new_settings())
+    def new_chat(self) -> int | None:
+        """A new chat's id; None (and `write_failed`) when the store cannot create one."""
+        try:
+            chat = self.store.create_chat(self.new_settings())
+        except StoreWriteError as exc:
+            self.write_failed.emit(f"Could not start a new chat: {exc}")
+            return None
         self.chats_changed.emit()
         return chat.id
 
@@ -192,7 +350,7 @@ class ChatController(QObject):
             self.engine.open_chat(OpenChat(chat_id, tuple(messages), self.store.chat(chat_id).settings))
 
     def rename(self, chat_id: int, title: str) -> None:
-        self.store.rename(chat_id, title)
+        self._try(lambda: self.store.rename(chat_id, title), "the new title")
         self.chat_touched.emit(chat_id)
 
     def delete(self, chat_id: int) -> None:
@@ -202,7 +360,8 @@ class ChatController(QObject):
         if rt is not None and rt.reply_id is not None:
             # The turn's end will not reach a deleted chat: settle its reply now (undo brings it back).
             self._update(chat_id, rt.reply_id, content=rt.text, status="stopped")
-        self.store.delete_chat(chat_id)
+        if not self._try(lambda: self.store.delete_chat(chat_id), "the deletion"):
+            return
         self.engine.forget(chat_id)
         self.runtimes.pop(chat_id, None)
         self.last_deleted = chat_id
@@ -211,7 +370,7 @@ class ChatController(QObject):
     def undo_delete(self) -> int | None:
         chat_id, self.last_deleted = self.last_deleted, None
         if chat_id is not None:
-            self.store.restore_chat(chat_id)
+            self._try(lambda: self.store.restore_chat(chat_id), "the restored chat")
             self.chats_changed.emit()
         return chat_id
 
@@ -225,7 +384,8 @@ class ChatController(QObject):
     def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
         """Store new chat settings; a different cache strategy makes the worker rebuild the cache."""
         old = self.store.chat(chat_id).settings
-        self.store.set_settings(chat_id, settings)
+        if not self._try(lambda: self.store.set_settings(chat_id, settings), "the chat's settings"):
+            return
         self.chat_touched.emit(chat_id)
         rt = self.runtime(chat_id)
         auto = self.engine.model.auto_cache if self.engine.model else None
@@ -282,7 +442,9 @@ class ChatController(QObject):
         if key.startswith("when-full:"):  # chosen ahead of time: applied when the context is full
             policy = key.split(":", 1)[1]
             chat = self.store.chat(chat_id)
-            self.store.set_settings(chat_id, replace(chat.settings, overflow=policy))
+            if not self._try(lambda: self.store.set_settings(chat_id, replace(chat.settings, overflow=policy)),
+                             "the chat's settings"):
+                return
             self.runtime(chat_id).notices = [Notice("info", f"When this chat is full, Cachet will "
                                                             f"{POLICY_PLANS.get(policy, policy)}.")]
             self.state_changed.emit(chat_id)
@@ -298,7 +460,8 @@ class ChatController(QObject):
             elif not rt.busy:
                 # the choice is kept with the chat: later turns apply it without asking again
                 chat = self.store.chat(chat_id)
-                self.store.set_settings(chat_id, replace(chat.settings, overflow=policy))
+                self._try(lambda: self.store.set_settings(chat_id, replace(chat.settings, overflow=policy)),
+                          "the chat's settings")
                 self._start_turn(chat_id)
 
     def _start_turn(self, chat_id: int) -> None:
@@ -351,7 +514,9 @@ class ChatController(QObject):
         status = {"stop": "done", "length": "done", "cancelled": "stopped"}.get(done.finish_reason, "error")
         if done.cache is not None and self._exists(done.chat_id):  # the engine switched the strategy
             chat = self.store.chat(done.chat_id)
-            self.store.set_settings(done.chat_id, replace(chat.settings, cache=done.cache))
+            cache = done.cache
+            self._try(lambda: self.store.set_settings(done.chat_id, replace(chat.settings, cache=cache)),
+                      "the chat's new cache strategy")
         stats = None
         if done.stats is not None:  # stored with the reply: the figures a reply's hover and the meters show
             stats = {**done.stats.to_dict(), "restore": done.restore.to_dict() if done.restore else None}
@@ -436,7 +601,9 @@ class ChatController(QObject):
         else:
             if rt.rebuild_from is not None and self._exists(done.chat_id):
                 chat = self.store.chat(done.chat_id)
-                self.store.set_settings(done.chat_id, replace(chat.settings, cache=rt.rebuild_from))
+                previous = rt.rebuild_from
+                self._try(lambda: self.store.set_settings(done.chat_id, replace(chat.settings, cache=previous)),
+                          "the chat's cache settings")
             rt.notices = [Notice("error", f"Could not switch the cache to “{strategy}”: {done.error} "
                                           "The chat keeps its previous cache settings.")]
         rt.state = "idle"
@@ -459,11 +626,16 @@ class ChatController(QObject):
     def export_markdown(self, chat_id: int, path: Path) -> None:
         _atomic_write(path, self.store.export_markdown(chat_id))
 
-    def import_json(self, path: Path) -> int:
-        """Raises StoreError (or OSError / ValueError) with a message for the user."""
-        chat = self.store.import_json(json.loads(path.read_text(encoding="utf-8")))
+    def import_chat(self, path: Path) -> ImportedChat:
+        """Import a chat file, checked completely first (engine.store.load_import, import_chat);
+        raises StoreError with a message for the user. The result lists settings that were reset."""
+        imported = self.store.import_chat(load_import(path))
         self.chats_changed.emit()
-        return chat.id
+        return imported
+
+    def import_json(self, path: Path) -> int:
+        """`import_chat`, returning the new chat's id."""
+        return self.import_chat(path).chat.id
 
 
 def _count(stats: dict[str, object], name: str) -> int:

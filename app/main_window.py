@@ -3,6 +3,7 @@ the status bar, wired to the controller and the engine worker."""
 
 from __future__ import annotations
 
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +13,7 @@ from PySide6.QtWidgets import (
     QApplication,
     QDockWidget,
     QFileDialog,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QMainWindow,
@@ -46,6 +48,36 @@ def budgets(config: AppConfig) -> Budgets:
     return Budgets(device=config.kv_budget_mb * MIB,
                    host=None if config.ram_budget_mb is None else config.ram_budget_mb * MIB,
                    disk=config.disk_budget_mb * MIB)
+
+
+class Banner(QFrame):
+    """A line across the top of the conversation that stays until dismissed or resolved: a full disk,
+    a salvaged database, replies cut off by the last close. Unlike status bar messages it does not
+    time out or cover the engine's progress."""
+
+    def __init__(self, kind: str, text: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("banner")
+        self.setProperty("kind", kind)
+        layout = QHBoxLayout(self)
+        layout.setContentsMargins(16, 6, 8, 6)
+        self.label = QLabel(text)
+        self.label.setWordWrap(True)
+        self.label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        layout.addWidget(self.label, 1)
+        self.close_button = QToolButton()
+        self.close_button.setText("✕")
+        self.close_button.setToolTip("Dismiss")
+        self.close_button.setAutoRaise(True)
+        self.close_button.clicked.connect(self.deleteLater)
+        layout.addWidget(self.close_button)
+
+    def set_text(self, kind: str, text: str) -> None:
+        self.label.setText(text)
+        if self.property("kind") != kind:
+            self.setProperty("kind", kind)
+            self.style().unpolish(self)
+            self.style().polish(self)
 
 
 class MainWindow(QMainWindow):
@@ -97,6 +129,11 @@ class MainWindow(QMainWindow):
         cl.setContentsMargins(0, 0, 0, 0)
         cl.setSpacing(0)
         cl.addWidget(header)
+        self.banner_area = QVBoxLayout()
+        self.banner_area.setContentsMargins(0, 0, 0, 0)
+        self.banner_area.setSpacing(0)
+        self.banners: dict[str, Banner] = {}
+        cl.addLayout(self.banner_area)
         cl.addWidget(self.chat_view, 1)
         cl.addWidget(self.composer)
 
@@ -146,6 +183,8 @@ class MainWindow(QMainWindow):
         self.controller.state_changed.connect(self._state_changed)
         self.controller.cache_changed.connect(self._cache_changed)
         self.controller.turn_finished.connect(self._turn_finished)
+        self.controller.save_state_changed.connect(self._save_state_changed)
+        self.controller.write_failed.connect(lambda text: self.show_banner("write", "error", text))
         self.engine.load_progress.connect(self._load_progress)
         self.engine.status.connect(lambda text: self.statusBar().showMessage(text, 6000))
         self.engine.model_ready.connect(self._model_ready)
@@ -163,13 +202,54 @@ class MainWindow(QMainWindow):
         self.refresh_sidebar()
         chats = self.store.chats()
         self.select_chat(chats[0].id if chats else None)
+        # What the store found on opening goes in banners, not the status bar, where "Starting the
+        # engine…" is shown at the same time.
+        if self.store.salvaged:
+            self.show_banner("salvaged", "warning", self.store.salvaged)
+        if self.store.lost_writes:
+            self.show_banner("lost-writes", "warning", self.store.lost_writes)
         if self.store.recovered:
-            self.statusBar().showMessage(
-                f"{self.store.recovered} reply was cut off when Cachet last closed; it is marked “interrupted”."
-                if self.store.recovered == 1 else
-                f"{self.store.recovered} replies were cut off when Cachet last closed; they are marked "
-                "“interrupted”.", 10000)
+            self.show_banner("recovered", "info",
+                             f"{self.store.recovered} reply was cut off when Cachet last closed; it is marked "
+                             "“interrupted”." if self.store.recovered == 1 else
+                             f"{self.store.recovered} replies were cut off when Cachet last closed; they are marked "
+                             "“interrupted”.")
         self.composer.input.setFocus()
+
+    # ----- banners ---------------------------------------------------------------------------------------
+    def show_banner(self, key: str, kind: str, text: str) -> Banner:
+        """Show `text` in the banner `key` (replacing its text if it is shown)."""
+        banner = self.banners.get(key)
+        if banner is not None:
+            try:
+                banner.set_text(kind, text)
+                return banner
+            except RuntimeError:  # dismissed: its C++ object is gone
+                pass
+        banner = Banner(kind, text)
+        banner.destroyed.connect(lambda _=None, k=key: self.banners.pop(k, None))
+        self.banners[key] = banner
+        self.banner_area.addWidget(banner)
+        return banner
+
+    def hide_banner(self, key: str) -> None:
+        banner = self.banners.pop(key, None)
+        if banner is not None:
+            banner.hide()
+            banner.deleteLater()
+
+    def banner_text(self, key: str) -> str | None:
+        banner = self.banners.get(key)
+        return banner.label.text() if banner is not None else None
+
+    def _save_state_changed(self) -> None:
+        problem = self.controller.save_problem
+        if problem:
+            self.show_banner("unsaved", "error", problem)
+        else:
+            if "unsaved" in self.banners:
+                self.statusBar().showMessage("Everything is saved again.", 6000)
+            self.hide_banner("unsaved")
 
     def _build_menus(self) -> None:
         bar = self.menuBar()
@@ -226,11 +306,31 @@ class MainWindow(QMainWindow):
         self.controller.settle_streaming()
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        if self.controller.unsaved and not self.controller.flush_unsaved() and not self._quit_unsaved():
+            event.ignore()
+            return
         self.hide()  # gone at once, even while the worker finishes a step of loading or saves caches
         QCoreApplication.processEvents()
         self.shutdown()
-        self.store.purge_deleted()
+        if self.controller.unsaved:
+            self.controller.flush_unsaved()  # the replies settled on shutdown
+        with suppress(StoreError):  # a full disk: deleted chats stay hidden and are purged at a later quit
+            self.store.purge_deleted()
         super().closeEvent(event)
+
+    def _quit_unsaved(self) -> bool:
+        """Changes are still unsaved (disk full) when the user quits: True to quit anyway."""
+        box = QMessageBox(QMessageBox.Icon.Warning, "Changes are not saved yet",
+                          f"{self.controller.save_problem}\n\nFree some space and try again, or quit and lose "
+                          "the changes made since the disk filled up.", parent=self)
+        retry = box.addButton("Try again", QMessageBox.ButtonRole.AcceptRole)
+        box.addButton("Quit without saving", QMessageBox.ButtonRole.DestructiveRole)
+        box.addButton(QMessageBox.StandardButton.Cancel)
+        box.exec()
+        clicked = box.clickedButton()
+        if clicked is retry:
+            return self.controller.flush_unsaved() or self._quit_unsaved()
+        return box.buttonRole(clicked) == QMessageBox.ButtonRole.DestructiveRole
 
     def _load_progress(self, text: str) -> None:
         self.meters.loading(text)
@@ -261,8 +361,10 @@ class MainWindow(QMainWindow):
                             f"{message}\n\nChoose another model in Settings (Ctrl+,).")
 
     # ----- chats --------------------------------------------------------------------------------------
-    def new_chat(self) -> int:
+    def new_chat(self) -> int | None:
         chat_id = self.controller.new_chat()
+        if chat_id is None:
+            return None
         self.sidebar.search.clear()
         self.select_chat(chat_id)
         self.composer.input.setFocus()
@@ -365,7 +467,8 @@ class MainWindow(QMainWindow):
     def _send_from_composer(self, text: str) -> None:
         if self.current_chat is None:
             self.new_chat()
-        assert self.current_chat is not None
+        if self.current_chat is None:
+            return  # no chat could be created (the banner says why); the text stays in the input
         if self.controller.send(self.current_chat, text):
             self.composer.clear()
             self.chat_view.following = True
@@ -577,9 +680,18 @@ class MainWindow(QMainWindow):
         path, _ = QFileDialog.getOpenFileName(self, "Import a chat", str(Path.home()), "Cachet chat (*.json)")
         if not path:
             return
+        self.import_file(Path(path))
+
+    def import_file(self, path: Path) -> int | None:
+        """Import a chat file: a dialog names what is wrong with it, or which settings were reset."""
         try:
-            chat_id = self.controller.import_json(Path(path))
-        except (OSError, ValueError, StoreError) as exc:
-            QMessageBox.warning(self, "Import failed", str(exc))
-            return
-        self.select_chat(chat_id)
+            imported = self.controller.import_chat(path)
+        except StoreError as exc:
+            QMessageBox.warning(self, "Import failed", f"{path.name} was not imported.\n\n{exc}")
+            return None
+        self.select_chat(imported.chat.id)
+        if imported.repaired:
+            QMessageBox.information(self, "Imported with default settings",
+                                    f"{path.name} was imported, but some of its settings cannot work and were "
+                                    "reset to their defaults:\n\n• " + "\n• ".join(imported.repaired))
+        return imported.chat.id

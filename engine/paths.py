@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
@@ -63,12 +64,51 @@ def check_data_dir(folder: Path) -> Path:
         raise DataDirError(f"{folder} is a file, not a folder.")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        if not folder.is_dir():
+            raise DataDirError(f"{folder} is not a folder.")
         probe = folder / f".cachet-write-test-{os.getpid()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
         raise DataDirError(f"Cannot write to {folder}: {exc.strerror or exc}.") from exc
     return folder
+
+
+@dataclass(frozen=True)
+class DataDirProblem:
+    """Why this process's data folder cannot be used, for the user.
+
+    missing: the folder chosen in the settings is gone (an unplugged drive, a renamed folder);
+    choosing it again may fix it, and it is not created silently (an empty chat list would look
+    as if every chat were lost).
+    """
+
+    folder: Path
+    reason: str
+    missing: bool = False
+    chosen: bool = False  # the folder comes from location.json (settings), not --data-dir / the default
+
+
+def data_dir_problem() -> DataDirProblem | None:
+    """What is wrong with the data folder this process would use, or None when it is usable
+    (the default or a --data-dir folder is created when absent; a chosen one must exist)."""
+    folder = data_dir()
+    chosen = not data_dir_is_overridden() and chosen_data_dir() is not None
+    if chosen and not folder.exists() and _nearest_existing(folder).is_dir():
+        return DataDirProblem(folder, f"The data folder chosen in the settings, {folder}, is missing "
+                                      "(is its drive connected, or was it moved?).", missing=True, chosen=True)
+    try:
+        check_data_dir(folder)
+    except DataDirError as exc:
+        return DataDirProblem(folder, f"The data folder {folder} cannot be used: {exc}", chosen=chosen)
+    return None
+
+
+def _nearest_existing(folder: Path) -> Path:
+    for parent in (folder, *folder.parents):
+        if parent.exists():
+            return parent
+    return Path(folder.anchor or "/")
 
 
 def set_data_dir(folder: Path | None) -> None:
