@@ -3,7 +3,7 @@ happens, the chat stays usable with everything in memory, the user is told, and 
 nothing left marked streaming — once the disk has space again.
 
 The disk is filled by injection: the store's connection refuses every change with SQLite's own
-"database or disk is full" while `full` is set (scripts/fault_injection.py fills a real tmpfs)."""
+"database or disk is full" while `full` is set."""
 
 from __future__ import annotations
 
