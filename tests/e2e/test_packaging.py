@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from app import qt_platform
-from engine import models, sources
+from engine import models, resources, sources
 from engine.resources import MissingResourceError, resource_path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -52,6 +52,29 @@ def test_resources_are_found_in_the_checkout_and_a_missing_one_says_so() -> None
     assert resource_path("fidelity.json").is_file() and resource_path("texts", "alice.txt").is_file()
     with pytest.raises(MissingResourceError, match="nothing.qss is missing from this installation"):
         resource_path("nothing.qss")
+
+
+def test_resources_are_found_in_a_frozen_bundle_and_in_an_installed_package(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The two places a checkout's tests never exercise: PyInstaller's bundle folder (sys._MEIPASS)
+    and resources/ installed as the package cachet_resources (pyproject.toml's package-dir)."""
+    installed = tmp_path / "site-packages" / resources.PACKAGE
+    installed.mkdir(parents=True)
+    (installed / resources.MARKER).write_text("/* installed */", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(installed.parent))
+    resources.resources_root.cache_clear()
+    try:
+        assert resource_path("cachet.qss") == installed / "cachet.qss"
+        monkeypatch.setattr(sys, "frozen", True, raising=False)
+        monkeypatch.setattr(sys, "_MEIPASS", str(tmp_path / "bundle"), raising=False)
+        resources.resources_root.cache_clear()
+        assert resources.resources_root() == tmp_path / "bundle" / "resources"
+        with pytest.raises(MissingResourceError, match="cachet.qss is missing from the frozen app"):
+            resource_path("cachet.qss")
+    finally:
+        monkeypatch.undo()
+        resources.resources_root.cache_clear()
+    assert resource_path("cachet.qss") == ROOT / "resources" / "cachet.qss"
 
 
 def test_missing_x11_libraries_are_named_with_the_command_that_installs_them() -> None:
