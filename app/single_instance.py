@@ -24,6 +24,10 @@ from engine.lock import DataFolderLock, FolderInUseError
 
 RAISE = b"raise\n"
 CONNECT_MS = 1500
+# Once connected an owner is listening, but its GUI thread may be busy for a while (a reply streaming on a
+# loaded machine answered only after ~3 s): wait for its answer longer than for the connection. Only an
+# owner that hangs makes a second start wait this long, and then it says the folder is in use.
+ANSWER_MS = 10_000
 
 
 def server_name(folder: Path) -> str:
@@ -84,7 +88,7 @@ def ask_running_app_to_show(folder: Path) -> bool:
     socket.flush()
     # The answer may already be buffered (the owner replies and hangs up at once): waitForReadyRead waits for
     # *new* data only, and would miss it.
-    arrived = socket.bytesAvailable() > 0 or socket.waitForReadyRead(CONNECT_MS)
+    arrived = socket.bytesAvailable() > 0 or socket.waitForReadyRead(ANSWER_MS)
     answered = arrived and bytes(socket.readAll().data()).startswith(b"ok")
     socket.disconnectFromServer()
     return answered
