@@ -669,6 +669,8 @@ def _tooltip(m: StoredMessage) -> str:
         parts.append(f"prompt {s.get('prompt_tokens', 0):,} tokens: {s.get('reused_tokens', 0):,} reused from the "
                      f"cache, {s.get('prefilled_tokens', 0):,} prefilled")
         parts.append(f"first token after {s.get('ttft_ms', 0):,.0f} ms, {s.get('decode_tok_s', 0):.1f} tokens/s")
+        if s.get("cache_fallback"):
+            parts.append(f"cache: {s['cache_fallback']}")
         if s.get("speculative") and s.get("tokens_per_step"):
             parts.append(f"speculative: {float(s['tokens_per_step']):.1f} tokens/step ({s['speculative']})")
         restore = stored_restore(s)

@@ -392,6 +392,8 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
             continue
         if s.overflow_action:
             print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
+        if s.cache_fallback:
+            print(f"note: {s.cache_fallback}", file=sys.stderr)
         note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
         if s.finish_reason == "cancelled":
             note = " [stopped]"

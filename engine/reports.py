@@ -46,6 +46,7 @@ class TurnStats:
     draft_ms: float = 0.0  # time spent guessing
     verify_ms: float = 0.0  # time spent in passes that checked guesses
     cache_reserved_bytes: int | None = None  # allocated for the cache (capacity of a cache that grows in place)
+    cache_fallback: str | None = None  # why the cache was recomputed further back than the prompt matched it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -171,6 +171,7 @@ class ChatSession:
         # speculative "draft-model": the small model (set by the owner) and this conversation's cache of it
         self.draft_lm: LoadedModel | None = None
         self.draft: DraftModel | None = None
+        self.cache_fallback: str | None = None  # why this turn's cache could not be reused as far as it matched
 
     # ----- conversation editing -------------------------------------------------------------
     def render_ids(self, messages: Sequence[Message] | None = None, generation_prompt: bool = True) -> list[int]:
@@ -349,6 +350,7 @@ class ChatSession:
             raise ValueError("There is no user message to answer.")
         user_at = len(self.messages) - 1
         self._cancel.clear()
+        self.cache_fallback = None
         self.prefill_chunk()  # invalid cache settings are reported before anything runs
         prompt = self.render_ids()
         context = self.context_limit()
@@ -502,6 +504,7 @@ class ChatSession:
             cache_tokens=caches.seq_length(self.cache),
             cache_bytes=caches.cache_bytes(self.cache),
             cache_reserved_bytes=caches.cache_reserved_bytes(self.cache),
+            cache_fallback=self.cache_fallback,
             finish_reason=finish,
             error=error,
             error_kind=kind,
@@ -601,12 +604,22 @@ class ChatSession:
         return self.cache
 
     def _crop(self, length: int) -> None:
+        """Cut the cache back to the first `length` tokens; where it cannot be (a hybrid model's state-space
+        states, a sink's evicted tokens, a sliding window that slid), back to the longest point it can
+        return to (a checkpointed turn boundary) or to nothing, saying why in `cache_fallback`."""
         if self.cache is None or length >= len(self.cached_ids):
             return
         if self.cache.crop_to(length):
             del self.cached_ids[length:]
+            return
+        cache = self.cache
+        point = cache.restore_point(length)
+        if 0 < point < length and cache.crop_to(point):
+            del self.cached_ids[point:]
         else:
+            point = 0
             self.reset_cache()
+        self.cache_fallback = _fallback_reason(cache, length, point)
 
     def _resync(self) -> None:
         """After a failed forward pass, bring the cache back to the ids known to be in it."""
@@ -627,10 +640,17 @@ class ChatSession:
         rest = prompt[reused:]
         chunk = self.prefill_chunk()
         logits = None
-        for start in range(0, len(rest), chunk):
-            if self._stopped():
-                raise _Cancelled  # between prefill chunks: a long prompt stops within one chunk
-            logits = self.forward_logits(rest[start : start + chunk])
+        # A hybrid model's states cannot be cut back: copy them just before the last prompt token, where a
+        # regenerate (and an edit of the next turn) returns to.
+        split = len(rest) - 1 if len(rest) > 1 and self._ensure_cache().state_layers else None
+        pieces = ([rest[:split], rest[split:]] if split is not None else [rest])
+        for i, piece in enumerate(pieces):
+            if i:
+                self._ensure_cache().checkpoint()
+            for start in range(0, len(piece), chunk):
+                if self._stopped():
+                    raise _Cancelled  # between prefill chunks: a long prompt stops within one chunk
+                logits = self.forward_logits(piece[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"
         return reused, logits
 
@@ -690,6 +710,17 @@ class ChatSession:
         self.cached_ids.extend(ids)
         return out.logits[0] if all_positions else out.logits[0, -1]
 
+
+
+def _fallback_reason(cache: KVCache, length: int, point: int) -> str:
+    """Why a cache that matched the first `length` tokens was recomputed from token `point` instead."""
+    what = "the cache could not be cut back to the edit"
+    if cache.state_layers:
+        what = "this model's state-space layers cannot be cut back to the edit"
+    elif cache.evicted:
+        what = "the attention-sink cache had evicted tokens the edit needs"
+    where = f"from the turn boundary at token {point}" if point else "from the start"
+    return f"{what} (token {length}): recomputed {where}"
 
 
 class DraftModelError(ValueError):

@@ -63,3 +63,100 @@ def save_tiny_folder(path: Path, seed: int = 0) -> Path:
     lm.model.save_pretrained(path)
     lm.tokenizer.save_pretrained(path)
     return path
+
+
+# ----- tiny models of the architectures users run (issue 15) ----------------------------------------
+# Each is as small as the architecture allows (hidden 64, 2-4 layers, the byte tokenizer's vocabulary),
+# with the features a KV cache must get right switched on. SLIDING is small so that tests cross it.
+SLIDING = 16
+_COMMON: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               max_position_embeddings=1024, tie_word_embeddings=False)
+_SW = ["sliding_attention", "full_attention"]
+
+ROPE_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {"rope_type": "default", "rope_theta": 10000.0},
+    "linear": {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0},
+    "dynamic": {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+    "llama3": {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 256},
+    "yarn": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 256},
+    "longrope": {"rope_type": "longrope", "rope_theta": 10000.0, "original_max_position_embeddings": 256,
+                 "short_factor": [1.0 + i / 16 for i in range(8)], "long_factor": [1.5 + i / 8 for i in range(8)]},
+}
+
+
+def _arch_params(arch: str, vocab_size: int) -> tuple[str, dict[str, Any]]:
+    """(model_type, config kwargs) of the tiny model called `arch`."""
+    base = dict(_COMMON, vocab_size=vocab_size)
+    if arch.startswith("llama-"):
+        rope = dict(ROPE_VARIANTS[arch.removeprefix("llama-")])
+        return "llama", dict(base, num_hidden_layers=2, rope_parameters=rope,
+                             **({"original_max_position_embeddings": 256} if rope["rope_type"] == "longrope" else {}))
+    if arch == "qwen2":
+        return "qwen2", dict(base, num_hidden_layers=2)
+    if arch == "qwen3":  # q/k RMS norms, explicit head_dim
+        return "qwen3", dict(base, num_hidden_layers=2, head_dim=16)
+    if arch == "mistral":  # every layer slides (Mistral 7B v0.1's 4,096-token window, shrunk)
+        return "mistral", dict(base, num_hidden_layers=2, sliding_window=SLIDING, head_dim=16)
+    if arch == "gemma2":  # sliding/global interleaved, attention and final logit soft-capping
+        return "gemma2", dict(base, num_hidden_layers=4, head_dim=16, sliding_window=SLIDING, layer_types=_SW * 2,
+                              attn_logit_softcapping=50.0, final_logit_softcapping=30.0, query_pre_attn_scalar=16)
+    if arch == "gemma3":  # 5 local : 1 global in the real models; a different RoPE base per kind of layer
+        return "gemma3_text", dict(base, num_hidden_layers=4, head_dim=16, sliding_window=SLIDING,
+                                   layer_types=["sliding_attention"] * 3 + ["full_attention"],
+                                   final_logit_softcapping=30.0, query_pre_attn_scalar=16,
+                                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 8.0,
+                                                                       "rope_theta": 1_000_000.0},
+                                                    "sliding_attention": {"rope_type": "default",
+                                                                          "rope_theta": 10_000.0}})
+    if arch == "phi3":  # partial rotary + LongRoPE (Phi-3.5 / Phi-4-mini)
+        return "phi3", dict(base, num_hidden_layers=2, num_key_value_heads=4, original_max_position_embeddings=256,
+                            rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0,
+                                             "partial_rotary_factor": 0.5,
+                                             "short_factor": [1.0 + i / 8 for i in range(4)],
+                                             "long_factor": [2.0 + i / 4 for i in range(4)]})
+    if arch == "smollm3":  # every other layer without RoPE (every 4th in the real model)
+        return "smollm3", dict(base, num_hidden_layers=4, no_rope_layer_interval=2,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    if arch == "gpt_oss":  # learned attention sinks, alternating sliding layers, YaRN, mixture of experts
+        return "gpt_oss", dict(base, num_hidden_layers=2, head_dim=16, sliding_window=SLIDING, layer_types=_SW,
+                               num_local_experts=4, num_experts_per_tok=2,
+                               rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0,
+                                                "original_max_position_embeddings": 256, "beta_fast": 32.0,
+                                                "beta_slow": 1.0, "truncate": False})
+    if arch == "bamba":  # Mamba-2 layers with one attention layer (the hybrid transformers runs on a CPU)
+        return "bamba", dict(base, num_hidden_layers=3, attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16,
+                             mamba_d_state=16, mamba_n_groups=1, mamba_chunk_size=16, mamba_expand=2)
+    raise KeyError(arch)
+
+
+ARCHITECTURES = ["llama-default", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "smollm3", "gpt_oss",
+                 "bamba"]
+LLAMA_ROPES = [f"llama-{name}" for name in ROPE_VARIANTS]
+
+
+def tiny_arch_config(arch: str, vocab_size: int, **overrides: Any) -> Any:
+    from transformers import AutoConfig
+
+    model_type, params = _arch_params(arch, vocab_size)
+    params.update(overrides)
+    return AutoConfig.for_model(model_type, **params)
+
+
+def tiny_arch_model(arch: str, seed: int = 0, **overrides: Any) -> LoadedModel:
+    """A tiny random model of architecture `arch` (see `_arch_params`; `overrides` change its config), fp32 on
+    the CPU, with the byte tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = tiny_arch_config(arch, len(tokenizer), **overrides)
+    config.eos_token_id = tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="eager").eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    return LoadedModel(
+        model=model, tokenizer=tokenizer, source=ModelSource("folder", "<tiny>", f"tiny-{arch}"),
+        identity=f"tiny-{arch}-seed{seed}|float32", device=torch.device("cpu"), dtype=torch.float32,
+        load_seconds=0.0, weights_bytes=sum(p.numel() * 4 for p in model.parameters()),
+    )

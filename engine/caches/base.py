@@ -30,12 +30,12 @@ it can do: whatever it is, it can do all of this.
 from __future__ import annotations
 
 from abc import abstractmethod
-from typing import cast
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from engine.caches.shape import tensor_nbytes
+from engine.caches.state import StateLayer, StateSnapshot
 
 KV = tuple[torch.Tensor, torch.Tensor]
 
@@ -53,8 +53,10 @@ class KVLayer(CacheLayerMixin):
     """One layer of a Cachet cache (see the module docstring for the contract).
 
     `nbytes` and `to` cover `keys` and `values`; a layer that holds more (a quantized prefix,
-    sinks, blocks) extends them.
+    sinks, blocks) extends them. `sliding` marks a layer that keeps only the model's own window.
     """
+
+    sliding = False
 
     @abstractmethod
     def crop_to(self, length: int) -> bool:
@@ -85,38 +87,106 @@ class KVLayer(CacheLayerMixin):
 
 
 class KVCache(Cache):
-    """A cache whose layers are all `KVLayer`s; every operation goes over all of them."""
+    """A cache whose attention layers are all `KVLayer`s; every operation goes over all of them.
+
+    A hybrid model's state-space layers are `StateLayer`s (state.py): constant-size states that
+    cannot be cropped back. Such a cache keeps copies of them at a few lengths (`checkpoint`, taken
+    by the session at each turn's generation point), so that it can still go back to one of those.
+    """
+
+    MAX_CHECKPOINTS = 4  # a regenerate, and edits of the last few turns, need no recompute from scratch
+    _checkpoints: dict[int, list[StateSnapshot]] | None = None
 
     @property
     def kv_layers(self) -> list[KVLayer]:
-        return cast(list[KVLayer], self.layers)
+        return [layer for layer in self.layers if isinstance(layer, KVLayer)]
+
+    @property
+    def state_layers(self) -> list[StateLayer]:
+        return [layer for layer in self.layers if isinstance(layer, StateLayer)]
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        """The conversation tokens held, counted in the first full-attention layer (a model whose first
+        layers slide, or are state-space layers, is counted where every token is)."""
+        if layer_idx == 0 or layer_idx is None:
+            for layer in self.kv_layers:
+                if not layer.sliding:
+                    return layer.get_seq_length()
+            layer_idx = 0
+        return super().get_seq_length(layer_idx)
+
+    def _holds_state(self) -> bool:
+        return any(layer.holds_state() for layer in self.state_layers)
 
     def crop_to(self, length: int) -> bool:
         """Crop every layer to `length` tokens; False when one cannot be.
 
         Each layer is cropped on its own, so this also repairs a cache that a failed forward pass
-        left with some layers one chunk longer than others.
+        left with some layers one chunk longer than others. State-space layers go back only to a
+        length they were checkpointed at (or stay, when `length` is the current length).
         """
         if length < 0 or any(layer.get_seq_length() < length for layer in self.kv_layers):
             return False
-        return all([layer.crop_to(length) for layer in self.kv_layers])
+        snapshot = None
+        if self._holds_state() and length != int(self.get_seq_length()):
+            snapshot = (self._checkpoints or {}).get(length)
+            if snapshot is None:
+                return False
+        done = all([layer.crop_to(length) for layer in self.kv_layers])
+        if done and snapshot is not None:
+            for layer, states in zip(self.state_layers, snapshot, strict=True):
+                layer.restore(states)
+        if done and self._checkpoints:
+            self._checkpoints = {n: c for n, c in self._checkpoints.items() if n <= length}
+        return done
+
+    def checkpoint(self) -> None:
+        """Copy the state-space layers' states at the current length (nothing without such layers)."""
+        if not self._holds_state():
+            return
+        checkpoints = self._checkpoints if self._checkpoints is not None else {}
+        checkpoints[int(self.get_seq_length())] = [layer.snapshot() for layer in self.state_layers]
+        while len(checkpoints) > self.MAX_CHECKPOINTS:
+            del checkpoints[min(checkpoints)]
+        self._checkpoints = checkpoints
+
+    def restore_point(self, length: int) -> int:
+        """The longest length up to `length` this cache can be cropped back to: `length` itself without
+        state-space layers, else the longest checkpoint (0: none, recompute from scratch)."""
+        if not self._holds_state() or length == int(self.get_seq_length()):
+            return length
+        return max((n for n in (self._checkpoints or {}) if n <= length), default=0)
+
+    def checkpoint_nbytes(self) -> int:
+        """Bytes the checkpointed states take (part of `nbytes`)."""
+        return sum(StateLayer.snapshot_nbytes(s) for c in (self._checkpoints or {}).values() for s in c)
 
     def full_kv(self) -> list[KV | None]:
-        """`full_kv()` of every layer."""
-        return [layer.full_kv() for layer in self.kv_layers]
+        """`full_kv()` of every layer (None for a state-space layer: it has no keys and values to give)."""
+        return [layer.full_kv() if isinstance(layer, KVLayer) else None for layer in self.layers]
 
     def nbytes(self) -> int:
-        """Bytes the cache's tensors really hold now (not an estimate)."""
-        return sum(layer.nbytes() for layer in self.kv_layers)
+        """Bytes the cache's tensors really hold now (not an estimate), checkpointed states included."""
+        return (sum(layer.nbytes() for layer in self.kv_layers) + sum(layer.nbytes() for layer in self.state_layers)
+                + self.checkpoint_nbytes())
 
     def reserved_nbytes(self) -> int:
         """Bytes allocated for the cache, spare capacity of layers that grow in place included."""
-        return sum(layer.reserved_nbytes() for layer in self.kv_layers)
+        return (sum(layer.reserved_nbytes() for layer in self.kv_layers)
+                + sum(layer.nbytes() for layer in self.state_layers) + self.checkpoint_nbytes())
 
     def to(self, device: torch.device, pin_memory: bool = False) -> None:
         """Move every tensor of every layer to `device`, in place (the pool moves idle caches)."""
         for layer in self.kv_layers:
             layer.to(device, pin_memory)
+        for state in self.state_layers:
+            state.to(device, pin_memory)
+        for snapshots in (self._checkpoints or {}).values():
+            for snapshot in snapshots:
+                for conv, rec, _ in snapshot:
+                    for d in (conv, rec):
+                        for i, t in d.items():
+                            d[i] = None if t is None else move_tensor(t, device, pin_memory)
 
     def rewindable(self, new_tokens: int) -> bool:
         """Whether `new_tokens` fed in one pass can be taken back exactly (every layer agrees, and a
@@ -125,7 +195,8 @@ class KVCache(Cache):
             self.ensure_room(new_tokens)
         except Exception:  # noqa: BLE001 (a bounded cache's "full")
             return False
-        return all(layer.rewindable(new_tokens) for layer in self.kv_layers)
+        return (all(layer.rewindable(new_tokens) for layer in self.kv_layers)
+                and not any(layer.holds_state() for layer in self.state_layers))
 
     def ensure_room(self, new_tokens: int) -> None:
         """Raise before anything is written when `new_tokens` more would not fit (a bounded

@@ -8,14 +8,16 @@ token it was fed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import DynamicLayer, DynamicSlidingWindowLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import DummyLayer, DynamicLayer, DynamicSlidingWindowLayer
 
 from engine.caches.base import KV, KVCache, KVLayer
-from engine.caches.shape import KVShape, tensor_nbytes, text_config
-from engine.specs import CacheConfigError, CacheSpec
+from engine.caches.shape import FULL, STATE, WINDOW, KVShape, layer_kinds, layered_bytes, tensor_nbytes
+from engine.caches.state import StateLayer
+from engine.specs import CacheSpec
 
 GROW_QUANTUM = 256  # capacity is a multiple of this many tokens
 GROW_FACTOR = 1.25  # and grows by at least this factor: amortised O(1) copies per token, at most 25% slack
@@ -125,6 +127,8 @@ class FullLayer(GrowingLayer):
 class WindowLayer(KVLayer, DynamicSlidingWindowLayer):
     """A sliding-window (or chunked) attention layer: the last `sliding_window - 1` tokens."""
 
+    sliding = True
+
     def _holds_everything(self) -> bool:
         return self.keys is None or self.keys.shape[-2] == self.cumulative_length
 
@@ -147,17 +151,22 @@ class WindowLayer(KVLayer, DynamicSlidingWindowLayer):
         return self.keys, self.values
 
 
-def layers_for(config: Any) -> list[KVLayer]:
-    """One full or window layer per model layer, as the model's config says."""
-    layer_types, kwargs = get_layer_types_and_kwargs(text_config(config))
-    layers: list[KVLayer] = []
-    for layer_type, layer_kwargs in zip(layer_types, kwargs, strict=True):
-        if layer_type == "full_attention":
-            layers.append(FullLayer())
-        elif layer_type in ("sliding_attention", "chunked_attention"):
-            layers.append(WindowLayer(**layer_kwargs))
+def layers_for(config: Any, full: Callable[[int], KVLayer] | None = None,
+               window: Callable[[int, int], KVLayer] | None = None) -> list[Any]:
+    """One layer per model layer, as the model's config says: `full(index)` for full-attention layers (a
+    `FullLayer` by default: each strategy brings its own), `window(index, sliding_window)` for sliding or
+    chunked ones (a `WindowLayer`: every strategy keeps the model's own window), a `StateLayer` for
+    state-space layers (kept as they are), a `DummyLayer` for layers that hold nothing."""
+    layers: list[Any] = []
+    for idx, (kind, size) in enumerate(layer_kinds(config)):
+        if kind == FULL:
+            layers.append(full(idx) if full is not None else FullLayer())
+        elif kind == WINDOW:
+            layers.append(window(idx, size) if window is not None else WindowLayer(sliding_window=size))
+        elif kind == STATE:
+            layers.append(StateLayer())
         else:
-            raise CacheConfigError(f"Cachet's caches do not support layers of type {layer_type!r} yet.")
+            layers.append(DummyLayer())
     return layers
 
 
@@ -173,5 +182,7 @@ def build(config: Any, spec: CacheSpec | None = None, device: torch.device | Non
 
 
 def bytes_for(tokens: int, config: Any, spec: CacheSpec | None = None, dtype: torch.dtype = torch.float32) -> int:
-    """Bytes a full cache of `tokens` tokens holds: 2 (K and V) × layers × KV heads × head dim × dtype size."""
-    return tokens * KVShape.of(config).bytes_per_token(dtype)
+    """Bytes a full cache of `tokens` tokens holds: 2 (K and V) × KV heads × head dim × dtype size per token
+    and full-attention layer; sliding layers hold their window, state-space layers their constant states."""
+    shape = KVShape.of(config)
+    return layered_bytes(config, dtype, tokens * shape.bytes_per_token(dtype) // shape.layers, tokens)

@@ -36,11 +36,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers.cache_utils import QuantizedLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import QuantizedLayer
 
 from engine.caches.base import KV, KVCache, KVLayer
 from engine.caches.quantizers import Quantizer, estimate_bytes, make_quantizer
-from engine.caches.shape import KVShape, dtype_size, text_config
+from engine.caches.shape import KVShape, dtype_size, layered_bytes
 from engine.specs import CacheConfigError, CacheSpec
 
 # Quantized blocks are at least this many tokens: re-quantizing the history on every new token
@@ -222,19 +222,16 @@ class QuantizedKVCache(KVCache):
     """A conversation's KV cache in `spec.nbits` bits (see the module docstring)."""
 
     def __init__(self, config: Any, spec: CacheSpec) -> None:
-        layer_types, _ = get_layer_types_and_kwargs(text_config(config))
-        other = sorted(set(layer_types) - {"full_attention"})
-        if other:
-            raise CacheConfigError(
-                f"The quantized cache needs a model whose layers all use full attention; this one also has {other}."
-            )
+        from engine.caches.dynamic import layers_for
+
         shape = KVShape.of(config)
         self.spec = spec
         self.block = flush_block(spec, shape.head_dim)
         quantizer = make_quantizer(spec)
-        layers: list[Any] = [QuantizedKVLayer(quantizer, spec.axis_key, spec.axis_value, spec.residual, self.block)
-                             for _ in range(shape.layers)]
-        super().__init__(layers=layers)
+        # Full-attention layers quantized; a model's sliding layers keep their own (short) window in full
+        # precision, state-space layers their states: see `layers_for`.
+        super().__init__(layers=layers_for(config, full=lambda _: QuantizedKVLayer(
+            quantizer, spec.axis_key, spec.axis_value, spec.residual, self.block)))
 
 
 def build(config: Any, spec: CacheSpec, device: torch.device | None = None) -> QuantizedKVCache:
@@ -257,7 +254,7 @@ def bytes_for(tokens: int, config: Any, spec: CacheSpec, dtype: torch.dtype = to
     if quantized:
         per_layer += estimate_bytes(spec, quantized * per_token, spec.axis_key, size)
         per_layer += estimate_bytes(spec, quantized * per_token, spec.axis_value, size)
-    return shape.layers * per_layer
+    return layered_bytes(config, dtype, per_layer, tokens)
 
 
 _warm_lock = threading.Lock()

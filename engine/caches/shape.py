@@ -49,3 +49,72 @@ class KVShape:
 
     def bytes_per_token(self, dtype: torch.dtype) -> int:
         return self.elements_per_token() * dtype_size(dtype)
+
+
+# What each layer of a model keeps, as `layer_kinds` names it.
+FULL, WINDOW, STATE, NONE = "full", "window", "state", "none"
+
+
+def layer_kinds(config: Any) -> list[tuple[str, int]]:
+    """(kind, window) per layer: FULL (every token's K/V), WINDOW (a sliding or chunked layer: its window),
+    STATE (a state-space / linear-attention layer: constant-size states) or NONE (holds nothing)."""
+    from transformers.cache_utils import get_layer_types_and_kwargs
+
+    from engine.specs import CacheConfigError
+
+    text = text_config(config)
+    if hasattr(text, "per_layer_config"):
+        layer_types, kwargs = get_layer_types_and_kwargs(text)
+    else:  # a plain description of a model (the advisor's, discovery's): full attention unless it says
+        layer_types = list(getattr(text, "layer_types", None) or ["full_attention"] * int(text.num_hidden_layers))
+        kwargs = [{"sliding_window": getattr(text, "sliding_window", None)} for _ in layer_types]
+    kinds: list[tuple[str, int]] = []
+    for layer_type, layer_kwargs in zip(layer_types, kwargs, strict=True):
+        if layer_type == "full_attention":
+            kinds.append((FULL, 0))
+        elif layer_type in ("sliding_attention", "chunked_attention"):
+            kinds.append((WINDOW, int(layer_kwargs["sliding_window"])))
+        elif layer_type in ("linear_attention", "conv"):
+            kinds.append((STATE, 0))
+        elif layer_type == "dummy":
+            kinds.append((NONE, 0))
+        else:
+            raise CacheConfigError(f"Cachet's caches do not support layers of type {layer_type!r} yet.")
+    return kinds
+
+
+def window_tokens(tokens: int, window: int) -> int:
+    """Tokens a sliding layer of `window` holds after `tokens` were fed (transformers keeps window - 1)."""
+    return min(tokens, window - 1)
+
+
+def state_nbytes(config: Any, dtype: torch.dtype) -> int:
+    """Bytes one state-space layer's states take (conv state + recurrent state) in `dtype`, as the Mamba
+    family of transformers allocates them: Mamba-2 (Bamba, Granite 4, Falcon-H1) or Mamba-1 (Jamba)."""
+    text = text_config(config)
+    size = dtype_size(dtype)
+    d_state, d_conv = int(text.mamba_d_state), int(text.mamba_d_conv)
+    intermediate = int(getattr(text, "mamba_d_ssm", None) or text.mamba_expand * text.hidden_size)
+    heads = getattr(text, "mamba_n_heads", None)
+    if heads is None:  # Mamba-1: conv over the intermediate channels, one state per channel
+        return (intermediate * d_conv + intermediate * d_state) * size
+    groups = int(getattr(text, "mamba_n_groups", 1))
+    head_dim = int(getattr(text, "mamba_d_head", None) or intermediate // int(heads))
+    conv_dim = intermediate + 2 * groups * d_state
+    return (conv_dim * d_conv + int(heads) * head_dim * d_state) * size
+
+
+def layered_bytes(config: Any, dtype: torch.dtype, full_bytes: int, tokens: int) -> int:
+    """Bytes of a cache whose full-attention layers hold `full_bytes` each: sliding layers add their
+    window (capped, in full precision), state-space layers their constant states."""
+    shape = KVShape.of(config)
+    per_token_layer = 2 * shape.kv_heads * shape.head_dim * dtype_size(dtype)
+    total = 0
+    for kind, window in layer_kinds(config):
+        if kind == FULL:
+            total += full_bytes
+        elif kind == WINDOW:
+            total += window_tokens(tokens, window) * per_token_layer
+        elif kind == STATE:
+            total += state_nbytes(config, dtype) if tokens > 0 else 0
+    return total

@@ -30,10 +30,10 @@ from typing import Any
 
 import torch
 
-from engine.caches.base import KV, KVCache, move_tensor
-from engine.caches.dynamic import GrowingLayer
+from engine.caches.base import KV, KVCache, KVLayer, move_tensor
+from engine.caches.dynamic import GrowingLayer, WindowLayer
 from engine.caches.quantizers import Quantizer, estimate_bytes, make_quantizer
-from engine.caches.shape import KVShape, dtype_size, tensor_nbytes, text_config
+from engine.caches.shape import KVShape, dtype_size, layered_bytes, tensor_nbytes, text_config
 from engine.specs import CacheConfigError, CacheSpec
 
 
@@ -51,11 +51,18 @@ class RopeRotator:
 
     Built from the config (`rope_parameters` with its `rope_type`, `head_dim`, partial
     rotary factor), the same way the model's rotary embedding computes its inverse
-    frequencies. The scaling factor some RoPE variants multiply `cos`/`sin` with is left
-    out on purpose: a relative re-rotation must not scale the keys again.
+    frequencies. The scaling factor some RoPE variants multiply `cos`/`sin` with (YaRN's,
+    LongRoPE's attention factor) is left out on purpose: the stored keys carry it once already,
+    and a relative re-rotation must not scale them again.
+
+    `layer_type` picks the parameters of one kind of layer where a model has several (Gemma 3:
+    a different base for its sliding and its global layers); `seq_len` is the longest position
+    the cache reaches, for the variants whose frequencies depend on it (LongRoPE's short or long
+    factors, dynamic NTK). A rotator with `rot_dim == 0` (`RopeRotator.none()`) is a layer
+    without RoPE (SmolLM3's NoPE layers): its keys carry no position and never move.
     """
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, layer_type: str | None = None, seq_len: int | None = None) -> None:
         text = text_config(config)
         params = getattr(text, "rope_parameters", None) or {}
         if not params and getattr(text, "rope_theta", None) is None:
@@ -63,21 +70,48 @@ class RopeRotator:
                 f"{getattr(text, 'model_type', 'this model')} has no rotary position embedding, "
                 "so its cached keys cannot be re-positioned for attention sinks."
             )
+        per_type = layer_type is not None and isinstance(params.get(layer_type), dict)
+        if per_type:
+            params = params[layer_type]
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":
             base = float(params.get("rope_theta", getattr(text, "rope_theta", 10000.0)))
             head_dim = KVShape.of(text).head_dim
-            dim = int(head_dim * float(params.get("partial_rotary_factor", 1.0)))
+            factor = params.get("partial_rotary_factor", getattr(text, "partial_rotary_factor", 1.0))
+            dim = int(head_dim * float(factor))
             inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
         else:
             from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
             if rope_type not in ROPE_INIT_FUNCTIONS:
                 raise SinkUnsupportedError(f"RoPE type {rope_type!r} is not supported by the sink cache.")
-            inv_freq, _scaling = ROPE_INIT_FUNCTIONS[rope_type](text, torch.device("cpu"))
+            kwargs: dict[str, Any] = {"layer_type": layer_type} if per_type else {}
+            if seq_len is not None and rope_type in ("longrope", "dynamic"):
+                kwargs["seq_len"] = seq_len
+            inv_freq, _scaling = ROPE_INIT_FUNCTIONS[rope_type](text, torch.device("cpu"), **kwargs)
         self.inv_freq = inv_freq.to(torch.float64)
         self.rot_dim = 2 * self.inv_freq.numel()
         self._tables: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @classmethod
+    def none(cls) -> RopeRotator:
+        """The rotator of a layer without RoPE: moves nothing."""
+        rotator = cls.__new__(cls)
+        rotator.inv_freq = torch.zeros(0, dtype=torch.float64)
+        rotator.rot_dim = 0
+        rotator._tables = {}
+        return rotator
+
+    @classmethod
+    def for_layer(cls, config: Any, index: int, seq_len: int | None = None) -> RopeRotator:
+        """The rotator of layer `index`: none for a layer without RoPE, else its kind of layer's."""
+        text = text_config(config)
+        no_rope = getattr(text, "no_rope_layers", None)  # SmolLM3: 1 = uses RoPE, 0 = NoPE
+        if no_rope is not None and index < len(no_rope) and not no_rope[index]:
+            return cls.none()
+        layer_types = getattr(text, "layer_types", None)
+        layer_type = layer_types[index] if layer_types is not None and index < len(layer_types) else None
+        return cls(config, layer_type, seq_len)
 
     def _cos_sin(self, shift: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (shift, device)
@@ -90,7 +124,7 @@ class RopeRotator:
 
     def shift(self, keys: torch.Tensor, delta: int) -> torch.Tensor:
         """Move keys rotated for position p to position p + delta (delta may be negative)."""
-        if delta == 0 or keys.shape[-2] == 0:
+        if delta == 0 or keys.shape[-2] == 0 or self.rot_dim == 0:
             return keys
         cos, sin = self._cos_sin(delta, keys.device)
         rot = keys[..., : self.rot_dim].float()
@@ -102,7 +136,7 @@ class RopeRotator:
     def rotate_positions(self, keys: torch.Tensor, start: int, sign: int = 1) -> torch.Tensor:
         """Rotate un-rotated keys to positions start, start+1, … (sign=-1 undoes that rotation)."""
         n = keys.shape[-2]
-        if n == 0:
+        if n == 0 or self.rot_dim == 0:
             return keys
         positions = torch.arange(start, start + n, dtype=torch.float64)
         angles = positions[:, None] * self.inv_freq[None, :]
@@ -349,18 +383,39 @@ class QuantizedSinkLayer(SinkLayer):
         self.sink_k = self.sink_v = torch.empty(0)
 
 
-class SinkCache(KVCache):
-    """A cache of attention sinks + a recent window, for every layer of the model.
+class SinkWindowLayer(WindowLayer):
+    """A model's own sliding-window layer inside a sink cache: its window is kept as it is, but it is
+    renumbered with the slots. When the full-attention layers evict `d` tokens, the positions of
+    everything after them drop by `d`; this layer's keys are re-rotated by -d and its token count
+    lowered by d, so that new queries (at slot positions) see them at the right distance and the
+    model's sliding mask lines up."""
 
-    `crop_to(n)` counts in tokens fed (the conversation's token stream), not tokens stored:
-    it succeeds when the tokens to remove are all still in the kept recent window.
+    def __init__(self, sliding_window: int, rotator: RopeRotator) -> None:
+        super().__init__(sliding_window=sliding_window)
+        self.rotator = rotator
+
+    def renumber(self, drop: int) -> None:
+        """The full-attention layers evicted `drop` tokens before everything this layer holds."""
+        if drop <= 0 or not self.is_initialized or self.keys is None:
+            return
+        self.keys = self.rotator.shift(self.keys, -drop)
+        self.cumulative_length -= drop
+
+
+class SinkCache(KVCache):
+    """A cache of attention sinks + a recent window, for every full-attention layer of the model.
+
+    A model's own sliding-window layers keep their window (`SinkWindowLayer`), state-space layers
+    their states. `crop_to(n)` counts in tokens fed (the conversation's token stream), not tokens
+    stored: it succeeds when the tokens to remove are all still in the kept recent window.
     """
 
     def __init__(self, config: Any, spec: CacheSpec) -> None:
+        from engine.caches.dynamic import layers_for
+
         shape = KVShape.of(config)
-        self.rotator = RopeRotator(config)
         self.spec = spec
-        layers: list[Any]
+        reach = spec.sink_tokens + spec.window  # the highest slot, for RoPE variants that depend on length
         if spec.strategy == "sink-quantized":
             block = quantized_block(spec, shape.head_dim)
             if block > spec.window:
@@ -369,41 +424,91 @@ class SinkCache(KVCache):
                     f"rounded up to whole groups of {spec.q_group_size}); make the window larger."
                 )
             quantizer = make_quantizer(spec)
-            layers = [QuantizedSinkLayer(spec.sink_tokens, spec.window, self.rotator, quantizer, block,
-                                         spec.axis_key, spec.axis_value) for _ in range(shape.layers)]
+
+            def full(idx: int) -> SinkLayer:
+                return QuantizedSinkLayer(spec.sink_tokens, spec.window, RopeRotator.for_layer(config, idx, reach),
+                                          quantizer, block, spec.axis_key, spec.axis_value)
         else:
-            layers = [SinkLayer(spec.sink_tokens, spec.window, self.rotator) for _ in range(shape.layers)]
-        super().__init__(layers=layers)
+            def full(idx: int) -> SinkLayer:
+                return SinkLayer(spec.sink_tokens, spec.window, RopeRotator.for_layer(config, idx, reach))
+
+        def window(idx: int, size: int) -> SinkWindowLayer:
+            return SinkWindowLayer(size, RopeRotator.for_layer(config, idx, reach))
+
+        super().__init__(layers=layers_for(config, full=full, window=window))
+        self._renumbered = 0  # evictions the window layers have followed
 
     @property
     def sink_layers(self) -> list[SinkLayer]:
-        return self.layers  # type: ignore[return-value]
+        return [layer for layer in self.layers if isinstance(layer, SinkLayer)]
+
+    @property
+    def window_layers(self) -> list[SinkWindowLayer]:
+        return [layer for layer in self.layers if isinstance(layer, SinkWindowLayer)]
 
     @property
     def fed(self) -> int:
-        return self.sink_layers[0].fed if self.layers else 0
+        layers = self.sink_layers
+        return layers[0].fed if layers else int(self.get_seq_length())
 
     @property
     def evicted(self) -> int:
-        return self.sink_layers[0].evicted if self.layers else 0
+        layers = self.sink_layers
+        return layers[0].evicted if layers else 0
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' update; after the model's last attention layer, the window layers follow what the
+        full-attention layers evicted in this pass (they used the old numbering until then)."""
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == self._last_attention_layer():
+            self._renumber_windows()
+        return out
+
+    def _last_attention_layer(self) -> int:
+        return max(i for i, layer in enumerate(self.layers) if isinstance(layer, KVLayer))
+
+    def _renumber_windows(self) -> None:
+        drop = self.evicted - self._renumbered
+        if drop:
+            for layer in self.window_layers:
+                layer.renumber(drop)
+            self._renumbered = self.evicted
 
     def crop_to(self, length: int) -> bool:
         """False when the stream cannot be cut there — or when the layers disagree on what they
         evicted (a forward pass that failed after some layers had evicted): the caller then
-        recomputes instead of attending at mismatched positions."""
-        if len({layer.layout() for layer in self.sink_layers}) > 1:
+        recomputes instead of attending at mismatched positions. A hybrid model's state-space
+        states cannot be cut at all (the caller recomputes)."""
+        layers = self.sink_layers
+        if len({layer.layout() for layer in layers}) > 1 or self._renumbered != self.evicted:
             return False
-        if not all(layer.can_crop_to(length) for layer in self.sink_layers):
+        if not all(layer.can_crop_to(length) for layer in layers):
             return False
-        for layer in self.sink_layers:
+        remove = self.fed - length
+        windows = self.window_layers
+        if any(layer.get_seq_length() < remove for layer in windows):
+            return False
+        if remove and self._holds_state():
+            return False
+        if not all(layer.crop_to(layer.get_seq_length() - remove) for layer in windows):
+            return False  # a window layer that has slid cannot be cut back (checked before the sinks are)
+        for layer in layers:
             layer.crop_to(length)
-        return len({layer.get_seq_length() for layer in self.sink_layers}) == 1
+        return len({layer.get_seq_length() for layer in layers}) <= 1
+
+    def checkpoint(self) -> None:
+        """Nothing: a sink cache's state-space states are not checkpointed (its lengths move with evictions)."""
+
+    def restore_point(self, length: int) -> int:
+        return length if not self._holds_state() or length == self.fed else 0
 
     def adopt_stream(self, stream_length: int) -> None:
         """The window just fed in stands for `stream_length` conversation tokens: count the rest as evicted."""
         for layer in self.sink_layers:
             layer.evicted += stream_length - layer.fed
             layer.fed = stream_length
+        self._renumbered = self.evicted
 
 
 def build(config: Any, spec: CacheSpec, device: torch.device | None = None) -> SinkCache:
@@ -429,7 +534,12 @@ def bytes_for(tokens: int, config: Any, spec: CacheSpec, dtype: torch.dtype = to
     until it has grown again (what is really held is always `cache_bytes`, which the UI shows).
     """
     shape = KVShape.of(config)
-    per_token = shape.bytes_per_token(dtype)
+    per_token = shape.bytes_per_token(dtype) // shape.layers  # one full-attention layer's K and V
+    return layered_bytes(config, dtype, _full_layer_bytes(tokens, shape, spec, dtype, per_token), tokens)
+
+
+def _full_layer_bytes(tokens: int, shape: KVShape, spec: CacheSpec, dtype: torch.dtype, per_token: int) -> int:
+    """What one full-attention layer of a sink cache holds after `tokens` tokens (see `bytes_for`)."""
     if spec.strategy != "sink-quantized":
         return min(tokens, spec.sink_tokens + spec.window) * per_token
     sinks = min(tokens, spec.sink_tokens)
@@ -442,6 +552,6 @@ def bytes_for(tokens: int, config: Any, spec: CacheSpec, dtype: torch.dtype = to
     kept = min(blocks, max(0, (spec.window - residual) // block))
     size = dtype_size(dtype)
     elements = block * shape.kv_heads * shape.head_dim
-    per_block = shape.layers * (estimate_bytes(spec, elements, spec.axis_key, size)
-                                + estimate_bytes(spec, elements, spec.axis_value, size))
+    per_block = (estimate_bytes(spec, elements, spec.axis_key, size)
+                 + estimate_bytes(spec, elements, spec.axis_value, size))
     return (sinks + residual) * per_token + kept * per_block

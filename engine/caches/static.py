@@ -15,14 +15,14 @@ refused with `StaticCacheFull` before anything is written, never silently trunca
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 import torch
 from transformers.cache_utils import StaticCache, StaticLayer
 
 from engine.caches.base import KV, KVCache, KVLayer, move_tensor
-from engine.caches.shape import KVShape
-from engine.specs import CacheConfigError, CacheSpec
+from engine.caches.shape import KVShape, layered_bytes
+from engine.specs import CacheSpec
 
 
 class StaticCacheFull(ValueError):
@@ -87,19 +87,23 @@ class CroppableStaticLayer(KVLayer, StaticLayer):
 
 
 class CroppableStaticCache(KVCache, StaticCache):
-    """`StaticCache` with the layers above and `ensure_room`."""
+    """`StaticCache` with the layers above and `ensure_room`.
+
+    Only full-attention layers are pre-allocated: a model's sliding layers keep their own window as in
+    the dynamic cache (at most `sliding_window - 1` tokens, which never overflows), state-space layers
+    their constant states. Their shapes change until the window is full, so a compiled decode step of
+    such a model is recompiled until then.
+    """
 
     def __init__(self, config: Any, max_cache_len: int) -> None:
-        super().__init__(config=config, max_cache_len=max_cache_len)
-        if any(type(layer) is not StaticLayer for layer in self.layers):
-            kinds = sorted({type(layer).__name__ for layer in self.layers})
-            raise CacheConfigError(f"The static cache supports full-attention models only, not layers of {kinds}.")
-        self.layers = [CroppableStaticLayer(max_cache_len=max_cache_len) for _ in self.layers]
+        from engine.caches.dynamic import layers_for
+
+        KVCache.__init__(self, layers=layers_for(config, full=lambda _: CroppableStaticLayer(max_cache_len)))
         self.max_cache_len = max_cache_len
 
     @property
     def static_layers(self) -> list[CroppableStaticLayer]:
-        return cast(list[CroppableStaticLayer], self.layers)
+        return [layer for layer in self.layers if isinstance(layer, CroppableStaticLayer)]
 
     def room(self) -> int:
         """Tokens that can still be fed."""
@@ -116,5 +120,7 @@ def build(config: Any, spec: CacheSpec, device: torch.device | None = None) -> C
 
 
 def bytes_for(tokens: int, config: Any, spec: CacheSpec, dtype: torch.dtype = torch.float32) -> int:
-    """The full pre-allocation, whatever `tokens` is: `max_cache_len` tokens of K and V in every layer."""
-    return spec.max_cache_len * KVShape.of(config).bytes_per_token(dtype)
+    """The full pre-allocation, whatever `tokens` is: `max_cache_len` tokens of K and V in every full-attention
+    layer (sliding layers: their window; state-space layers: their states)."""
+    shape = KVShape.of(config)
+    return layered_bytes(config, dtype, spec.max_cache_len * shape.bytes_per_token(dtype) // shape.layers, tokens)

@@ -1,0 +1,264 @@
+"""Every cache strategy on the architectures users run (issue 15 §1), on tiny random models (tests/tiny.py).
+
+Per architecture × strategy: reuse gives the logits of recomputing (fp32, tight tolerance), an edit crops
+and continues as a fresh run would (or falls back visibly), the sink cache re-positions keys for every
+RoPE variant (the windowed-recompute oracle), quantized caches quantize only the full-attention layers,
+hybrid models keep their state-space states, and `bytes_for` is what the cache holds.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from engine import caches
+from engine.caches import CacheSpec
+from engine.caches.dynamic import WindowLayer
+from engine.caches.quantized import QuantizedKVLayer
+from engine.caches.shape import WINDOW, layer_kinds
+from engine.caches.sink import SinkCache, SinkWindowLayer
+from engine.sampling import SamplingSettings
+from engine.session import ChatSession, SessionSettings
+from tests.tiny import ARCHITECTURES, LLAMA_ROPES, SLIDING, tiny_arch_model
+
+EXACT = ["dynamic", "static", "offloaded"]
+GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=6, repetition_penalty=1.0)
+TOL = 1e-4
+SLIDES = {"mistral", "gemma2", "gemma3", "gpt_oss"}  # models with sliding-window layers
+HYBRID = {"bamba"}
+
+
+@functools.cache
+def model(arch: str, **overrides):  # noqa: ANN001, ANN201
+    return tiny_arch_model(arch, seed=1, **overrides)
+
+
+def spec_for(strategy: str) -> CacheSpec:
+    if strategy == "static":
+        return CacheSpec("static", max_cache_len=256)
+    if strategy in ("quantized", "sink-quantized"):
+        extra = {"sink_tokens": 4, "window": 96} if strategy == "sink-quantized" else {}
+        return CacheSpec(strategy, nbits=4, residual=16, q_group_size=16, axis_key=-1, axis_value=0, **extra)
+    if strategy == "sink":
+        return CacheSpec("sink", sink_tokens=4, window=48)
+    return CacheSpec(strategy)
+
+
+def ids_of(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 250, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@torch.inference_mode()
+def recompute(lm, ids: list[int]) -> torch.Tensor:  # noqa: ANN001
+    """The next-token logits of `ids` computed from scratch, without a cache."""
+    return lm.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, -1]
+
+
+def session_for(lm, strategy: str) -> ChatSession:  # noqa: ANN001
+    if strategy == "offloaded" and not torch.cuda.is_available():
+        pytest.skip("the offloaded cache needs a CUDA GPU")
+    return ChatSession(lm, SessionSettings(cache=spec_for(strategy), sampling=GREEDY, speculative="off"))
+
+
+@pytest.mark.parametrize("strategy", EXACT)
+@pytest.mark.parametrize("arch", ARCHITECTURES + LLAMA_ROPES[1:])
+def test_reuse_equals_recompute_and_edits_crop_to_a_fresh_run(arch: str, strategy: str) -> None:
+    lm = model(arch)
+    session = session_for(lm, strategy)
+    ids = ids_of(60, seed=2)
+    # Prefill in uneven chunks, then one token at a time, well past the sliding window.
+    session.forward_logits(ids[:23])
+    session.forward_logits(ids[23:41])
+    for k in range(41, 60):
+        logits = session.forward_logits([ids[k]])
+        assert torch.allclose(logits, recompute(lm, ids[: k + 1]), atol=TOL), (arch, k)
+    # An edit: the conversation now diverges after token 30.
+    edited = ids[:30] + ids_of(12, seed=5)
+    session._crop(30)
+    if session.cache_fallback is None:
+        assert len(session.cached_ids) == 30
+    else:  # a sliding window that slid, or a state-space state, cannot go back: recomputed, and said so
+        assert arch in SLIDES | HYBRID, session.cache_fallback
+        assert "recomputed" in session.cache_fallback
+    rest = edited[len(session.cached_ids):]
+    logits = session.forward_logits(rest)
+    assert torch.allclose(logits, recompute(lm, edited), atol=TOL)
+    if arch not in SLIDES | HYBRID:
+        assert session.cache_fallback is None
+
+
+@pytest.mark.parametrize("strategy", ["dynamic", "static", "quantized"])
+@pytest.mark.parametrize("arch", sorted(SLIDES))
+def test_sliding_layers_keep_their_native_window(arch: str, strategy: str) -> None:
+    """Every strategy keeps a model's own sliding layers as transformers does (the last window - 1 tokens,
+    full precision); only full-attention layers follow the strategy."""
+    lm = model(arch)
+    cache = caches.build_cache(spec_for(strategy), lm.config)
+    session = session_for(lm, strategy)
+    session.cache = cache
+    session.forward_logits(ids_of(80, seed=3))
+    kinds = [getattr(layer, "sliding", False) for layer in cache.layers]
+    assert kinds == [kind == WINDOW for kind, _ in layer_kinds(lm.config)]
+    for layer in cache.kv_layers:
+        if layer.sliding:
+            assert isinstance(layer, WindowLayer) and layer.keys.shape[-2] == SLIDING - 1
+        elif strategy == "quantized":
+            assert isinstance(layer, QuantizedKVLayer) and layer._quantized_length > 0
+
+
+@pytest.mark.parametrize("strategy", ["quantized", "sink-quantized"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_quantized_strategies_run_every_architecture_with_a_bounded_error(arch: str, strategy: str) -> None:
+    """4-bit: the full-attention layers are quantized (sliding layers keep their window, state-space layers
+    their states), and the logits stay close to the full cache's."""
+    if caches.backend_availability()["quanto"] is not None:
+        pytest.skip("optimum-quanto is not installed")
+    lm = model(arch)
+    ids = ids_of(140, seed=4)
+    session = session_for(lm, strategy)
+    if strategy == "sink-quantized":  # a window holding everything: only the quantization differs
+        session.settings.cache = spec_for(strategy).with_changes(window=400)
+    exact = session_for(lm, "dynamic")
+    for start in range(0, 130, 26):
+        session.forward_logits(ids[start:start + 26])
+        exact.forward_logits(ids[start:start + 26])
+    got, want = session.forward_logits(ids[130:]), exact.forward_logits(ids[130:])
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 0.1 * scale, arch
+    full = [layer for layer in session.cache.kv_layers if not layer.sliding]
+    if arch == "mistral":  # every layer slides: nothing to quantize, nothing lost
+        assert not full and torch.allclose(got, want, atol=TOL)
+    if arch in HYBRID:
+        assert session.cache.state_layers and all(s.holds_state() for s in session.cache.state_layers)
+
+
+# ----- sinks: the windowed-recompute oracle per RoPE variant --------------------------------------------
+# With one layer, a token's keys and values depend only on the token and its position, so a sink cache
+# must equal re-encoding exactly the tokens it kept, at positions 0..n-1.
+ONE_LAYER = [(arch, {"num_hidden_layers": 1}) for arch in LLAMA_ROPES + ["qwen2", "qwen3", "phi3"]] + [
+    ("smollm3", {"num_hidden_layers": 1, "no_rope_layers": [1]}),  # a RoPE layer
+    ("smollm3", {"num_hidden_layers": 1, "no_rope_layers": [0]}),  # a NoPE layer: keys never move
+    ("gemma2", {"num_hidden_layers": 1, "layer_types": ["full_attention"]}),  # soft-capping
+    ("gemma3", {"num_hidden_layers": 1, "layer_types": ["full_attention"]}),  # its global layers' RoPE
+    ("gpt_oss", {"num_hidden_layers": 1, "layer_types": ["full_attention"]}),  # learned sinks, YaRN scaling
+]
+
+
+@pytest.mark.parametrize("arch, overrides", ONE_LAYER,
+                         ids=[f"{a}-{'-'.join(f'{k}{v}' for k, v in o.items())}" for a, o in ONE_LAYER])
+def test_sink_matches_the_windowed_recompute_oracle(arch: str, overrides: dict) -> None:
+    lm = tiny_arch_model(arch, seed=1, **overrides)
+    spec = CacheSpec("sink", sink_tokens=4, window=48)
+    session = ChatSession(lm, SessionSettings(cache=spec, speculative="off"))
+    ids = ids_of(200, seed=6)
+    for i in range(0, 199, 29):
+        session.forward_logits(ids[i: min(i + 29, 199)])
+    cache = session.cache
+    assert isinstance(cache, SinkCache) and cache.evicted > 0
+    logits = session.forward_logits([ids[-1]])
+    kept = cache.get_seq_length() - 1
+    stream = ids[:-1]
+    kept_ids = stream[: spec.sink_tokens] + stream[len(stream) - (kept - spec.sink_tokens):] + [ids[-1]]
+    assert torch.allclose(logits, recompute(lm, kept_ids), atol=TOL)
+
+
+def test_sink_on_a_model_whose_layers_all_slide_is_the_models_own_window() -> None:
+    """Mistral-style: no full-attention layer, so nothing to evict; the sink cache is the model's own window."""
+    lm = model("mistral")
+    session = session_for(lm, "sink")
+    ids = ids_of(120, seed=7)
+    session.forward_logits(ids[:70])
+    for k in range(70, 120):
+        logits = session.forward_logits([ids[k]])
+    assert torch.allclose(logits, recompute(lm, ids), atol=TOL)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "gpt_oss"])
+def test_sink_keeps_a_models_sliding_layers_and_renumbers_them_with_the_slots(arch: str) -> None:
+    """Interleaved sliding and global layers: the global layers hold sinks + window, the sliding layers their
+    own window, at the same positions (their keys moved by what was evicted, as the model's own rotary
+    embedding would have placed them)."""
+    lm = model(arch)
+    spec = CacheSpec("sink", sink_tokens=4, window=48)
+    session = session_for(lm, "sink")
+    exact = session_for(lm, "dynamic")
+    ids = ids_of(150, seed=8)
+    for start in range(0, 150, 25):
+        session.forward_logits(ids[start:start + 25])
+        exact.forward_logits(ids[start:start + 25])
+    cache = session.cache
+    assert isinstance(cache, SinkCache) and cache.evicted > 0
+    slots = cache.get_seq_length()
+    assert slots <= spec.sink_tokens + spec.window
+    first_global = min(i for i, layer in enumerate(cache.layers) if not getattr(layer, "sliding", False))
+    for i, (layer, reference) in enumerate(zip(cache.layers, exact.cache.layers, strict=True)):
+        if isinstance(layer, SinkWindowLayer):
+            assert layer.cumulative_length == slots  # numbered like the global layers
+        if isinstance(layer, SinkWindowLayer) and i < first_global:  # (later ones read what the sinks kept)
+            assert torch.allclose(layer.values, reference.values, atol=TOL)  # the same window, untouched
+            moved_back = layer.rotator.shift(layer.keys, cache.evicted)
+            assert torch.allclose(moved_back, reference.keys, atol=1e-4)
+    # and the chat goes on, at positions inside the window
+    session.send("hello")
+    assert caches.seq_length(session.cache) <= spec.sink_tokens + spec.window
+
+
+# ----- hybrid models: state-space states kept; what cannot be cut back is recomputed, visibly ------------
+@pytest.mark.parametrize("strategy", ["dynamic", "static", "quantized", "sink"])
+def test_a_hybrid_model_regenerates_from_its_checkpoint_and_recomputes_edits_visibly(strategy: str) -> None:
+    lm = model("bamba")
+    session = session_for(lm, strategy)
+    session.send("the first question " * 3)
+    second = session.send("a second question")
+    assert second.stats.reused_tokens > 0 and second.stats.cache_fallback is None
+    assert all(s.holds_state() and s.nbytes() > 0 for s in session.cache.state_layers)
+    again = session.regenerate()
+    if strategy == "sink":  # a sink cache keeps no checkpoints: recomputed from the start, and said so
+        assert again.stats.reused_tokens == 0 and "state-space" in again.stats.cache_fallback
+    else:  # back to the checkpoint taken before the prompt's last token: nothing lost
+        assert again.stats.reused_tokens == again.stats.prompt_tokens - 1
+        assert again.stats.cache_fallback is None
+    assert again.reply == second.reply  # greedy: the same reply
+    edited = session.edit(len(session.messages) - 2, "an edited second question")
+    assert edited.stats.cache_fallback is not None and "state-space" in edited.stats.cache_fallback
+    if strategy != "sink":
+        assert "turn boundary" in edited.stats.cache_fallback and edited.stats.reused_tokens > 0
+    fresh = session_for(lm, strategy)
+    fresh.messages = [m for m in session.messages[:-1]]
+    assert fresh.generate().reply == edited.reply
+
+
+def test_speculative_decoding_never_drafts_into_a_state_space_cache() -> None:
+    lm = model("bamba")
+    session = ChatSession(lm, SessionSettings(sampling=GREEDY, speculative="prompt-lookup"))
+    session.send("repeat repeat repeat repeat repeat repeat")
+    result = session.send("repeat repeat repeat repeat repeat repeat")
+    assert result.stats.finish_reason in ("stop", "length")
+    assert not session.cache.rewindable(2)
+
+
+# ----- the advisor's byte counts are the bytes held -------------------------------------------------------
+@pytest.mark.parametrize("strategy", ["dynamic", "static", "quantized", "sink", "sink-quantized"])
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_bytes_for_is_what_the_cache_holds(arch: str, strategy: str) -> None:
+    if strategy in ("quantized", "sink-quantized") and caches.backend_availability()["quanto"] is not None:
+        pytest.skip("optimum-quanto is not installed")
+    lm = model(arch)
+    spec = spec_for(strategy)
+    cache = caches.build_cache(spec, lm.config)
+    ids = ids_of(200, seed=9)
+    fed = 0
+    with torch.inference_mode():
+        for n in (7, 30, 1, 1, 64, 97):
+            lm.model(input_ids=torch.tensor([ids[fed:fed + n]]), past_key_values=cache, use_cache=True,
+                     position_ids=torch.arange(cache.get_seq_length(), cache.get_seq_length() + n)[None])
+            fed += n
+            estimate, held = caches.bytes_for(spec, fed, lm.config), caches.cache_bytes(cache)
+            if strategy == "sink" and cache.evicted:  # evicts in batches: the estimate is its ceiling
+                assert held <= estimate, (fed, strategy)
+            else:
+                assert estimate == held, (fed, strategy)
+    states = [s.nbytes() for s in cache.state_layers]
+    assert len(set(states)) <= 1  # constant, whatever the length
