@@ -65,7 +65,9 @@ class FolderClaim(QObject):
         while (socket := self.server.nextPendingConnection()) is not None:
             socket.write(b"ok\n")
             socket.flush()
-            socket.disconnectFromServer()
+            # The asking start hangs up once it has read the answer: hanging up here first could drop the
+            # answer before it was read (QLocalSocket discards what it had not read when the peer closes).
+            socket.disconnected.connect(socket.deleteLater)
             if self.window is not None:
                 self.window.showNormal()
                 self.window.raise_()
