@@ -121,6 +121,7 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     from transformers.cache_utils import DynamicCache
 
     from engine import half_weights
+    from engine.caches.base import cache_kwargs
 
     inner = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     layer0 = inner.layers[0]
@@ -154,7 +155,7 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
             pos = torch.arange(start, start + n).unsqueeze(0)
             position_embeddings = rope(x, pos)
             for layer, cache in zip(stack, caches, strict=True):
-                layer(x, position_embeddings=position_embeddings, past_key_values=cache, position_ids=pos,
+                layer(x, position_embeddings=position_embeddings, **cache_kwargs(layer, cache), position_ids=pos,
                       attention_mask=None, use_cache=True)
 
         def score(n: int) -> None:

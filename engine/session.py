@@ -19,7 +19,7 @@ import torch
 
 from engine import caches
 from engine.caches import CacheSpec
-from engine.caches.base import KVCache
+from engine.caches.base import KVCache, cache_kwargs
 from engine.models import LoadedModel
 from engine.reports import CONTEXT_OVERFLOW, INVALID_SETTINGS, OTHER_ERROR, OUT_OF_MEMORY, TurnStats
 from engine.sampling import Sampler
@@ -702,7 +702,7 @@ class ChatSession:
         positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
         out = self.lm.model(
             input_ids=input_ids,
-            past_key_values=cache,
+            **cache_kwargs(self.lm.model, cache),
             position_ids=positions,
             use_cache=True,
             logits_to_keep=0 if all_positions else 1,

@@ -162,6 +162,7 @@ def make_window(qtbot: Any) -> Iterator[Callable[..., Any]]:
 
     yield make
     for win, store in made:
+        win._quit_unsaved = lambda: True  # a failed test may leave changes unsaved: never wait on a dialog
         win.close()
         assert not win.engine.running
         win.deleteLater()  # later tests restyle the whole application: leave no windows behind

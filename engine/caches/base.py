@@ -29,7 +29,10 @@ it can do: whatever it is, it can do all of this.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import abstractmethod
+from typing import Any
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -38,6 +41,22 @@ from engine.caches.shape import tensor_nbytes
 from engine.caches.state import StateLayer, StateSnapshot
 
 KV = tuple[torch.Tensor, torch.Tensor]
+
+
+@functools.lru_cache(maxsize=256)
+def _cache_keyword(forward: Any) -> str:
+    try:
+        params = inspect.signature(forward).parameters
+    except (TypeError, ValueError):
+        return "past_key_values"
+    return "cache" if "cache" in params and "past_key_values" not in params else "past_key_values"
+
+
+def cache_kwargs(module: Any, cache: Any) -> dict[str, Any]:
+    """`{keyword: cache}` for calling `module` (a model or a decoder layer): transformers 5.25 renamed
+    `past_key_values` to `cache` (the old name warns, and goes in 5.40); older versions and remote code
+    take `past_key_values`. Decided once per class from its forward's signature."""
+    return {_cache_keyword(type(module).forward): cache}
 
 
 def move_tensor(t: torch.Tensor, device: torch.device, pin_memory: bool = False) -> torch.Tensor:

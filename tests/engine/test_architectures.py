@@ -15,6 +15,7 @@ import torch
 
 from engine import caches
 from engine.caches import CacheSpec
+from engine.caches.base import cache_kwargs
 from engine.caches.dynamic import WindowLayer
 from engine.caches.quantized import QuantizedKVLayer
 from engine.caches.shape import WINDOW, layer_kinds
@@ -252,7 +253,7 @@ def test_bytes_for_is_what_the_cache_holds(arch: str, strategy: str) -> None:
     fed = 0
     with torch.inference_mode():
         for n in (7, 30, 1, 1, 64, 97):
-            lm.model(input_ids=torch.tensor([ids[fed:fed + n]]), past_key_values=cache, use_cache=True,
+            lm.model(input_ids=torch.tensor([ids[fed:fed + n]]), **cache_kwargs(lm.model, cache), use_cache=True,
                      position_ids=torch.arange(cache.get_seq_length(), cache.get_seq_length() + n)[None])
             fed += n
             estimate, held = caches.bytes_for(spec, fed, lm.config), caches.cache_bytes(cache)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.caches import CacheSpec
+from engine.caches.base import cache_kwargs
 from engine.caches.dynamic import FullLayer, grown_capacity
 from engine.session import ChatSession, SessionSettings
 
@@ -35,10 +36,10 @@ def test_a_grown_cache_gives_the_logits_of_transformers_own_cache(tiny_lm) -> No
     ids = torch.tensor([[t % 250 for t in range(300)]])
     with torch.inference_mode():
         reference = DynamicCache()
-        tiny_lm.model(input_ids=ids, past_key_values=reference, use_cache=True)
+        tiny_lm.model(input_ids=ids, **cache_kwargs(tiny_lm.model, reference), use_cache=True)
         session = ChatSession(tiny_lm)
         session.forward_logits(ids[0].tolist())
         for token in range(300, 520):  # past the first capacity (512)
-            expected = tiny_lm.model(input_ids=torch.tensor([[token % 200]]), past_key_values=reference,
+            expected = tiny_lm.model(input_ids=torch.tensor([[token % 200]]), **cache_kwargs(tiny_lm.model, reference),
                                      use_cache=True).logits[0, -1]
             torch.testing.assert_close(session.forward_logits([token % 200]), expected, rtol=1e-5, atol=1e-5)

@@ -8,6 +8,7 @@ import torch
 from engine import caches
 from engine.caches import CacheConfigError, CacheSpec
 from engine.caches import offloaded as offloaded_cache
+from engine.caches.base import cache_kwargs
 
 OFFLOADED = CacheSpec(strategy="offloaded")
 
@@ -38,10 +39,10 @@ def test_offloaded_gives_the_dynamic_caches_logits_on_a_gpu(tiny_lm) -> None:
     try:
         ids = torch.randint(0, 250, (1, 120), device="cuda")
         with torch.inference_mode():
-            dynamic = model(input_ids=ids, past_key_values=caches.build_cache(CacheSpec(), model.config)).logits
+            dynamic = model(input_ids=ids, **cache_kwargs(model, caches.build_cache(CacheSpec(), model.config))).logits
             cache = caches.build_cache(OFFLOADED, model.config, torch.device("cuda"))
-            first = model(input_ids=ids[:, :100], past_key_values=cache).logits
-            second = model(input_ids=ids[:, 100:], past_key_values=cache,
+            first = model(input_ids=ids[:, :100], **cache_kwargs(model, cache)).logits
+            second = model(input_ids=ids[:, 100:], **cache_kwargs(model, cache),
                            position_ids=torch.arange(100, 120, device="cuda")[None]).logits
         torch.testing.assert_close(torch.cat([first, second], dim=1), dynamic, rtol=1e-4, atol=1e-4)
         keys = getattr(cache.layers[-1], "keys", None)  # layer 0 is prefetched back for the next pass

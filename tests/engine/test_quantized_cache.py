@@ -12,6 +12,7 @@ from engine import caches
 from engine.bench.workload import LONG_TEXT_PATH
 from engine.caches import CacheConfigError, CacheSpec, hqq_blocks, quantizers
 from engine.caches import quantized as quantized_cache
+from engine.caches.base import cache_kwargs
 from engine.caches.quantizers import HQQQuantizer, QuantoQuantizer
 from engine.perplexity import perplexity
 from engine.sampling import SamplingSettings
@@ -52,7 +53,7 @@ def feed(lm, cache, ids: list[int], chunks: list[int]) -> torch.Tensor:
         for n in chunks:
             piece = torch.tensor([ids[pos : pos + n]])
             positions = torch.arange(start + pos, start + pos + n).unsqueeze(0)
-            out.append(lm.model(input_ids=piece, past_key_values=cache, position_ids=positions,
+            out.append(lm.model(input_ids=piece, **cache_kwargs(lm.model, cache), position_ids=positions,
                                 use_cache=True).logits[0])
             pos += n
     return torch.cat(out)

@@ -9,6 +9,7 @@ import torch
 
 from engine import caches
 from engine.caches import CacheConfigError, CacheSpec
+from engine.caches.base import cache_kwargs
 from engine.caches.sink import RopeRotator, SinkCache, evict_batch_for
 from engine.perplexity import perplexity
 from engine.sampling import SamplingSettings
@@ -183,7 +184,7 @@ def test_sink_quantized_bytes_for_is_what_it_holds_and_stays_flat(tiny_lm, backe
     with torch.inference_mode():
         for n in (100, 64, 1, 1, 200, 300, 64, 470):
             positions = torch.arange(fed, fed + n).unsqueeze(0)
-            tiny_lm.model(input_ids=ids[:, fed : fed + n], past_key_values=cache, position_ids=positions,
+            tiny_lm.model(input_ids=ids[:, fed : fed + n], **cache_kwargs(tiny_lm.model, cache), position_ids=positions,
                           use_cache=True)
             fed += n
             real = caches.cache_bytes(cache)
