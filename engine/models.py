@@ -4,6 +4,12 @@ A GGUF file is de-quantized by `transformers` on load, which takes ~20 s for the
 135M model on a laptop CPU. The first load therefore writes a safetensors copy (weights,
 config, tokenizer) into the user cache folder, keyed by the GGUF file's SHA-256, and every
 later load reads that copy instead (well under a second).
+
+The weights can be loaded in another precision than the model's (`weights`: fp32, bf16, fp16, or
+optimum-quanto's int8/int4 over a float base dtype, engine/quantized_weights.py — quantized once and
+kept next to the converted copies) and split between a CUDA GPU and the CPU (`gpu_layers`,
+engine/layer_split.py). `auto` follows the advisor's plan (`engine.memory.recommend_weights`): the
+most faithful precision whose weights and KV cache fit, and the layers on the GPU that fit.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from engine.sources import (  # noqa: F401  (re-exported: engine.models is where
     bundled_model_path,
     resolve,
 )
+from engine.weights import FLOAT_SIZES, PRECISIONS, QUANTIZED_BITS
 
 CONVERTED_FORMAT = 1  # bump when the layout of converted copies changes
 
@@ -51,6 +58,12 @@ class LoadedModel:
     load_seconds: float
     weights_bytes: int
     precision_note: str = ""  # why this dtype (auto on a CPU: measured fastest here)
+    # The weights' precision (fp32 | bf16 | fp16 | int8 | int4; int8/int4 over `dtype`), and the decoder layers on
+    # the GPU when they are split between GPU and CPU (None: every layer on `device`), of `layers`.
+    weights: str = ""
+    gpu_layers: int | None = None
+    layers: int = 0
+    weights_note: str = ""  # why this precision and split (the advisor's plan, or chosen)
     # A decoding step of n tokens relative to a step of one (engine/precision.py; CPU only): what
     # speculative decoding's auto mode weighs guesses against. Empty when not measured.
     step_costs: dict[int, float] = field(default_factory=dict)
@@ -61,7 +74,17 @@ class LoadedModel:
         weights for decoding steps (engine/half_weights.py)."""
         if self.identity.endswith("|bf16-weights"):
             return "float32 + bf16 weights"
+        if self.weights in QUANTIZED_BITS:
+            return f"{self.weights} weights over {str(self.dtype).removeprefix('torch.')}"
         return str(self.dtype).removeprefix("torch.")
+
+    @property
+    def split_label(self) -> str:
+        """Where the layers are: "" when all on `device`, else "N of L layers on cuda:0, the rest in RAM"."""
+        if self.gpu_layers is None:
+            return ""
+        gpu = next((str(p.device) for p in self.model.parameters() if p.device.type == "cuda"), "the GPU")
+        return f"{self.gpu_layers} of {self.layers} layers on {gpu}, {self.layers - self.gpu_layers} in RAM"
 
     @property
     def config(self) -> Any:
@@ -114,6 +137,29 @@ def pick_dtype(device: torch.device, dtype: str | None = None) -> torch.dtype:
     if device.type == "mps":
         return torch.float16
     return torch.float32
+
+
+WEIGHT_CHOICES = ("auto", *PRECISIONS)
+_PRECISION_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def check_weights(weights: str | None, dtype: str | None = None, gpu_layers: int | None = None) -> None:
+    """Refuse a weight precision, dtype and GPU-layer count that cannot go together, before anything is loaded.
+
+    `weights` fp32/bf16/fp16 is the float dtype itself, so a different explicit `dtype` contradicts it;
+    int8/int4 quantize the linear layers over the `dtype` base (auto: the device's, fp32 on a CPU).
+    """
+    if weights not in (None, *WEIGHT_CHOICES):
+        raise ModelLoadError(f"Unknown weight precision {weights!r}; choose one of {', '.join(WEIGHT_CHOICES)}.")
+    if dtype not in (None, "auto") and dtype not in _DTYPES:
+        raise ModelLoadError(f"Unknown dtype {dtype!r}; choose one of auto, {', '.join(_DTYPES)}.")
+    if weights in _PRECISION_DTYPE_NAMES and dtype not in (None, "auto") and _DTYPES[dtype] != _DTYPES[weights]:
+        raise ModelLoadError(
+            f"--weights {weights} and --dtype {dtype} disagree: {weights} weights are "
+            f"{_PRECISION_DTYPE_NAMES[weights]}. Give one of them (--dtype is the base under --weights int8/int4)."
+        )
+    if gpu_layers is not None and gpu_layers < 0:
+        raise ModelLoadError(f"--gpu-layers must be 0 or more, not {gpu_layers}.")
 
 
 def file_sha256(path: Path) -> str:
@@ -216,14 +262,20 @@ def converted_from(folder: Path) -> str | None:
 def verify_converted(folder: Path) -> str | None:
     """What is wrong with a converted copy (None: every file Cachet recorded is there with its size
     and SHA-256; copies converted before files were recorded are trusted until they fail to load)."""
+    return verify_recorded(folder, "cachet-source.json", required=False)
+
+
+def verify_recorded(folder: Path, record: str, *, required: bool = True) -> str | None:
+    """What is wrong with a folder whose files' sizes and SHA-256s Cachet recorded in `record` (None: nothing).
+    `required`: a record without a list of files is damaged (else trusted, as old converted copies are)."""
     try:
-        recorded = json.loads((folder / "cachet-source.json").read_text()).get("files")
+        recorded = json.loads((folder / record).read_text()).get("files")
     except (OSError, ValueError, AttributeError):
-        return "its record cachet-source.json is missing or damaged"
-    if recorded is None:
+        return f"its record {record} is missing or damaged"
+    if recorded is None and not required:
         return None
-    if not isinstance(recorded, dict):
-        return "its record cachet-source.json is damaged"
+    if not isinstance(recorded, dict) or not recorded:
+        return f"its record {record} is damaged"
     for name, facts in sorted(recorded.items()):
         path = folder / name
         if not isinstance(facts, dict) or not path.is_file():
@@ -263,11 +315,11 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _record_files(folder: Path) -> dict[str, dict[str, Any]]:
-    """Size and SHA-256 of every file of a converted copy, for `verify_converted`."""
+def _record_files(folder: Path, record_name: str = "cachet-source.json") -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file of a converted (or quantized) copy, for `verify_recorded`."""
     record = {}
     for path in sorted(folder.iterdir()):
-        if path.is_file() and path.name != "cachet-source.json":
+        if path.is_file() and path.name != record_name:
             digest = hashlib.sha256()
             with path.open("rb") as fh:
                 while block := fh.read(1 << 22):
@@ -312,6 +364,8 @@ def load(
     *,
     device: str | None = None,
     dtype: str | None = None,
+    weights: str | None = "auto",
+    gpu_layers: int | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
     offline: bool = True,
@@ -323,20 +377,36 @@ def load(
     Args:
         spec: "default", a path to a .gguf file or a Hugging Face folder, or a Hub id.
         device: "auto", "cpu", "cuda", "cuda:1", "mps".
-        dtype: "auto", "float32", "float16", "bfloat16".
+        dtype: "auto", "float32", "float16", "bfloat16": the model's dtype, or the base dtype under int8/int4
+            weights (what embeddings, norms, activations and the KV cache are in).
+        weights: the weights' precision — "auto" (the advisor's plan: the most faithful that fits with a chat of
+            the model's context), "fp32", "bf16", "fp16", or optimum-quanto's "int8"/"int4" over `dtype`.
+            None: as `dtype` says, nothing planned.
+        gpu_layers: decoder layers on the CUDA GPU, the others run from RAM on the CPU (llama.cpp's
+            `n_gpu_layers`); None: as the advisor plans (all of them when they fit).
         trust_remote_code: run Python code shipped with the model (off by default).
         allow_pickle: accept pickle `.bin` weights, which can run code when loaded.
         offline: never contact the Hub (a Hub id must then be in the local HF cache).
         progress: called with short human-readable status lines.
-        rebuilt: a GGUF's converted copy was just converted again (it is not rebuilt twice).
+        rebuilt: a GGUF's converted copy (or a quantized copy) was just made again (it is not rebuilt twice).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    check_weights(weights, dtype, gpu_layers)
     report = progress or (lambda _msg: None)
     started = time.perf_counter()
     source = resolve(spec)
     dev = pick_device(device)
+    if gpu_layers and dev.type != "cuda":
+        raise ModelLoadError(
+            f"--gpu-layers {gpu_layers} puts layers on a CUDA GPU, but the model runs on {dev} "
+            f"({'this torch build sees no CUDA GPU' if not torch.cuda.is_available() else 'asked for'}). "
+            "Leave --gpu-layers out (or 0) to run every layer there."
+        )
     dt = pick_dtype(dev, dtype)
+    again = {"device": device, "dtype": dtype, "weights": weights, "gpu_layers": gpu_layers,
+             "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "offline": offline,
+             "progress": progress, "rebuilt": True}
 
     with _quiet_transformers():
         if source.kind == "gguf":
@@ -377,36 +447,63 @@ def load(
             failure = None
         if config is not None and not trust_remote_code:
             _check_architecture(config, source.display_name)
+        plan = None if config is None else plan_weights(config, dev, dt, dtype, weights, gpu_layers)
+        if plan is not None:
+            dt = plan.dtype
         try:
             if failure is not None:
                 raise failure
             tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code,
                                                       **({"local_files_only": True} if offline else {}))
-            model: Any = AutoModelForCausalLM.from_pretrained(
-                load_from, dtype=dt, trust_remote_code=trust_remote_code, **extra
-            )
+            if plan is not None and plan.precision in QUANTIZED_BITS:
+                model: Any = _load_quantized(load_from, identity, plan, trust_remote_code, extra, report)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(
+                    load_from, dtype=dt, trust_remote_code=trust_remote_code, **extra
+                )
         except ModelLoadError:
             raise
+        except _QuantizedCopyError as exc:  # our quantized copy passed its checks but failed to load: once more
+            if rebuilt:
+                raise ModelLoadError(_explain(source, exc.__cause__ or exc)) from exc
+            report(f"The quantized copy of the weights could not be loaded ({exc}); quantizing them again…")
+            shutil.rmtree(exc.folder, ignore_errors=True)
+            return load(spec, **again)
         except Exception as exc:
             if source.kind != "gguf" or rebuilt:
                 raise ModelLoadError(_explain(source, exc)) from exc
             # Our own converted copy failed to load: rebuild it from the GGUF once, then try again.
             ensure_converted(Path(source.location), report, rebuild=f"{type(exc).__name__}: {exc}"[:200])
-            return load(spec, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                        allow_pickle=allow_pickle, offline=offline, progress=progress, rebuilt=True)
+            return load(spec, **again)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"{source.display_name} has no chat template, so it cannot be used for chat.")
-    model.to(dev)
+    layers = int(getattr(text_config(model.config), "num_hidden_layers", 0) or 0)
+    split = plan is not None and plan.gpu_layers is not None
+    if split:
+        from engine import layer_split
+
+        assert plan is not None and plan.gpu_layers is not None
+        try:
+            device_map = layer_split.device_map_for(model.config, plan.gpu_layers, _cuda_name(dev), model=model)
+        except layer_split.SplitError as exc:
+            raise ModelLoadError(f"{source.display_name}: {exc}") from exc
+        model = layer_split.dispatch(model, device_map)
+        dev = torch.device("cpu")  # inputs and logits: the embedding and the first layers run from RAM
+    else:
+        model.to(dev)
     model.eval()
     from engine.attention import use_packed_attention
 
     use_packed_attention(model)  # a few queries over a long cache without copying it (engine/attention.py)
     note, costs = "", {}
     precision_name = str(dt).removeprefix("torch.")  # names the weights' precision in the identity (snapshots)
-    if dev.type == "cpu":
+    if plan is not None and plan.precision in QUANTIZED_BITS:
+        precision_name = f"{plan.precision}-{precision_name}"
+        note = plan.reason
+    elif dev.type == "cpu" and not split:
         from engine import precision
 
-        if dtype in (None, "auto"):
+        if dtype in (None, "auto") and (plan is None or plan.probe):
             choice = precision.choose_cpu_precision(model, identity, report)
             if choice.half_weights:
                 from engine import half_weights
@@ -418,11 +515,18 @@ def load(
             precision_name = choice.name
             note, costs = choice.reason, choice.step_costs
         else:
-            note, costs = "chosen", precision.step_costs_for(model, identity, dt)
+            costs = precision.step_costs_for(model, identity, dt)
+            note = "chosen" if dtype not in (None, "auto") or plan is None or plan.chosen else plan.reason
+    elif split:
+        assert plan is not None
+        note = plan.reason
     else:
         note = "chosen" if dtype not in (None, "auto") else f"the GPU's fastest supported ({dt})"
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
-    weights += sum(b.numel() * b.element_size() for b in model.buffers())
+    from engine.quantized_weights import model_bytes
+
+    weight_precision = plan.precision if plan is not None else _FLOAT_PRECISION.get(dt, str(dt))
+    if plan is None or plan.precision not in QUANTIZED_BITS:
+        weight_precision = _FLOAT_PRECISION.get(dt, weight_precision)  # the CPU probe may have chosen another
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -431,10 +535,131 @@ def load(
         device=dev,
         dtype=dt,
         load_seconds=time.perf_counter() - started,
-        weights_bytes=weights,
+        weights_bytes=model_bytes(model),
         precision_note=note,
         step_costs=costs,
+        weights=weight_precision,
+        gpu_layers=plan.gpu_layers if split and plan is not None else None,
+        layers=layers,
+        weights_note="" if plan is None else plan.reason,
     )
+
+
+_FLOAT_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How `load` stores and places the weights.
+
+    precision: fp32 | bf16 | fp16 | int8 | int4. dtype: the float dtype (the base under int8/int4).
+    gpu_layers: decoder layers on the CUDA GPU when split (None: every layer on the device).
+    probe: on a CPU, let engine/precision.py measure fp32 vs bf16 (the plan kept the loader's dtype).
+    chosen: the user fixed the precision (not the advisor). reason: why, in words.
+    """
+
+    precision: str
+    dtype: torch.dtype
+    gpu_layers: int | None
+    reason: str
+    probe: bool = False
+    chosen: bool = False
+
+
+def plan_weights(config: Any, device: torch.device, dt: torch.dtype, dtype: str | None, weights: str | None,
+                 gpu_layers: int | None, hardware: Any = None) -> LoadPlan | None:
+    """What `load` does with the weights of the model `config` describes (None: as `dt`, nothing planned).
+
+    `weights` auto, or `gpu_layers` left to the advisor on a CUDA GPU, ask `engine.memory.recommend_weights`
+    (for a chat of the model's full context on this machine's free memory, or `hardware`); a precision given is
+    kept, and so is a number of GPU layers given.
+    """
+    if weights is None and gpu_layers is None:
+        return None
+    from engine import memory
+
+    layers = int(text_config(config).num_hidden_layers)
+    explicit_dtype = dtype not in (None, "auto")
+    if weights in _PRECISION_DTYPE_NAMES:
+        dt = _DTYPES[weights]
+    base = _FLOAT_PRECISION.get(dt, "fp32")
+    needs_advice = weights in (None, "auto") or (gpu_layers is None and device.type == "cuda")
+    precision = weights if weights not in (None, "auto") else base
+    reason = f"{precision} weights: chosen" if weights not in (None, "auto") else ""
+    planned_layers: int | None = None
+    if needs_advice:
+        hw = hardware if hardware is not None else memory.read_hardware(device)
+        ask = "auto" if weights in (None, "auto") else weights
+        advice = memory.recommend_weights(config, hw, ask, dtype=dt)
+        plan = advice.weight_plan
+        if plan is not None:
+            if weights in (None, "auto"):
+                precision = plan.precision
+                if plan.precision in FLOAT_SIZES:
+                    dt = memory.PRECISION_DTYPE[plan.precision]
+            if plan.split:
+                planned_layers = plan.gpu_layers
+            reason = f"the advisor's plan: {advice.explanation}" if advice.recommended is not None else (
+                f"the advisor found nothing that fits ({advice.explanation}); loading {plan.describe()}")
+    if gpu_layers is not None:
+        planned_layers = gpu_layers if gpu_layers < layers else None
+        reason = f"{reason}; {gpu_layers} of {layers} layers on the GPU: chosen".lstrip("; ")
+    if device.type != "cuda":
+        planned_layers = None
+    probe = (device.type == "cpu" and weights in (None, "auto") and not explicit_dtype and precision == "fp32")
+    return LoadPlan(precision, dt, planned_layers, reason, probe=probe, chosen=weights not in (None, "auto"))
+
+
+def _cuda_name(dev: torch.device) -> str:
+    return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+
+
+def _quantized_folder(identity: str, plan: LoadPlan) -> Path:
+    from engine.quantized_weights import quantized_dir
+
+    key = identity.removeprefix("gguf-sha256:") if identity.startswith("gguf-sha256:") else (
+        hashlib.sha256(identity.encode()).hexdigest())
+    return quantized_dir(key, plan.precision, _FLOAT_PRECISION[plan.dtype])
+
+
+class _QuantizedCopyError(Exception):
+    """A quantized copy that passed its checks did not load (`folder`: the copy)."""
+
+    def __init__(self, folder: Path, exc: Exception) -> None:
+        super().__init__(f"{type(exc).__name__}: {exc}"[:200])
+        self.folder = folder
+
+
+def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_code: bool, extra: dict[str, Any],
+                    report: ProgressFn) -> Any:
+    """The model with int8/int4 weights: from its quantized copy when that is sound, else quantized now and kept."""
+    from transformers import AutoModelForCausalLM
+
+    from engine import quantized_weights as qw
+
+    folder = _quantized_folder(identity, plan)
+    remove_interrupted_conversions(folder.parent)
+    damage = verify_recorded(folder, qw.RECORD) if folder.is_dir() else None
+    if damage is not None:
+        report(f"The {plan.precision} copy of the weights is damaged ({damage}); quantizing them again…")
+        shutil.rmtree(folder, ignore_errors=True)
+    if folder.is_dir():
+        try:
+            return qw.load(folder, plan.dtype, trust_remote_code=trust_remote_code)
+        except Exception as exc:
+            raise _QuantizedCopyError(folder, exc) from exc
+    model = AutoModelForCausalLM.from_pretrained(load_from, dtype=plan.dtype, trust_remote_code=trust_remote_code,
+                                                 **extra)
+    report(f"Quantizing the weights to {plan.precision} (first load only)…")
+    qw.quantize(model, plan.precision)
+    report(f"Saving the {plan.precision} copy…")
+    try:
+        qw.save(model, folder, {"source": identity, "precision": plan.precision,
+                                "base_dtype": _FLOAT_PRECISION[plan.dtype]},
+                lambda tmp: _record_files(tmp, qw.RECORD))
+    except OSError as exc:  # a full disk: run with what was quantized, quantize again next time
+        report(f"Could not keep the {plan.precision} copy ({exc}); it will be quantized again next time.")
+    return model
 
 
 def _folder_fingerprint(folder: Path) -> str:

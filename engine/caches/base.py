@@ -116,6 +116,18 @@ class KVCache(Cache):
     MAX_CHECKPOINTS = 4  # a regenerate, and edits of the last few turns, need no recompute from scratch
     _checkpoints: dict[int, list[StateSnapshot]] | None = None
 
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers' update, after moving the layer's tensors to where its attention runs: with a model split
+        between GPU and CPU (engine/layer_split.py) the pool and snapshots move a cache as a whole, and each
+        layer's keys and values go back to their layer's device here, once."""
+        if layer_idx < len(self.layers):
+            layer = self.layers[layer_idx]
+            if (isinstance(layer, KVLayer) and layer.is_initialized and layer.keys is not None
+                    and layer.keys.device != key_states.device):
+                layer.to(key_states.device)
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
     @property
     def kv_layers(self) -> list[KVLayer]:
         return [layer for layer in self.layers if isinstance(layer, KVLayer)]

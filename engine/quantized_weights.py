@@ -1,0 +1,149 @@
+"""int8 / int4 weights with optimum-quanto, quantized once and kept on disk.
+
+The model is quantized as transformers' quanto integration would (`QuantoConfig(weights=...)`):
+every `nn.Linear` becomes a quanto `QLinear` except those `get_keys_to_not_convert` names (the
+output head and anything tied to it); embeddings, norms, biases and quanto's scales stay in the base
+dtype. That is exactly what `engine.weights` counts, so the advisor's bytes are the loaded tensors'.
+
+transformers cannot save such a model (`QuantoHfQuantizer.is_serializable()` is False), so the first
+load writes the quantized state itself, next to the converted GGUF copies in the cache folder:
+`model.safetensors` (quanto's flattened `weight._data` / `weight._scale` / ... tensors, everything
+else as it is, tied tensors once, and the non-persistent buffers such as RoPE's `inv_freq`, which a
+model built on the meta device would otherwise hold as garbage), `quanto-qmap.json` (which module got
+which qtype), the config and the generation config. Every file's size and SHA-256 go into
+`cachet-quantized.json`, checked as the converted copy's are (`engine.models.verify_recorded`); a
+damaged copy is quantized again. Later loads build the model on the meta device and
+`optimum.quanto.requantize` it from that file: no float weights are read, nothing is quantized again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import paths
+from engine.weights import QUANTIZED_BITS
+
+QUANTIZED_FORMAT = 1  # bump when the layout of quantized copies changes
+RECORD = "cachet-quantized.json"
+WEIGHTS_FILE = "model.safetensors"
+QMAP_FILE = "quanto-qmap.json"
+BUFFER_PREFIX = "cachet.buffer."  # non-persistent buffers, stored under this prefix
+
+
+def quantized_dir(source_key: str, precision: str, base: str) -> Path:
+    """The cache folder of `source_key`'s weights in `precision` over a `base` dtype (next to converted GGUFs)."""
+    return paths.cache_dir() / "models" / f"{source_key[:32]}-{precision}-{base}-q{QUANTIZED_FORMAT}"
+
+
+def _qtype(precision: str) -> Any:
+    from optimum.quanto import qint4, qint8
+
+    return {8: qint8, 4: qint4}[QUANTIZED_BITS[precision]]
+
+
+@torch.no_grad()
+def quantize(model: Any, precision: str) -> Any:
+    """Replace `model`'s Linears (all but the head and what is tied to it) by frozen quanto int8/int4
+    `QLinear`s, in place, as transformers' `QuantoConfig(weights=precision)` would."""
+    from optimum.quanto import freeze
+    from optimum.quanto import quantize as quanto_quantize
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    quanto_quantize(model, weights=_qtype(precision), exclude=get_keys_to_not_convert(model))
+    freeze(model)
+    return model
+
+
+def is_quantized(model: Any) -> bool:
+    from optimum.quanto import QModuleMixin
+
+    return any(isinstance(m, QModuleMixin) for m in model.modules())
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds, through quanto's wrapper subclasses down to their storage."""
+    flatten = getattr(t, "__tensor_flatten__", None)
+    if flatten is not None and type(t) not in (torch.Tensor, torch.nn.Parameter):
+        names, _ = flatten()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def model_bytes(model: Any) -> int:
+    """Every parameter (tied ones once) and buffer of `model`, quantized ones at their real size."""
+    total = 0
+    for p in model.parameters():
+        total += tensor_bytes(p.data if type(p) is torch.nn.Parameter else p)
+    return total + sum(tensor_bytes(b) for b in model.buffers())
+
+
+def _state_to_save(model: Any) -> dict[str, torch.Tensor]:
+    """quanto's state dict with tied tensors once, plus the non-persistent buffers."""
+    state: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int, tuple[int, ...], torch.dtype]] = set()
+    for name, t in model.state_dict().items():
+        key = (t.data_ptr(), t.storage_offset(), tuple(t.shape), t.dtype)
+        if t.numel() and key in seen:  # a tied tensor (the head sharing the embedding): tie_weights restores it
+            continue
+        seen.add(key)
+        state[name] = t.detach().contiguous()
+    for name, b in model.named_non_persistent_buffers():
+        state[BUFFER_PREFIX + name] = b.detach().contiguous()
+    return state
+
+
+def save(model: Any, target: Path, facts: dict[str, Any], record_files: Callable[[Path], dict[str, Any]]) -> None:
+    """Write a quantized model's copy to `target` (atomically: a temporary folder, then a rename)."""
+    from optimum.quanto import quantization_map
+    from safetensors.torch import save_file
+
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_state_to_save(model), str(tmp / WEIGHTS_FILE))
+    (tmp / QMAP_FILE).write_text(json.dumps(quantization_map(model)))
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    (tmp / RECORD).write_text(json.dumps({**facts, "format": QUANTIZED_FORMAT, "files": record_files(tmp)}))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def load(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False) -> Any:
+    """The quantized model kept in `folder`, on the CPU, without reading float weights or quantizing."""
+    from optimum.quanto import requantize
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    # Copied out of the file's memory map: torch's int8 CPU kernel crashed (segfault) on some tensors read
+    # straight from it.
+    stored = {name: t.clone() for name, t in load_file(str(folder / WEIGHTS_FILE)).items()}
+    buffers = {name.removeprefix(BUFFER_PREFIX): stored.pop(name) for name in list(stored)
+               if name.startswith(BUFFER_PREFIX)}
+    qmap = json.loads((folder / QMAP_FILE).read_text())
+    requantize(model, stored, qmap, device=torch.device("cpu"))
+    for name, _ in list(model.named_non_persistent_buffers()):
+        if name not in buffers:
+            raise ValueError(f"the copy lacks the buffer {name}")
+        module, _, attr = name.rpartition(".")
+        model.get_submodule(module).register_buffer(attr, buffers[name], persistent=False)
+    model.tie_weights()
+    state = model.state_dict()
+    present = {state[name].data_ptr() for name in state if name in stored}
+    missing = [name for name, t in state.items() if name not in stored and t.data_ptr() not in present]
+    if missing:  # requantize loads leniently (strict=False): a key the file lacks would stay uninitialised
+        raise ValueError(f"the copy lacks {', '.join(missing[:3])}")
+    if (folder / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+    return model.eval()
