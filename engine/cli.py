@@ -27,14 +27,44 @@ from engine.store import ChatSettings, ChatStore
 from engine.weights import PRECISIONS
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, *, weights: bool = True) -> None:
     p.add_argument("--model", default=models.DEFAULT_MODEL,
                    help="'default' (bundled SmolLM2-135M-Instruct), a .gguf file, a model folder or a Hub id")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
-    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16 (under --weights int8/int4: "
+                                                   "the base precision of everything not quantized)")
+    if weights:
+        add_weight_args(p)
     p.add_argument("--online", action="store_true", help="allow downloading a Hub model")
     p.add_argument("--trust-remote-code", action="store_true", help="run code shipped with the model")
     p.add_argument("--allow-pickle", action="store_true", help="accept pickle .bin weights")
+
+
+def add_weight_args(p: Any) -> None:
+    """--weights and --gpu-layers: how `models.load` stores and places the weights."""
+    p.add_argument("--weights", default="auto", choices=models.WEIGHT_CHOICES,
+                   help="weight precision: auto (the advisor's plan: the most faithful that fits with a chat of the "
+                        "model's context), fp32, bf16, fp16, or int8 / int4 (optimum-quanto linear layers over the "
+                        "--dtype base, quantized once and kept in the cache folder)")
+    p.add_argument("--gpu-layers", type=int, default=None, metavar="N",
+                   help="decoder layers on the CUDA GPU, the rest run from RAM on the CPU (llama.cpp's -ngl); "
+                        "default: as the advisor plans (all of them when they fit)")
+
+
+def check_weight_args(weights: str | None, dtype: str, gpu_layers: int | None, device: str) -> str | None:
+    """What is wrong with --weights/--dtype/--gpu-layers/--device together (None: nothing), before any loading."""
+    try:
+        models.check_weights(weights, dtype, gpu_layers)
+    except models.ModelLoadError as exc:
+        return str(exc)
+    if gpu_layers:
+        if device not in ("auto",) and not str(device).startswith("cuda"):
+            return (f"--gpu-layers {gpu_layers} puts layers on a CUDA GPU, but --device is {device}. "
+                    "Leave --gpu-layers out, or choose --device cuda.")
+        if not torch.cuda.is_available():
+            return (f"--gpu-layers {gpu_layers} puts layers on a CUDA GPU, and this torch build sees none. "
+                    "Leave --gpu-layers out (or 0) to run every layer on the CPU.")
+    return None
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
@@ -98,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="with --data-dir: go on with this chat (its number is printed at the start)")
 
     adv = sub.add_parser("advise", help="which cache strategy fits this model in this machine's memory")
-    _add_model_args(adv)
+    _add_model_args(adv, weights=False)
     adv.add_argument("--context", type=int, default=None, help="tokens to plan for (default: the model's context)")
     adv.add_argument("--vram-gib", type=float, default=None, help="simulate a GPU with this much memory")
     adv.add_argument("--ram-gib", type=float, default=None, help="simulate this much system RAM")
@@ -160,6 +190,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise ArgumentProblem("--draft-model is used by --speculative draft-model; add that, or leave the draft out.")
     if hasattr(args, "dtype") and args.dtype not in _DTYPE_NAMES:
         raise ArgumentProblem(f"--dtype {args.dtype!r}: choose auto, float32, float16 or bfloat16.")
+    if hasattr(args, "gpu_layers"):
+        problem = check_weight_args(args.weights, args.dtype, args.gpu_layers, args.device)
+        if problem is not None:
+            raise ArgumentProblem(problem)
     if getattr(args, "context", None) is not None and args.context < 1:
         raise ArgumentProblem(f"--context {args.context}: plan for at least 1 token (leave it out for the model's "
                               "full context).")
@@ -214,7 +248,8 @@ def _print_progress(msg: str) -> None:
 
 
 def _load(args: argparse.Namespace, progress: Callable[[str], None] = _print_progress) -> models.LoadedModel:
-    return models.load(args.model, device=args.device, dtype=args.dtype, offline=not args.online,
+    return models.load(args.model, device=args.device, dtype=args.dtype, weights=args.weights,
+                       gpu_layers=args.gpu_layers, offline=not args.online,
                        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
                        progress=progress)
 
@@ -363,7 +398,10 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
     kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
         if chat.persist else ""
     precision = lm.precision_note if lm.precision_note and lm.precision_note != "chosen" else lm.precision_label
-    print(f"Cachet — {lm.source.display_name} on {lm.device} ({lm.load_seconds:.1f} s to load); "
+    if lm.weights in ("int8", "int4"):
+        precision = lm.precision_label
+    split = f" ({lm.split_label})" if lm.split_label else ""
+    print(f"Cachet — {lm.source.display_name} on {lm.device}{split} ({lm.load_seconds:.1f} s to load); "
           f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}.{kept} "
           "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
     while True:

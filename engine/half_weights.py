@@ -115,7 +115,9 @@ def decode_bytes(model: nn.Module) -> int:
     tables (a step reads one row); for a model without copies, its parameters and buffers as they are."""
     layers = [m for m in model.modules() if isinstance(m, HalfWeightLinear)]
     if not layers:
-        return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+        from engine.quantized_weights import model_bytes
+
+        return model_bytes(model)  # int8/int4 weights at their real size
     copied = {id(m.weight) for m in layers} | {id(m.bias) for m in layers if m.bias is not None}
     embedded = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     rest = sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in copied | embedded)

@@ -124,6 +124,11 @@ class ModelInfo:
     config: Any = field(repr=False, compare=False)  # the model config, read-only, for memory estimates
     torch_dtype: Any = field(repr=False, compare=False)
     precision_note: str = ""  # why this dtype (auto on a CPU: measured fastest here)
+    weights: str = ""  # the weights' precision: fp32 | bf16 | fp16 | int8 | int4 (int8/int4 over `dtype`'s base)
+    weights_note: str = ""  # why: the advisor's plan, or "chosen"
+    gpu_layers: int | None = None  # decoder layers on the GPU when split between GPU and CPU (None: not split)
+    layers: int = 0  # decoder layers in all
+    split: str = ""  # the split in words ("20 of 30 layers on cuda:0, 10 in RAM"); "" when not split
 
     @property
     def on_gpu(self) -> bool:

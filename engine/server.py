@@ -781,8 +781,9 @@ def cmd_serve(args: Any) -> int:
               file=sys.stderr)
     service = ChatService(budgets=Budgets(disk=0))  # a server's slots are not kept across restarts
     service.load_model(lambda progress: models.load(
-        args.model, device=args.device, dtype=args.dtype, offline=not args.online,
-        trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, progress=progress),
+        args.model, device=args.device, dtype=args.dtype, weights=args.weights, gpu_layers=args.gpu_layers,
+        offline=not args.online, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+        progress=progress),
         progress=lambda text: print(text, file=sys.stderr, flush=True))
     assert service.lm is not None
     config = config_from_args(args, service.lm.source.display_name)

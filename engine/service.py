@@ -561,7 +561,8 @@ class ChatService:
             context_length=lm.context_length, weights_bytes=lm.weights_bytes, load_seconds=lm.load_seconds,
             availability=caches.availability(lm.device), backend_availability=caches.backend_availability(),
             auto_cache=self._auto, auto_reason=reason, config=lm.config, torch_dtype=lm.dtype,
-            precision_note=lm.precision_note,
+            precision_note=lm.precision_note, weights=lm.weights, weights_note=lm.weights_note,
+            gpu_layers=lm.gpu_layers, layers=lm.layers, split=lm.split_label,
         )
 
     def _resolved_budgets(self) -> tuple[int, int]:

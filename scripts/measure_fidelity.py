@@ -3,6 +3,7 @@
     .venv/bin/python scripts/measure_fidelity.py                     # 8,000 tokens of resources/texts/alice.txt
     .venv/bin/python scripts/measure_fidelity.py --max-tokens 2048 --only "quantized 4-bit"
     .venv/bin/python scripts/measure_fidelity.py --search-2bit --max-tokens 2048   # the 2-bit search
+    .venv/bin/python scripts/measure_fidelity.py --weights --write resources/fidelity.json  # weight precisions
 
 The text is fed through each cache in chunks of 64 tokens, as a long chat fills it (see
 engine/perplexity.py). The bundled model is loaded once. A row whose strategy is not available
@@ -31,6 +32,8 @@ from engine.perplexity import PerplexityResult, perplexity, sliding_window_perpl
 from engine.specs import quantization_defaults as default_spec  # noqa: E402
 
 TEXT = ROOT / "resources" / "texts" / "alice.txt"
+# Weight precisions (engine/models.py `weights`), each through the full cache: int8/int4 over an fp32 base.
+WEIGHT_ROWS = ("fp32", "bf16", "int8", "int4")
 
 # One row per strategy setting: add a line to measure another.
 ROWS: list[tuple[str, CacheSpec]] = [
@@ -103,9 +106,58 @@ def write_table(path: Path, lm: models.LoadedModel, rows: list[tuple[str, CacheS
         "rows": sorted(kept.values(),
                        key=lambda row: order.index(row["label"]) if row["label"] in order else len(order)),
     }
+    if path.exists():  # the weight-precision rows (`--weights`) are kept as they are
+        with_weights = _read(path).get("weights")
+        if with_weights is not None:
+            table["weights"] = with_weights
+    _write(path, table)
+
+
+def _read(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write(path: Path, table: dict) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(table, indent=1) + "\n")
     os.replace(tmp, path)
+
+
+def measure_weights(model: str, text: str, max_tokens: int, chunk: int, write: Path | None) -> None:
+    """The perplexity of the text through the full cache with the weights in each precision of WEIGHT_ROWS, against
+    fp32 (one model loaded at a time); with `write`, kept under "weights" in the table (same text and length)."""
+    line = f"{'weights':<24} {'ppl':>8} {'ppl ratio':>9} {'weights MiB':>11} {'s':>6}"
+    print(line)
+    print("-" * len(line))
+    rows: list[dict] = []
+    base = None
+    for precision in WEIGHT_ROWS:
+        lm = models.load(model, device="cpu", dtype="float32" if precision != "bf16" else None, weights=precision)
+        started = time.perf_counter()
+        result = perplexity(lm, text, CacheSpec(), max_tokens=max_tokens, chunk=chunk)
+        seconds = time.perf_counter() - started
+        base = base or result
+        rows.append({"label": precision, "weights": precision, "precision": lm.precision_label,
+                     "model": lm.identity, "ppl": result.ppl, "ppl_ratio": result.ppl / base.ppl,
+                     "weights_bytes": lm.weights_bytes, "tokens": result.tokens})
+        print(f"{lm.precision_label:<24} {result.ppl:8.3f} {result.ppl / base.ppl:9.3f} "
+              f"{lm.weights_bytes / 2**20:11.1f} {seconds:6.1f}", flush=True)
+        del lm
+        if write is not None:
+            table = _read(write)
+            same = (table.get("text"), table.get("tokens")) == (TEXT.name, max_tokens)
+            table.update({"weights": rows} if same or not table else {})
+            if not same and table.get("rows"):
+                print(f"not written: {write} holds another text or length", file=sys.stderr)
+                write = None
+                continue
+            table.setdefault("text", TEXT.name)
+            table.setdefault("tokens", max_tokens)
+            _write(write, table)
 
 
 def measure(lm: models.LoadedModel, text: str, rows: list[tuple[str, CacheSpec]], max_tokens: int, chunk: int,
@@ -164,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=64)
     parser.add_argument("--search-2bit", action="store_true", help="measure the 2-bit grid instead of the table")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="measure only these rows (and dynamic)")
+    parser.add_argument("--weights", action="store_true",
+                        help=f"measure the weight precisions ({', '.join(WEIGHT_ROWS)}) instead of the cache table")
     parser.add_argument("--threads", type=int, default=0,
                         help="torch threads (0: torch's default); 1 is much faster on a busy machine")
     parser.add_argument("--model", default="default")
@@ -174,8 +228,12 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    lm = models.load(args.model, device="cpu", dtype="float32")
     text = TEXT.read_text(encoding="utf-8")
+    if args.weights:
+        print(f"model {args.model}, {args.max_tokens} tokens of {TEXT.name}, chunks of {args.chunk}, full cache")
+        measure_weights(args.model, text, args.max_tokens, args.chunk, args.write)
+        return 0
+    lm = models.load(args.model, device="cpu", dtype="float32", weights=None)
     print(f"model {lm.source.display_name}, {args.max_tokens} tokens of {TEXT.name}, chunks of {args.chunk}")
     if args.search_2bit:
         search_2bit(lm, text, args.max_tokens, args.chunk)

@@ -90,6 +90,8 @@ class BenchOptions:
     model: str = models.DEFAULT_MODEL
     device: str = "auto"
     dtype: str = "auto"
+    weights: str = "auto"  # models.load's weight precision
+    gpu_layers: int | None = None
     caches: tuple[str, ...] = ()  # empty: every strategy
     peers: tuple[str, ...] = ("transformers",)
     repeat: int | None = None  # None: 3, or 1 with --quick
@@ -116,6 +118,9 @@ def add_arguments(p: Any) -> None:
                         "(random weights of that shape, for GPU timing)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto, float32, float16 or bfloat16")
+    from engine.cli import add_weight_args
+
+    add_weight_args(p)
     p.add_argument("--cache", action="append", choices=caches.STRATEGIES, dest="caches",
                    help="a strategy to measure (repeatable; default: all)")
     p.add_argument("--peer", action="append", choices=PEERS, dest="peers",
@@ -137,6 +142,13 @@ def options_from_args(args: Any, argv: Sequence[str] | None = None) -> BenchOpti
         raise ValueError(f"--repeat must be at least 1, not {args.repeat}.")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, not {args.threads}.")
+    from engine.cli import check_weight_args
+
+    problem = check_weight_args(args.weights, args.dtype, args.gpu_layers, args.device)
+    if problem is not None:
+        raise ValueError(problem)
+    if shapes.is_shape(args.model) and (args.weights != "auto" or args.gpu_layers is not None):
+        raise ValueError("--weights and --gpu-layers apply to a real model, not to a shape: of random weights.")
     if args.no_peers:
         peers: tuple[str, ...] = ()
     elif args.peers:
@@ -148,6 +160,7 @@ def options_from_args(args: Any, argv: Sequence[str] | None = None) -> BenchOpti
     words = list(argv) if argv is not None else sys.argv[1:]
     return BenchOptions(
         quick=args.quick, out=args.out, model=args.model, device=args.device, dtype=args.dtype,
+        weights=args.weights, gpu_layers=args.gpu_layers,
         caches=tuple(dict.fromkeys(args.caches or ())), peers=peers, repeat=args.repeat, threads=args.threads,
         only=tuple(dict.fromkeys(args.only)) if args.only else SECTIONS,
         chat_cache=args.chat_cache, speculative=args.speculative,
@@ -412,8 +425,8 @@ class Bench:
         from engine import half_weights
 
         lm = self.lm
-        if lm.device.type != "cpu" or lm.dtype not in (torch.float32, torch.bfloat16):
-            return
+        if lm.device.type != "cpu" or lm.dtype not in (torch.float32, torch.bfloat16) or lm.weights in ("int8", "int4"):
+            return  # (int8/int4 weights: scripts/measure_fidelity.py --weights compares the weight precisions)
         base = lm.identity.rsplit("|", 1)[0]
         full = lm if lm.dtype == torch.float32 else replace(
             lm, model=copy.deepcopy(lm.model).to(torch.float32), dtype=torch.float32, identity=base + "|float32")
@@ -522,7 +535,8 @@ class Bench:
             "packages": machine.package_versions(),
             "model": {"name": lm.source.display_name, "spec": self.options.model, "identity": lm.identity,
                       "dtype": str(lm.dtype).removeprefix("torch."), "precision": lm.precision_label,
-                      "precision_note": lm.precision_note, "device": str(lm.device),
+                      "precision_note": lm.precision_note, "device": str(lm.device), "weights": lm.weights,
+                      "gpu_layers": lm.gpu_layers, "layers": lm.layers,
                       "parameters": params, "weights_bytes": lm.weights_bytes, "context_length": lm.context_length,
                       "gguf": Path(self.gguf).name if self.gguf else None},
             "settings": {
@@ -744,8 +758,8 @@ def load_model(options: BenchOptions) -> LoadedModel:
         if options.dtype == "auto" and device.type == "cuda":
             dtype = torch.bfloat16
         return shapes.load_shape(options.model, device, dtype)
-    return models.load(options.model, device=options.device, dtype=options.dtype,
-                       progress=lambda msg: options.log(msg))
+    return models.load(options.model, device=options.device, dtype=options.dtype, weights=options.weights,
+                       gpu_layers=options.gpu_layers, progress=lambda msg: options.log(msg))
 
 
 def run(options: BenchOptions, lm: LoadedModel | None = None) -> tuple[dict[str, Any], Path]:
