@@ -104,15 +104,16 @@ def devices_of_layers(device_map: dict[str, str], layers_name: str, layers: int)
 def dispatch(model: Any, device_map: dict[str, str]) -> Any:
     """Place `model`'s modules as `device_map` says and run each where it is placed (CPU as the main device:
     nothing offloaded; inputs and logits on the CPU)."""
+    import logging
+
     from accelerate import dispatch_model
-    from accelerate.utils import logging as accelerate_logging
 
     own = getattr(model, "_skip_keys_device_placement", None) or []
     skip = list(dict.fromkeys([*([own] if isinstance(own, str) else own), *SKIP_KEYS]))
-    logger = accelerate_logging.get_logger("accelerate.big_modeling").logger
+    logger = logging.getLogger("accelerate.big_modeling")
     level = logger.level
     logger.setLevel("ERROR")  # "Some parameters are on the meta device because they were offloaded to the cpu": not so
     try:
-        return dispatch_model(model, device_map=device_map, main_device=CPU, skip_keys=skip)
+        return dispatch_model(model, device_map=device_map, main_device=CPU, skip_keys=skip, force_hooks=True)
     finally:
         logger.setLevel(level)

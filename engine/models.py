@@ -611,7 +611,7 @@ def plan_weights(config: Any, device: torch.device, dt: torch.dtype, dtype: str 
 
 
 def _cuda_name(dev: torch.device) -> str:
-    return f"cuda:{dev.index if dev.index is not None else torch.cuda.current_device()}"
+    return f"cuda:{dev.index or 0}"
 
 
 def _quantized_folder(identity: str, plan: LoadPlan) -> Path:

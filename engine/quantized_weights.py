@@ -18,6 +18,7 @@ damaged copy is quantized again. Later loads build the model on the meta device 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -58,7 +59,33 @@ def quantize(model: Any, precision: str) -> Any:
 
     quanto_quantize(model, weights=_qtype(precision), exclude=get_keys_to_not_convert(model))
     freeze(model)
+    return allow_inference_mode(model)
+
+
+def allow_inference_mode(model: Any) -> Any:
+    """Let quanto's 4-bit linears run inside `torch.inference_mode()` (the engine's forward passes do).
+
+    quanto 0.2.7's int4 weight transposes itself in a custom autograd function, and under inference mode
+    torch refuses that view ("Cannot set version_counter for inference tensor"). Those layers run in plain
+    `no_grad` instead; their inputs may be inference tensors, their outputs are ordinary ones. int8 is not
+    affected.
+    """
+    from optimum.quanto import QModuleMixin
+
+    for module in model.modules():
+        qtype = getattr(module, "weight_qtype", None)
+        if isinstance(module, QModuleMixin) and qtype is not None and qtype.bits == 4 \
+                and not getattr(module, "_cachet_outside_inference_mode", False):
+            module.forward = functools.partial(_outside_inference_mode, module.forward)
+            module._cachet_outside_inference_mode = True
     return model
+
+
+def _outside_inference_mode(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    if not torch.is_inference_mode_enabled():
+        return forward(*args, **kwargs)
+    with torch.inference_mode(False), torch.no_grad():
+        return forward(*args, **kwargs)
 
 
 def is_quantized(model: Any) -> bool:
@@ -146,4 +173,4 @@ def load(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False) -
         raise ValueError(f"the copy lacks {', '.join(missing[:3])}")
     if (folder / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(folder)
-    return model.eval()
+    return allow_inference_mode(model).eval()
