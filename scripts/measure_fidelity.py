@@ -129,22 +129,31 @@ def _write(path: Path, table: dict) -> None:
 
 def measure_weights(model: str, text: str, max_tokens: int, chunk: int, write: Path | None) -> None:
     """The perplexity of the text through the full cache with the weights in each precision of WEIGHT_ROWS, against
-    fp32 (one model loaded at a time); with `write`, kept under "weights" in the table (same text and length)."""
+    fp32 (one model loaded at a time); with `write`, kept under "weights" in the table (same text and length).
+    Rows the table already holds for this text and length are kept and not measured again (a long run can be
+    resumed: fp32 first, then the quantized precisions, bf16 — the slowest on a CPU without bf16 arithmetic — last)."""
     line = f"{'weights':<24} {'ppl':>8} {'ppl ratio':>9} {'weights MiB':>11} {'s':>6}"
     print(line)
     print("-" * len(line))
-    rows: list[dict] = []
-    base = None
-    for precision in WEIGHT_ROWS:
+    held = _read(write) if write is not None else {}
+    same_run = (held.get("text"), held.get("tokens")) == (TEXT.name, max_tokens)
+    kept = {row["weights"]: row for row in held.get("weights", []) if same_run and "weights" in row}
+    rows: list[dict] = [kept[p] for p in WEIGHT_ROWS if p in kept]
+    base_ppl = kept["fp32"]["ppl"] if "fp32" in kept else None
+    for row in rows:
+        print(f"{row['precision']:<24} {row['ppl']:8.3f} {row['ppl_ratio']:9.3f} "
+              f"{row['weights_bytes'] / 2**20:11.1f}   (kept)", flush=True)
+    for precision in sorted((p for p in WEIGHT_ROWS if p not in kept), key=lambda p: (p != "fp32", p == "bf16")):
         lm = models.load(model, device="cpu", dtype="float32" if precision != "bf16" else None, weights=precision)
         started = time.perf_counter()
         result = perplexity(lm, text, CacheSpec(), max_tokens=max_tokens, chunk=chunk)
         seconds = time.perf_counter() - started
-        base = base or result
+        base_ppl = base_ppl or result.ppl
         rows.append({"label": precision, "weights": precision, "precision": lm.precision_label,
-                     "model": lm.identity, "ppl": result.ppl, "ppl_ratio": result.ppl / base.ppl,
+                     "model": lm.identity, "ppl": result.ppl, "ppl_ratio": result.ppl / base_ppl,
                      "weights_bytes": lm.weights_bytes, "tokens": result.tokens})
-        print(f"{lm.precision_label:<24} {result.ppl:8.3f} {result.ppl / base.ppl:9.3f} "
+        rows.sort(key=lambda row: WEIGHT_ROWS.index(row["weights"]))
+        print(f"{lm.precision_label:<24} {result.ppl:8.3f} {result.ppl / base_ppl:9.3f} "
               f"{lm.weights_bytes / 2**20:11.1f} {seconds:6.1f}", flush=True)
         del lm
         if write is not None:
