@@ -18,11 +18,12 @@ damaged copy is quantized again. Later loads build the model on the meta device 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,28 @@ def allow_inference_mode(model: Any) -> Any:
             module.forward = functools.partial(_outside_inference_mode, module.forward)
             module._cachet_outside_inference_mode = True
     return model
+
+
+@contextlib.contextmanager
+def _plain_int4_kept(dtype: torch.dtype) -> Iterator[None]:
+    """Skip quanto's re-layout of int4 weights read back when it would give the layout they already have.
+
+    quanto 0.2.7 `WeightQBitsTensor.optimize` unpacks every int4 weight read from a state dict and packs it again
+    for the kernel of its device — tinygemm for a bf16 base, AWQ for fp16 on CUDA, else the same plain packing it
+    was saved in. Over an fp32 base that round trip changes nothing and took most of the load (42 of 56 s for the
+    bundled model on a busy 2-core machine), so it is skipped there.
+    """
+    if dtype != torch.float32:
+        yield
+        return
+    from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
+
+    original = WeightQBitsTensor.optimize
+    WeightQBitsTensor.optimize = lambda self: self  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        WeightQBitsTensor.optimize = original  # type: ignore[method-assign]
 
 
 def _outside_inference_mode(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -159,7 +182,8 @@ def load(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False) -
     buffers = {name.removeprefix(BUFFER_PREFIX): stored.pop(name) for name in list(stored)
                if name.startswith(BUFFER_PREFIX)}
     qmap = json.loads((folder / QMAP_FILE).read_text())
-    requantize(model, stored, qmap, device=torch.device("cpu"))
+    with _plain_int4_kept(dtype):
+        requantize(model, stored, qmap, device=torch.device("cpu"))
     for name, _ in list(model.named_non_persistent_buffers()):
         if name not in buffers:
             raise ValueError(f"the copy lacks the buffer {name}")
