@@ -456,7 +456,7 @@ def load(
             tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code,
                                                       **({"local_files_only": True} if offline else {}))
             if plan is not None and plan.precision in QUANTIZED_BITS:
-                model: Any = _load_quantized(load_from, identity, plan, trust_remote_code, extra, report)
+                model: Any = _load_quantized(load_from, identity, plan, trust_remote_code, extra, report, dev)
             else:
                 model = AutoModelForCausalLM.from_pretrained(
                     load_from, dtype=dt, trust_remote_code=trust_remote_code, **extra
@@ -488,6 +488,10 @@ def load(
         except layer_split.SplitError as exc:
             raise ModelLoadError(f"{source.display_name}: {exc}") from exc
         model = layer_split.dispatch(model, device_map)
+        if plan.precision in QUANTIZED_BITS:
+            from engine.quantized_weights import relayout
+
+            relayout(model)  # int4: each weight in the layout of the kernel on its own device
         dev = torch.device("cpu")  # inputs and logits: the embedding and the first layers run from RAM
     else:
         model.to(dev)
@@ -631,8 +635,13 @@ class _QuantizedCopyError(Exception):
 
 
 def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_code: bool, extra: dict[str, Any],
-                    report: ProgressFn) -> Any:
-    """The model with int8/int4 weights: from its quantized copy when that is sound, else quantized now and kept."""
+                    report: ProgressFn, device: torch.device) -> Any:
+    """The model with int8/int4 weights: from its quantized copy when that is sound, else quantized now and kept.
+
+    On `device`, in the layout of its kernels; with a layer split (`plan.gpu_layers`), on the CPU in quanto's
+    device-independent packing, for `quantized_weights.relayout` once each layer is where it runs."""
+    split = plan.gpu_layers is not None
+    target = torch.device("cpu") if split else device
     from transformers import AutoModelForCausalLM
 
     from engine import quantized_weights as qw
@@ -645,13 +654,13 @@ def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_
         shutil.rmtree(folder, ignore_errors=True)
     if folder.is_dir():
         try:
-            return qw.load(folder, plan.dtype, trust_remote_code=trust_remote_code)
+            return qw.load(folder, plan.dtype, target, plain=split, trust_remote_code=trust_remote_code)
         except Exception as exc:
             raise _QuantizedCopyError(folder, exc) from exc
     model = AutoModelForCausalLM.from_pretrained(load_from, dtype=plan.dtype, trust_remote_code=trust_remote_code,
                                                  **extra)
     report(f"Quantizing the weights to {plan.precision} (first load only)…")
-    qw.quantize(model, plan.precision)
+    qw.quantize(model.to(target), plan.precision)  # on the device that runs them: quanto picks its kernel's layout
     report(f"Saving the {plan.precision} copy…")
     try:
         qw.save(model, folder, {"source": identity, "precision": plan.precision,
@@ -659,7 +668,7 @@ def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_
                 lambda tmp: _record_files(tmp, qw.RECORD))
     except OSError as exc:  # a full disk: run with what was quantized, quantize again next time
         report(f"Could not keep the {plan.precision} copy ({exc}); it will be quantized again next time.")
-    return model
+    return qw.to_plain(model) if split else model
 
 
 def _folder_fingerprint(folder: Path) -> str:

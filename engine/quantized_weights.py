@@ -83,7 +83,7 @@ def allow_inference_mode(model: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _plain_int4_kept(dtype: torch.dtype) -> Iterator[None]:
+def _plain_int4_kept(dtype: torch.dtype, *, always: bool = False) -> Iterator[None]:
     """Skip quanto's re-layout of int4 weights read back when it would give the layout they already have.
 
     quanto 0.2.7 `WeightQBitsTensor.optimize` unpacks every int4 weight read from a state dict and packs it again
@@ -91,7 +91,7 @@ def _plain_int4_kept(dtype: torch.dtype) -> Iterator[None]:
     was saved in. Over an fp32 base that round trip changes nothing and took most of the load (42 of 56 s for the
     bundled model on a busy 2-core machine), so it is skipped there.
     """
-    if dtype != torch.float32:
+    if dtype != torch.float32 and not always:
         yield
         return
     from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
@@ -102,6 +102,31 @@ def _plain_int4_kept(dtype: torch.dtype) -> Iterator[None]:
         yield
     finally:
         WeightQBitsTensor.optimize = original  # type: ignore[method-assign]
+
+
+def to_plain(model: Any) -> Any:
+    """int4 weights back in quanto's device-independent packing (a tinygemm layout made for the CPU is not the one a
+    CUDA GPU's kernel reads), before a layer split moves them; `relayout` after."""
+    from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
+
+    for module in _qbits_modules(model):
+        if type(module.weight) is not WeightQBitsTensor:  # a kernel's subclass (tinygemm, AWQ, Marlin)
+            module.weight = torch.nn.Parameter(module.weight.weight_qbits_tensor(), requires_grad=False)
+    return model
+
+
+def relayout(model: Any) -> Any:
+    """int4 weights in the layout of the kernel on the device each now lives on (quanto's `optimize`)."""
+    for module in _qbits_modules(model):
+        module.weight = torch.nn.Parameter(module.weight.optimize(), requires_grad=False)
+    return model
+
+
+def _qbits_modules(model: Any) -> list[Any]:
+    from optimum.quanto import QModuleMixin
+    from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
+
+    return [m for m in model.modules() if isinstance(m, QModuleMixin) and isinstance(m.weight, WeightQBitsTensor)]
 
 
 def _outside_inference_mode(forward: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -167,8 +192,11 @@ def save(model: Any, target: Path, facts: dict[str, Any], record_files: Callable
     os.replace(tmp, target)
 
 
-def load(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False) -> Any:
-    """The quantized model kept in `folder`, on the CPU, without reading float weights or quantizing."""
+def load(folder: Path, dtype: torch.dtype, device: torch.device | None = None, *, plain: bool = False,
+         trust_remote_code: bool = False) -> Any:
+    """The quantized model kept in `folder`, on `device` (default the CPU), without reading float weights or
+    quantizing. `plain`: int4 weights stay in quanto's device-independent packing (to be moved to their devices,
+    then `relayout`), instead of the layout of `device`'s kernel."""
     from optimum.quanto import requantize
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
@@ -182,8 +210,8 @@ def load(folder: Path, dtype: torch.dtype, *, trust_remote_code: bool = False) -
     buffers = {name.removeprefix(BUFFER_PREFIX): stored.pop(name) for name in list(stored)
                if name.startswith(BUFFER_PREFIX)}
     qmap = json.loads((folder / QMAP_FILE).read_text())
-    with _plain_int4_kept(dtype):
-        requantize(model, stored, qmap, device=torch.device("cpu"))
+    with _plain_int4_kept(dtype, always=plain):
+        requantize(model, stored, qmap, device=device or torch.device("cpu"))
     for name, _ in list(model.named_non_persistent_buffers()):
         if name not in buffers:
             raise ValueError(f"the copy lacks the buffer {name}")

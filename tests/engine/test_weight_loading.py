@@ -210,10 +210,12 @@ def test_the_device_map_refuses_impossible_layer_counts() -> None:
         layer_split.device_map_for(tiny_config(96), 3)
 
 
-def test_the_loader_hands_the_planned_split_to_accelerate(tiny_folder, fresh_cache, monkeypatch) -> None:
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_loader_hands_the_planned_split_to_accelerate(tiny_folder, fresh_cache, monkeypatch, precision) -> None:
     """On a (simulated) CUDA machine `gpu_layers` < all builds the map and dispatches the model with it; run here with
     the map's GPU entries pointed at the CPU, accelerate's hooks move the hidden states between the modules and leave
-    the cache alone: the chat gives the logits of the undivided model."""
+    the cache alone: the chat gives the logits of the undivided model (int4: quantized, then its weights laid out
+    for their devices after the move, the first time and from the kept copy)."""
     handed: list[dict[str, str]] = []
     real_dispatch = layer_split.dispatch
 
@@ -223,14 +225,15 @@ def test_the_loader_hands_the_planned_split_to_accelerate(tiny_folder, fresh_cac
 
     monkeypatch.setattr(models, "pick_device", lambda _device=None: torch.device("cuda"))
     monkeypatch.setattr(layer_split, "dispatch", dispatch_on_cpu)
-    split = models.load(str(tiny_folder), device="cuda", dtype="float32", weights="fp32", gpu_layers=1)
+    for _ in range(2 if precision == "int4" else 1):
+        split = models.load(str(tiny_folder), device="cuda", dtype="float32", weights=precision, gpu_layers=1)
     monkeypatch.undo()
-    assert handed == [layer_split.device_map_for(split.model.config, 1, "cuda:0")]
+    assert handed[-1] == layer_split.device_map_for(split.model.config, 1, "cuda:0")
     assert split.gpu_layers == 1 and split.layers == 2 and split.device.type == "cpu"
     assert "1 of 2 layers" in split.split_label
     assert hasattr(split.model.model.layers[0], "_hf_hook")  # accelerate's hooks are on
 
-    whole = load(tiny_folder, "fp32")
+    whole = load(tiny_folder, precision)
     sessions = [ChatSession(lm, SessionSettings(sampling=GREEDY)) for lm in (split, whole)]
     for text in ("Hello there.", "And again?"):
         replies = [s.send(text).reply for s in sessions]
@@ -280,3 +283,29 @@ def test_weights_and_split_reach_the_model_info(tiny_folder, fresh_cache) -> Non
         service.close(save=False)
     assert info.weights == "int8" and info.dtype == "int8 weights over float32"
     assert info.gpu_layers is None and info.split == "" and info.layers == 2
+
+
+def test_int4_weights_go_plain_for_a_move_and_back_to_their_kernels_layout() -> None:
+    """bf16 int4 weights on the CPU use tinygemm's CPU layout, which a CUDA kernel cannot read: a split moves them in
+    quanto's plain packing and lays them out again where they land: the same weights, the same logits."""
+    from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
+
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(tiny_config(96, hidden_size=256, intermediate_size=256))
+    qw.quantize(model.to(torch.bfloat16).eval(), "int4")
+    x = torch.randint(0, 96, (1, 12))
+    with torch.no_grad():
+        before = model(x).logits
+    q_proj = model.model.layers[0].self_attn.q_proj
+    kernel_layout = type(q_proj.weight)
+    assert kernel_layout is not WeightQBitsTensor  # tinygemm, for groups of 128 over bf16
+    values = q_proj.weight.dequantize()
+    qw.to_plain(model)
+    assert type(q_proj.weight) is WeightQBitsTensor
+    assert torch.equal(q_proj.weight.dequantize(), values)  # the same weights, in the portable packing
+    qw.relayout(model)
+    assert type(q_proj.weight) is kernel_layout
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, before)
