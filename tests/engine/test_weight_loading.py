@@ -289,7 +289,6 @@ def test_int4_weights_go_plain_for_a_move_and_back_to_their_kernels_layout() -> 
     """bf16 int4 weights on the CPU use tinygemm's CPU layout, which a CUDA kernel cannot read: a split moves them in
     quanto's plain packing and lays them out again where they land: the same weights, the same logits."""
     from optimum.quanto.tensor.weights.qbits import WeightQBitsTensor
-
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
