@@ -127,7 +127,8 @@ def _write(path: Path, table: dict) -> None:
     os.replace(tmp, path)
 
 
-def measure_weights(model: str, text: str, max_tokens: int, chunk: int, write: Path | None) -> None:
+def measure_weights(model: str, text: str, max_tokens: int, chunk: int, write: Path | None,
+                    only: list[str] | None = None) -> None:
     """The perplexity of the text through the full cache with the weights in each precision of WEIGHT_ROWS, against
     fp32 (one model loaded at a time); with `write`, kept under "weights" in the table (same text and length).
     Rows the table already holds for this text and length are kept and not measured again (a long run can be
@@ -143,7 +144,8 @@ def measure_weights(model: str, text: str, max_tokens: int, chunk: int, write: P
     for row in rows:
         print(f"{row['precision']:<24} {row['ppl']:8.3f} {row['ppl_ratio']:9.3f} "
               f"{row['weights_bytes'] / 2**20:11.1f}   (kept)", flush=True)
-    for precision in sorted((p for p in WEIGHT_ROWS if p not in kept), key=lambda p: (p != "fp32", p == "bf16")):
+    wanted = [p for p in WEIGHT_ROWS if p not in kept and (only is None or p in only or p == "fp32")]
+    for precision in sorted(wanted, key=lambda p: (p != "fp32", p == "bf16")):
         lm = models.load(model, device="cpu", dtype="float32" if precision != "bf16" else None, weights=precision)
         started = time.perf_counter()
         result = perplexity(lm, text, CacheSpec(), max_tokens=max_tokens, chunk=chunk)
@@ -240,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
     text = TEXT.read_text(encoding="utf-8")
     if args.weights:
         print(f"model {args.model}, {args.max_tokens} tokens of {TEXT.name}, chunks of {args.chunk}, full cache")
-        measure_weights(args.model, text, args.max_tokens, args.chunk, args.write)
+        measure_weights(args.model, text, args.max_tokens, args.chunk, args.write, args.only)
         return 0
     lm = models.load(args.model, device="cpu", dtype="float32", weights=None)
     print(f"model {lm.source.display_name}, {args.max_tokens} tokens of {TEXT.name}, chunks of {args.chunk}")
