@@ -422,10 +422,13 @@ class ChatSettingsPanel(QScrollArea):
             widget.setVisible(name in used)
         notes = []
         effective = strategy
-        if strategy == AUTO and self.model is not None:
+        if self.model is not None and self.model.remote:
+            notes.append(f"{self.model.auto_reason} Cachet keeps no cache for this chat; the server reports what "
+                         "it reused (“reused” in the reply's figures).")
+        elif strategy == AUTO and self.model is not None:
             effective = self.model.auto_cache.strategy
             notes.append(f"auto → {effective} on this machine (Cachet's memory advisor).")
-        if effective in LOSSY:
+        if effective in LOSSY and not (self.model is not None and self.model.remote):
             notes.append("⚠ Lossy: this strategy changes what the model remembers of the chat; replies can "
                          "differ from the full cache.")
             if self.model is not None:  # the engine (and torch) is loaded by then, never at start-up
@@ -463,8 +466,11 @@ class ChatSettingsPanel(QScrollArea):
 
     def refresh_estimates(self) -> None:
         model = self.model
-        if model is None:
+        if model is None or model.remote:  # a remote server's memory is its own
             self.estimate_note.setText("")
+            for item in self._strategy_items():
+                item.setText(1, "—")
+                item.setText(2, "—")
             return
         from engine.service import estimate  # the engine is loaded by the time a model is
 

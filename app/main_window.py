@@ -33,13 +33,14 @@ from app.config import AppConfig, save_config
 from app.controller import ChatController
 from app.markdown_render import MarkdownRenderer
 from app.meters import Meters, describe_restore
-from app.protocol import Budgets, CacheRestored, Loader, ModelInfo
+from app.protocol import Budgets, CacheRestored, Loader, ModelInfo, ServerState
 from app.sidebar import ChatEntry, Sidebar
 from engine.specs import AUTO, LOSSY, CacheSpec
 from engine.store import ChatSettings, ChatStore, StoredChat, StoreError
 
 MEMORY_REFRESH_MS = 1000
 BUDGET_SETTINGS = {"kv_budget_mb", "ram_budget_mb", "disk_budget_mb"}
+MODEL_SETTINGS = {"model", "device", "dtype", "online", "engine_source", "remote_url", "remote_model"}
 MIB = 1024 * 1024
 
 
@@ -190,12 +191,14 @@ class MainWindow(QMainWindow):
         self.engine.model_ready.connect(self._model_ready)
         self.engine.model_failed.connect(self._model_failed)
         self.engine.cache_restored.connect(self._cache_restored)
+        self.engine.server_state.connect(self._server_state)
 
         app = QGuiApplication.instance()
         if isinstance(app, QGuiApplication):
             app.styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
         self._memory_timer = QTimer(self)
         self._memory_timer.timeout.connect(self.refresh_memory)
+        self._memory_timer.timeout.connect(self.meters.refresh_server)
         self._memory_timer.start(MEMORY_REFRESH_MS)
 
         self.apply_theme()
@@ -295,6 +298,8 @@ class MainWindow(QMainWindow):
         self.meters.loading("Starting the engine…")
         self.engine.set_budgets(budgets(self.config))
         self.engine.start()
+        if self.config.serve:
+            self.engine.set_server(self.config.serve_port)
         self._update_chat_chrome()
 
     def shutdown(self) -> None:
@@ -353,6 +358,11 @@ class MainWindow(QMainWindow):
         if event.chat_id == self.current_chat and event.worth_telling:
             text = describe_restore(event)
             self.statusBar().showMessage(text[0].upper() + text[1:] + ".", 8000)
+
+    def _server_state(self, state: ServerState) -> None:
+        self.meters.set_server(state)
+        if state.error and self.config.serve:
+            self.statusBar().showMessage(f"The server for other apps did not start: {state.error}", 10000)
 
     def _model_failed(self, message: str) -> None:
         self.meters.failed(message)
@@ -432,6 +442,8 @@ class MainWindow(QMainWindow):
     def _strategy(self, cache: CacheSpec) -> tuple[str, bool]:
         """A chat's strategy as shown ("auto: quantized" once the advisor has chosen) and whether it is lossy."""
         model = self.engine.model
+        if model is not None and model.remote:
+            return "server's cache", False
         if cache.strategy != AUTO or model is None:
             return cache.strategy, cache.strategy in LOSSY
         effective = cache.resolve(model.auto_cache).strategy
@@ -576,7 +588,8 @@ class MainWindow(QMainWindow):
         stats = self.controller.last_stats(chat_id)  # this run's last reply, or the stored one after a restart
         if stats and model is not None:
             used = int(str(stats.get("prompt_tokens", 0))) + int(str(stats.get("generated_tokens", 0)))
-            self.context_label.setText(f"{used:,} / {model.context_length:,} tokens")
+            self.context_label.setText(f"{used:,} / {model.context_length:,} tokens" if model.context_length
+                                       else f"{used:,} tokens")
         else:
             self.context_label.setText("")
         hint = "Ask anything. Enter sends, Shift+Enter adds a line." if self.engine.ready or not self.engine.loading \
@@ -630,13 +643,14 @@ class MainWindow(QMainWindow):
 
         dialog = SettingsDialog(self.config, self)
         if dialog.exec():
-            self.apply_config(dialog.result_config())
+            self.apply_config(dialog.result_config(), reconnect=dialog.key_changed)
             if dialog.chosen_data_dir is not None:
                 self.statusBar().showMessage(f"From the next start, chats are kept in {dialog.chosen_data_dir}.", 10000)
 
-    def apply_config(self, new: AppConfig) -> None:
-        """Apply only what changed; a different model is loaded in the worker."""
-        changed = new.diff(self.config)
+    def apply_config(self, new: AppConfig, reconnect: bool = False) -> None:
+        """Apply only what changed; a different model is loaded in the worker (`reconnect`: a remote
+        server's API key changed, so its connection is made again)."""
+        changed = new.diff(self.config) | ({"remote_url"} if reconnect else set())
         if not changed:
             return
         self.config = new
@@ -647,13 +661,17 @@ class MainWindow(QMainWindow):
             self.apply_theme()
         if changed & BUDGET_SETTINGS:
             self.engine.set_budgets(budgets(new))
-        if changed & {"model", "device", "dtype", "online"}:
+        if changed & {"serve", "serve_port"} and not changed & MODEL_SETTINGS:
+            self.engine.set_server(new.serve_port if new.serve else None)
+        if changed & MODEL_SETTINGS:
             from app.__main__ import default_loader
 
             for rt in self.controller.runtimes.values():
                 rt.cache = None
+            if changed & {"serve", "serve_port"}:
+                self.engine.set_server(new.serve_port if new.serve else None)  # started once it has loaded
             self.engine.load(default_loader(new))
-            self.meters.loading("Loading the model…")
+            self.meters.loading("Connecting to the server…" if new.engine_source == "remote" else "Loading the model…")
             self.refresh_sidebar()
 
     # ----- files ---------------------------------------------------------------------------------------

@@ -124,6 +124,7 @@ class ModelInfo:
     config: Any = field(repr=False, compare=False)  # the model config, read-only, for memory estimates
     torch_dtype: Any = field(repr=False, compare=False)
     precision_note: str = ""  # why this dtype (auto on a CPU: measured fastest here)
+    remote: str = ""  # the server's address when a remote engine answers (app/worker.py), else ""
 
     @property
     def on_gpu(self) -> bool:

@@ -9,10 +9,11 @@ chat's messages (a front end keeps them, e.g. in `engine.store`) and its setting
 service always calls `ChatSession.generate()`; the session finds what of its cache still
 matches.
 
-Not thread-safe, like the sessions it drives: one thread calls it (the window's worker thread,
-or the terminal's main thread). The exceptions are `interrupt()` and the `stop` event a turn
-is given, which any thread may set. Progress goes out through plain callbacks; results are the
-frozen dataclasses of `engine.reports`.
+Not thread-safe, like the sessions it drives: one thread calls it at a time (the window's worker
+thread, or the terminal's main thread). A front end that calls it from two threads — the window's
+worker and the local server it starts (engine/server.py) — holds `lock` around each call. The
+exceptions are `interrupt()` and the `stop` event a turn is given, which any thread may set.
+Progress goes out through plain callbacks; results are the frozen dataclasses of `engine.reports`.
 """
 
 from __future__ import annotations
@@ -178,6 +179,7 @@ class ChatService:
         self._shown: dict[int, CacheState] = {}  # the last place reported for each chat
         self._opened: dict[int, CacheRestored] = {}  # restores done on opening, told with the next reply
         self._interrupted = threading.Event()
+        self.lock = threading.RLock()  # held by callers on more than one thread around each call (see above)
         self.draft_lm: LoadedModel | None = None  # speculative "draft-model": the small model guessing for chats
 
     # ----- from any thread -----------------------------------------------------------------------
