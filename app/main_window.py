@@ -453,6 +453,8 @@ class MainWindow(QMainWindow):
         rt = self.controller.runtimes.get(chat.id)
         strategy, lossy = self._strategy(chat.settings.cache)
         place = rt.cache.where if rt is not None and rt.cache is not None else "none"
+        if self.engine.model is not None and self.engine.model.remote:
+            place = "server"
         busy = rt.state if rt is not None and rt.busy else ""
         return ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, lossy, busy)
 

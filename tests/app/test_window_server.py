@@ -157,7 +157,11 @@ def test_the_window_drives_a_remote_cachet_server(qtbot: Any, make_window: Any,
     assert win.controller.messages(chat_id)[-1].status == "done"
 
     win.dock.show()
-    assert "server manages its own cache" in win.settings_panel.strategy_note.text()
+    panel = win.settings_panel
+    assert "server manages its own cache" in panel.strategy_note.text()
+    assert not panel.cache_now.isVisible()  # no "no cache in memory" beside it
+    assert panel.temperature.isEnabled() and not panel.strategies.isEnabled() and not panel.speculative.isEnabled()
+    assert win._entry(win.store.chat(chat_id)).cache_place == "server"  # the sidebar's badge: "on the server"
     assert all(win.engine.model.availability[s] for s in ("dynamic", "sink", "quantized"))
 
 
