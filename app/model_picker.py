@@ -117,8 +117,10 @@ class ModelScanner(QObject):
 
 
 def source_names(models: Sequence[DiscoveredModel]) -> str:
-    """The applications the models came from, in order of first appearance: "LM Studio, Ollama"."""
-    return ", ".join(dict.fromkeys(m.source_label for m in models))
+    """The applications the models came from, in the order they are searched: "LM Studio, Ollama"."""
+    order = list(discovery.SOURCES)
+    sources = sorted({m.source for m in models}, key=lambda s: order.index(s) if s in order else len(order))
+    return ", ".join(discovery.SOURCES.get(s, s) for s in sources)
 
 
 def where_looked(locations: Sequence[Location]) -> str:

@@ -153,9 +153,9 @@ def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
     made: list[tuple[Any, Any]] = []
 
     def make(loader: Callable[..., Any] = tiny_loaded_model, sampling: dict[str, Any] | None = None,
-             wait_ready: bool = True) -> MainWindow:
+             wait_ready: bool = True, **settings: Any) -> MainWindow:
         store = ChatStore()
-        config = AppConfig(default_sampling=dict(SHORT if sampling is None else sampling))
+        config = AppConfig(default_sampling=dict(SHORT if sampling is None else sampling), **settings)
         win = MainWindow(store, config, loader, save_settings=False)
         win.show()
         made.append((win, store))
