@@ -159,6 +159,8 @@ def _count(n: int | None) -> str:
 
 
 def _size(n: int) -> str:
+    if not n:
+        return "—"
     return f"{n / GIB:.2f} GiB" if n >= GIB // 10 else f"{n / 2**20:.1f} MiB"
 
 
@@ -327,7 +329,8 @@ class ModelPicker(QDialog):
                 item = _item(cell.get("cell", "—"))
                 item.setToolTip(self._fit_tip(precision, cell))
                 row.append(item)
-            row.append(_item(status, {"usable": 0, "unsupported": 1, "broken": 2}.get(m.status, 3)))
+            rank = {"usable": 0, "unsupported": 1, "broken": 2}.get(m.status, 3)
+            row.append(_item(status, f"{rank} {m.name.lower()}"))  # by status, then by name
             tip = f"{m.path}\nFound in {m.source_label}: {m.found_in}"
             for item in row:
                 item.setData(m.path, PATH_ROLE)
@@ -343,6 +346,8 @@ class ModelPicker(QDialog):
         header.setSectionResizeMode(0, QHeaderView.ResizeMode.Interactive)
         self.table.resizeColumnToContents(0)
         self.table.setColumnWidth(0, min(self.table.columnWidth(0), 320))
+        # usable first, then by name (the scan's order), until the user sorts by another column
+        self.table.sortByColumn(len(headers) - 1, Qt.SortOrder.AscendingOrder)
         if selected:
             self.select_path(selected)
         self._update_ok()

@@ -65,15 +65,7 @@ class SettingsDialog(QDialog):
         for b in (self.bundled, self.local, self.hub):
             group.addButton(b)
         ml.addWidget(self.bundled)
-        local_line = QHBoxLayout()
-        local_line.addWidget(self.local)
-        local_line.addStretch(1)
-        self.browse_button = QPushButton("Browse models on this computer…")
-        self.browse_button.setToolTip("The models LM Studio, Ollama, GPT4All and the Hugging Face cache downloaded, "
-                                      "and those in folders you add: whether each fits this machine, and why some "
-                                      "cannot be opened")
-        local_line.addWidget(self.browse_button)
-        ml.addLayout(local_line)
+        ml.addWidget(self.local)
         row = QHBoxLayout()
         row.setContentsMargins(22, 0, 0, 0)
         self.local_path = QLineEdit()
@@ -84,6 +76,15 @@ class SettingsDialog(QDialog):
         row.addWidget(file_button)
         row.addWidget(folder_button)
         ml.addLayout(row)
+        browse_row = QHBoxLayout()
+        browse_row.setContentsMargins(22, 0, 0, 0)
+        self.browse_button = QPushButton("Browse models on this computer…")
+        self.browse_button.setToolTip("The models LM Studio, Ollama, GPT4All and the Hugging Face cache downloaded, "
+                                      "and those in folders you add: whether each fits this machine, and why some "
+                                      "cannot be opened")
+        browse_row.addWidget(self.browse_button)
+        browse_row.addStretch(1)
+        ml.addLayout(browse_row)
         ml.addWidget(self.hub)
         row2 = QHBoxLayout()
         row2.setContentsMargins(22, 0, 0, 0)
