@@ -177,12 +177,19 @@ def test_model_folders_are_validated_like_every_setting() -> None:
     assert AppConfig.from_dict({"model_folders": ["models"], "model_hint_dismissed": "yes"}) == AppConfig()
 
 
-def drop(win: Any, *paths: Path) -> None:
+def drop(target: Any, *paths: Path) -> None:
+    """Drag `paths` over `target` (a widget of the window) and drop them there, as a file manager does."""
+    from PySide6.QtCore import QPoint
+    from PySide6.QtGui import QDragEnterEvent
+    from PySide6.QtWidgets import QApplication
+
     mime = QMimeData()
     mime.setUrls([QUrl.fromLocalFile(str(p)) for p in paths])
-    event = QDropEvent(QPointF(400, 300), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
-                       Qt.KeyboardModifier.NoModifier)
-    win.dropEvent(event)
+    args = (Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton, Qt.KeyboardModifier.NoModifier)
+    enter = QDragEnterEvent(QPoint(5, 5), *args)
+    QApplication.sendEvent(target, enter)
+    assert enter.isAccepted()
+    QApplication.sendEvent(target, QDropEvent(QPointF(5, 5), *args))
 
 
 def test_a_gguf_dropped_on_the_window_is_opened_and_a_non_model_is_refused(
@@ -206,18 +213,19 @@ def test_a_gguf_dropped_on_the_window_is_opened_and_a_non_model_is_refused(
     folder = tmp_path / "ggufs"
     write_gguf(folder / "a.gguf")
 
-    drop(win, notes)
+    drop(win.composer.input, notes)  # on the message input: not typed in as a path, the window refuses it
     assert "notes.txt is not a model" in (win.banner_text("model-refused") or "")
-    drop(win, cut)
+    assert win.composer.input.toPlainText() == ""
+    drop(win.sidebar, cut)
     assert "Cut.gguf cannot be opened (broken): not a readable GGUF file" in (win.banner_text("model-refused") or "")
-    drop(win, folder)
+    drop(win.chat_view.viewport(), folder)
     assert "no config.json. It holds 1 GGUF file (a.gguf…)" in (win.banner_text("model-refused") or "")
-    drop(win, gguf, notes)
+    drop(win.chat_view.viewport(), gguf, notes)
     assert "drop one model" in (win.banner_text("model-refused") or "")
     assert win.config.model == "default" and asked == []  # nothing refused was opened
 
     with qtbot.waitSignal(win.engine.model_ready, timeout=LOAD_MS):
-        drop(win, gguf)
+        drop(win.chat_view.viewport(), gguf)
         assert win.statusBar().currentMessage() == f"Opening Dropped-F32 ({gguf})…"
     assert win.config.model == str(gguf) and asked == [str(gguf)]
     assert win.banner_text("model-refused") is None
