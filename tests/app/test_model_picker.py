@@ -257,3 +257,27 @@ def test_the_first_run_hint_is_shown_once_and_its_dismissal_remembered(
     assert not again.hint_scanner.running and again.banner_text("models-found") is None
     other_model = make_window(model=str(tmp_path / "some.gguf"))  # (the tests' loader ignores the path)
     assert not other_model.hint_scanner.running and other_model.banner_text("models-found") is None
+
+
+def test_a_model_chosen_from_the_menu_is_opened_and_added_folders_are_kept(
+        qtbot: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_window: Any) -> None:
+    import app.__main__
+
+    asked: list[str] = []
+    monkeypatch.setattr(app.__main__, "default_loader",
+                        lambda config: asked.append(config.model) or (lambda progress=None: tiny_loaded_model()))
+    look_in(monkeypatch, fake_disk(tmp_path))
+    mine = tmp_path / "mine"
+    write_hf_folder(mine / "my-model")
+    win = make_window(model_hint_dismissed=True)
+    win.save_settings = True
+    picker = win.browse_models()
+    with qtbot.waitSignal(picker.scanned, timeout=SCAN_MS):
+        pass
+    with qtbot.waitSignal(picker.scanned, timeout=SCAN_MS):
+        picker.add_folder(mine)
+    assert picker.select_name("my-model")
+    with qtbot.waitSignal(win.engine.model_ready, timeout=LOAD_MS):
+        picker.accept()
+    assert asked == [str(mine / "my-model")] and win.config.model == str(mine / "my-model")
+    assert load_config().model_folders == [str(mine)] and load_config().model == str(mine / "my-model")
