@@ -7,6 +7,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QCoreApplication, Qt, QTimer
 from PySide6.QtGui import (
@@ -44,11 +45,13 @@ from app.config import AppConfig, ConfigError, save_config
 from app.controller import ChatController
 from app.markdown_render import MarkdownRenderer
 from app.meters import Meters, describe_restore
-from app.model_picker import ModelPicker, ModelScanner, ScanResult, check_model_path, source_names
 from app.protocol import Budgets, CacheRestored, Loader, ModelInfo, ServerState
 from app.sidebar import ChatEntry, Sidebar
 from engine.specs import AUTO, LOSSY, CacheSpec
 from engine.store import ChatSettings, ChatStore, StoredChat, StoreError
+
+if TYPE_CHECKING:  # imported when first used: the window is shown before anything it does not need yet
+    from app.model_picker import ModelPicker, ModelScanner, ScanResult
 
 MEMORY_REFRESH_MS = 1000
 BUDGET_SETTINGS = {"kv_budget_mb", "ram_budget_mb", "disk_budget_mb"}
@@ -184,8 +187,7 @@ class MainWindow(QMainWindow):
         self._build_menus()
         self.setAcceptDrops(True)  # a .gguf file or a model folder dropped anywhere on the window opens it
         self.picker: ModelPicker | None = None
-        self.hint_scanner = ModelScanner(self)
-        self.hint_scanner.finished.connect(self._hint_scanned)
+        self.hint_scanner: ModelScanner | None = None  # the first-run hint's background scan, once started
 
         # ----- wiring ---------------------------------------------------------------------------------
         self.sidebar.chat_selected.connect(self.select_chat)
@@ -332,6 +334,10 @@ class MainWindow(QMainWindow):
         self._update_chat_chrome()
         if self._wants_model_hint():
             # In a thread: the window is up and the model loads meanwhile; the hint comes when it is done.
+            from app.model_picker import ModelScanner
+
+            self.hint_scanner = ModelScanner(self)
+            self.hint_scanner.finished.connect(self._hint_scanned)
             self.hint_scanner.start(self.config.model_folders, with_fits=False)
 
     def shutdown(self) -> None:
@@ -682,6 +688,8 @@ class MainWindow(QMainWindow):
     # ----- models on this computer --------------------------------------------------------------------
     def browse_models(self) -> ModelPicker:
         """Open the model picker (without blocking); the chosen model is opened as if chosen in Settings."""
+        from app.model_picker import ModelPicker
+
         if self.picker is not None:
             self.picker.raise_()
             return self.picker
@@ -702,6 +710,8 @@ class MainWindow(QMainWindow):
     def open_model(self, path: Path) -> bool:
         """Switch to the model at `path` (a .gguf file or a model folder) as choosing it in Settings does;
         what cannot be opened is refused with the reason in a banner, and nothing changes."""
+        from app.model_picker import check_model_path
+
         try:
             model = check_model_path(path)
             new = self.config.with_changes(model=str(path), engine_source="local")
@@ -722,6 +732,8 @@ class MainWindow(QMainWindow):
         return c.engine_source == "local" and c.model.strip() in ("", "default") and not c.model_hint_dismissed
 
     def _hint_scanned(self, result: ScanResult) -> None:
+        from app.model_picker import source_names
+
         usable = result.usable
         if not usable or not self._wants_model_hint():
             return
