@@ -8,6 +8,7 @@ only what differs (a new model means reloading it in the worker).
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 from PySide6.QtCore import QObject, Qt, QUrl, Signal
@@ -33,6 +34,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.config import DTYPES, THEMES, AppConfig, ConfigError
+from app.model_picker import ModelPicker
 from engine import api_keys, paths
 from engine.remote import Endpoint, RemoteError, list_models
 
@@ -49,6 +51,8 @@ class SettingsDialog(QDialog):
         self.setWindowTitle("Cachet settings")
         self.setMinimumWidth(560)
         self.original = config
+        self.model_folders = list(config.model_folders)  # the picker's added folders, saved on OK
+        self.picker: ModelPicker | None = None
         self.key_changed = False  # the remote server's API key was changed (the connection is made again)
         layout = QVBoxLayout(self)
 
@@ -72,6 +76,15 @@ class SettingsDialog(QDialog):
         row.addWidget(file_button)
         row.addWidget(folder_button)
         ml.addLayout(row)
+        browse_row = QHBoxLayout()
+        browse_row.setContentsMargins(22, 0, 0, 0)
+        self.browse_button = QPushButton("Browse models on this computer…")
+        self.browse_button.setToolTip("The models LM Studio, Ollama, GPT4All and the Hugging Face cache downloaded, "
+                                      "and those in folders you add: whether each fits this machine, and why some "
+                                      "cannot be opened")
+        browse_row.addWidget(self.browse_button)
+        browse_row.addStretch(1)
+        ml.addLayout(browse_row)
         ml.addWidget(self.hub)
         row2 = QHBoxLayout()
         row2.setContentsMargins(22, 0, 0, 0)
@@ -207,6 +220,7 @@ class SettingsDialog(QDialog):
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         file_button.clicked.connect(self._choose_file)
+        self.browse_button.clicked.connect(self.browse_models)
         folder_button.clicked.connect(self._choose_folder)
         open_button.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(paths.data_dir()))))
         self.change_data_dir.clicked.connect(self._choose_data_dir)
@@ -307,6 +321,24 @@ class SettingsDialog(QDialog):
         self.remote_note.setStyleSheet("color: #d9534f;" if error else "")
         self.remote_note.show()
 
+    def browse_models(self) -> ModelPicker:
+        """Open the model picker (window-modal, without blocking); the chosen model fills in the local path."""
+        picker = ModelPicker(replace(self.original, model_folders=self.model_folders), self)
+        picker.setWindowModality(Qt.WindowModality.WindowModal)
+        picker.finished.connect(lambda _code: self._picker_closed(picker))
+        self.picker = picker
+        picker.open()
+        return picker
+
+    def _picker_closed(self, picker: ModelPicker) -> None:
+        self.model_folders = list(picker.folders)
+        if picker.chosen_path:
+            self.local.setChecked(True)
+            self.local_path.setText(picker.chosen_path)
+            self.error.hide()
+        picker.deleteLater()
+        self.picker = None
+
     def _choose_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a GGUF model", "", "GGUF models (*.gguf)")
         if path:
@@ -365,7 +397,7 @@ class SettingsDialog(QDialog):
         return self.original.with_changes(
             engine_source=source, remote_url=self.remote_url.text().strip(),
             remote_model=self.remote_model.currentText().strip(), serve=self.serve.isChecked(),
-            serve_port=self.serve_port.value(),
+            serve_port=self.serve_port.value(), model_folders=list(self.model_folders),
             model=model, online=self.online.isChecked(), device=self.device.currentText().strip(),
             dtype=self.dtype.currentText(), kv_budget_mb=self.kv_budget.value(),
             ram_budget_mb=None if self.ram_budget.value() < 0 else self.ram_budget.value(),

@@ -472,7 +472,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     found = discovery.discover(args.add_folder)
     hardware = _hardware(args)
     ladder = [p for p, _ in memory.precision_ladder("auto", hardware)]
-    fits = [_fits(m, hardware, ladder, args.context) if m.usable else {} for m in found]
+    fits = [memory.fits_by_precision(m, hardware, ladder, args.context) if m.usable else {} for m in found]
     if args.json:
         print(json.dumps([{**m.to_dict(), "fits": f} for m, f in zip(found, fits, strict=True)]))
         return 0
@@ -512,37 +512,6 @@ def _count(n: int | None, exact: bool = False) -> str:
     if exact:
         return f"{n:,}"
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
-def _fits(model: Any, hardware: Any, ladder: list[str], context: int | None) -> dict[str, dict[str, Any]]:
-    """For each weight precision: the advisor's plan for this model on `hardware` (cell: the table's word)."""
-    from engine import memory
-
-    try:
-        inventory = model.weight_inventory()
-        if inventory is not None:
-            config = model.shape.as_config()
-        else:
-            config = models.load_config(model.path)
-            inventory = memory.inventory_of(config)
-    except Exception as exc:  # a config this transformers cannot build: say so in the cell
-        return {p: {"cell": "?", "error": f"{type(exc).__name__}: {exc}"} for p in ladder}
-    result = {}
-    for precision in ladder:
-        advice = memory.advise(config, hardware, context=context, weights=precision, inventory=inventory)
-        plan, chosen = advice.weight_plan, advice.recommended
-        if chosen is None or plan is None:
-            cell = "no"
-        elif plan.split:
-            cell = f"{plan.gpu_layers}/{plan.layers}"
-        elif chosen.spec.bounded_length:
-            cell = "sink"
-        else:
-            cell = "yes"
-        result[precision] = {"cell": cell, "plan": None if plan is None else plan.to_dict(),
-                             "kv": None if chosen is None else chosen.label, "tokens_fit": advice.tokens_fit,
-                             "context": advice.context}
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:
