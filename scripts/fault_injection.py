@@ -36,6 +36,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import suppress
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -242,7 +243,8 @@ def ok_start(run: AppRun) -> bool:
 
 def summary(run: AppRun) -> dict[str, Any]:
     return {"exit": run.code, "killed": run.killed, "shown": run.came_up, "dialogs": run.dialogs(),
-            "banners": run.banners(), "status": run.report.get("status", [])[-6:],
+            "banners": run.banners(), "banners_seen": run.report.get("banners_seen", []),
+            "status": run.report.get("status", [])[-6:],
             "load": run.report.get("load", [])[-4:], "restored": run.report.get("restored", []),
             "replies": run.report.get("replies", []), "traceback": run.tracebacks(),
             "stderr_tail": run.stderr.strip().splitlines()[-3:]}
@@ -284,7 +286,8 @@ def case_kill(c: Case) -> Result:
     second = c.run()
     after = committed(c.db)
     interrupted = "interrupted" in " ".join(second.banners())
-    note = (f"killed at a streaming reply; the restart marked it interrupted ({'banner shown' if interrupted else 'NO banner'})")
+    note = ("killed at a streaming reply; the restart marked it interrupted "
+            f"({'banner shown' if interrupted else 'NO banner'})")
     return verdict("kill -9 mid-reply", before, after, ok_start(second) and interrupted, note,
                    details={"first": summary(first), "restart": summary(second)})
 
@@ -357,8 +360,9 @@ def full_disk_inner(base: Path, model: str, out: Path) -> None:
     note = (f"disk filled at the first streamed token ({run.report.get('refused_bytes', 0):,} bytes of filler); "
             f"banner {'shown' if banner_said else 'NOT shown'}; after freeing space the message and reply were "
             f"{'saved' if sent and reply_saved else 'NOT saved'}, {stuck} rows left streaming")
-    result = verdict("full disk during a reply", before, after, ok_start(run) and told and bool(sent) and reply_saved,
-                     note, details={"run": summary(run), "replies": replies})
+    ok = ok_start(run) and told and bool(sent) and reply_saved
+    result = verdict("full disk during a reply", before, after, ok, note,
+                     details={"run": summary(run), "replies": replies})
     out.write_text(json.dumps(asdict(result)))
 
 
@@ -452,6 +456,11 @@ def case_damaged_snapshot(c: Case) -> Result:
         return verdict("damaged snapshot tensor data", before, committed(c.db), False,
                        "the first run left no snapshot to damage", details={"first": summary(first)})
     target = max(snaps, key=lambda p: p.stat().st_size)
+    # The control: the same folder with its snapshot intact restores the chat from disk.
+    control = Case(c.root / "control", Path(c.model))
+    shutil.copytree(c.base, control.base)
+    intact = control.run("--send", "Second turn", "--max-tokens", "16")
+    from_disk = any(r.get("source") == "disk" for r in intact.report.get("restored", []))
     raw = bytearray(target.read_bytes())
     for i in range(len(raw) - 400, len(raw) - 300):  # inside the last tensor: the header still parses
         raw[i] ^= 0x5A
@@ -463,12 +472,13 @@ def case_damaged_snapshot(c: Case) -> Result:
     reused_damaged = any(r.get("source") == "disk" for r in restored)
     replaced = not target.exists() or target.read_bytes() != damaged
     replies = [r for r in second.report.get("replies", []) if r.get("status") == "done"]
-    ok = ok_start(second) and not reused_damaged and replaced and bool(replies)
-    note = (f"{target.name}: 100 bytes of the last tensor flipped; restore sources on the next turn: "
+    ok = ok_start(second) and from_disk and not reused_damaged and replaced and bool(replies)
+    note = (f"{target.name}: 100 bytes of the last tensor flipped (intact, the same folder restores it "
+            f"{'from disk' if from_disk else 'NOT from disk'}); restore sources on the next turn: "
             f"{', '.join(r.get('source', '?') for r in restored) or 'none'}; the damaged file "
             f"{'was replaced' if replaced else 'is STILL THERE'}; the reply {'completed' if replies else 'FAILED'}")
     return verdict("damaged snapshot tensor data", before, after, ok, note,
-                   details={"first": summary(first), "second": summary(second)})
+                   details={"first": summary(first), "control": summary(intact), "second": summary(second)})
 
 
 def case_damaged_converted(c: Case) -> Result:
@@ -553,7 +563,8 @@ def case_hostile_imports(c: Case) -> Result:
     dialogs = run.report.get("dialogs", [])
     named = [d for d in dialogs if d["title"] in ("Import failed", "Imported with default settings")]
     ok = ok_start(run) and ok_start(again) and len(named) == len(files)
-    outcomes = "; ".join(f"{name}: {d['title'].lower()}" for name, d in zip(files, named, strict=False))
+    outcomes = "; ".join(f"{name}: {d['title'].lower()} ({d['text'].splitlines()[-1].strip('• ')[:60]})"
+                         for name, d in zip(files, named, strict=False))
     note = (f"{len(files)} files ({', '.join(files)}); {len(named)} answered with a dialog ({outcomes}); "
             f"the next start {'came up' if again.came_up else 'FAILED'}")
     return verdict("hostile import JSON", before, after, ok, note,
@@ -642,16 +653,27 @@ def run_child(argv: list[str]) -> int:
         """Every message box shown: recorded, and answered with its default button (else accepted)."""
 
         def eventFilter(self, watched: QObject, event: QEvent) -> bool:  # noqa: N802 (Qt's name)
-            if event.type() == QEvent.Type.Show and isinstance(watched, QtWidgets.QMessageBox):
+            if event.type() == QEvent.Type.Show and isinstance(watched, QtWidgets.QMessageBox) \
+                    and id(watched) not in answered:
                 box = watched
+                answered.add(id(box))
                 button = box.defaultButton() or next(
                     (b for b in box.buttons() if box.buttonRole(b) == QtWidgets.QMessageBox.ButtonRole.AcceptRole),
                     None)
                 report["dialogs"].append({"title": box.windowTitle(), "text": box.text(),
                                           "clicked": button.text() if button is not None else "(closed)"})
                 save()
-                QTimer.singleShot(0, button.click if button is not None else box.reject)
+                def answer() -> None:
+                    with suppress(RuntimeError):  # a static QMessageBox may be gone already
+                        if button is not None:
+                            button.click()
+                        else:
+                            box.reject()
+
+                QTimer.singleShot(0, answer)
             return False
+
+    answered: set[int] = set()
 
     dialogs = Dialogs()
     original = QtWidgets.QApplication
@@ -828,6 +850,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # a case that cannot run is reported, not hidden
             result = Result(name, "error", 0, 0, 0, f"{type(exc).__name__}: {exc}")
         result.seconds = round(time.monotonic() - started, 1)
+        result.note = result.note.replace(str(work), "$TMP")
         with lock:
             print(f"{result.attack}: {result.held} ({result.seconds:.0f} s)", flush=True)
         return result
