@@ -244,7 +244,9 @@ class ChatStore:
 
     Opening checks the database (`PRAGMA quick_check`); a damaged one is kept aside as
     `chats.sqlite3.damaged-<time>` and what SQLite can still read of it is copied into a fresh
-    database (`salvaged` then says what happened, for the user). A write that fails (disk full,
+    database (`salvaged` then says what happened, for the user). A write-ahead log left by a run that
+    did not close is checked against what SQLite replays of it, and writes that were lost there or since
+    the last clean close are reported in `lost_writes`. A write that fails (disk full,
     read-only folder) raises StoreWriteError and leaves the database as it was.
     """
 
