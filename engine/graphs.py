@@ -116,7 +116,7 @@ def unsupported_reason(cache: KVCache, model: Any) -> str | None:
 
 def _held(cache: KVCache) -> int:
     """Tokens the cache holds (read once: a static cache's count lives on the device)."""
-    layer = cache.layers[0]
+    layer = cache.kv_layers[0]
     return layer.get_length() if isinstance(layer, CroppableStaticLayer) else int(layer.get_seq_length())
 
 
@@ -198,12 +198,13 @@ class DecodeRunner:
 
     def eager_reason(self, cache: KVCache) -> str | None:
         """Why the next one-token step cannot be run by the runner; None when it can."""
-        layers = cache.layers
-        if not layers or any(not getattr(layer, "is_initialized", False) for layer in layers):
+        layers = cache.kv_layers
+        if len(layers) != len(cache.layers) or not layers or not all(layer.is_initialized for layer in layers):
             return "the cache is empty"
-        if not isinstance(layers[0], CroppableStaticLayer):  # static layers move together (and sync to be read)
-            if len({int(layer.get_seq_length()) for layer in layers}) != 1:
-                return "the cache's layers hold different lengths"
+        # (static layers move together, and reading their count waits for the device)
+        if (not isinstance(layers[0], CroppableStaticLayer)
+                and len({int(layer.get_seq_length()) for layer in layers}) != 1):
+            return "the cache's layers hold different lengths"
         if not cache.rewindable(1):  # a sink about to evict, a full static cache
             return "this step evicts or overflows"
         return None
@@ -219,10 +220,7 @@ class DecodeRunner:
     def _buffers(self, cache: KVCache, held: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """Every layer's (keys, values) buffers of one bucket that holds `held + 1` tokens."""
         static = [layer for layer in cache.layers if isinstance(layer, CroppableStaticLayer)]
-        if static:
-            bucket = static[0].max_cache_len
-        else:
-            bucket = bucket_for(held + 1, self.context_length, self.first_bucket)
+        bucket = static[0].max_cache_len if static else bucket_for(held + 1, self.context_length, self.first_bucket)
         buffers = []
         for layer in cache.layers:
             if isinstance(layer, GrowingLayer):

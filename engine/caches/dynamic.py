@@ -101,7 +101,8 @@ class GrowingLayer(KVLayer, DynamicLayer):
             owned = self._owns(self.keys, self._kbuf) and self._owns(self.values, self._vbuf)
             if not (owned and self._kbuf is not None and self._kbuf.shape[-2] == capacity):
                 reuse = (not owned and self._kbuf is not None and self._kbuf.shape[-2] == capacity
-                         and self._fits(self._kbuf, self.keys, capacity) and self._fits(self._vbuf, self.values, capacity))
+                         and self._fits(self._kbuf, self.keys, capacity)
+                         and self._fits(self._vbuf, self.values, capacity))
                 self._allocate(self.keys.shape[-2], None if reuse else capacity)
         assert self._kbuf is not None and self._vbuf is not None
         return self._kbuf, self._vbuf
