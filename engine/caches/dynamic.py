@@ -82,9 +82,11 @@ class GrowingLayer(KVLayer, DynamicLayer):
                 grow = self.capacity_for or grown_capacity
                 capacity = grow(needed, max(current, held))
             b, h, _, d = self.keys.shape
-            kbuf = torch.empty((b, h, capacity, d), dtype=self.keys.dtype, device=self.keys.device)
-            vbuf = torch.empty((b, h, capacity, self.values.shape[-1]), dtype=self.values.dtype,
-                               device=self.values.device)
+            # A graph's step attends over the whole buffer, masked: uninitialised memory could hold NaNs, which
+            # a zero attention weight does not cancel (0 × NaN), so those buffers start zeroed.
+            make = torch.zeros if self.capacity_for is not None else torch.empty
+            kbuf = make((b, h, capacity, d), dtype=self.keys.dtype, device=self.keys.device)
+            vbuf = make((b, h, capacity, self.values.shape[-1]), dtype=self.values.dtype, device=self.values.device)
             keys, values = self.keys, self.values
         kbuf[..., :held, :].copy_(keys)
         vbuf[..., :held, :].copy_(values)
