@@ -220,7 +220,16 @@ class DecodeRunner:
     def _buffers(self, cache: KVCache, held: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], int]:
         """Every layer's (keys, values) buffers of one bucket that holds `held + 1` tokens."""
         static = [layer for layer in cache.layers if isinstance(layer, CroppableStaticLayer)]
-        bucket = static[0].max_cache_len if static else bucket_for(held + 1, self.context_length, self.first_bucket)
+        if static:
+            bucket = static[0].max_cache_len
+        else:
+            # The next bucket when full; never a smaller one while the buffers are there (after an edit, a sink's
+            # eviction): going down and up again would copy and capture each time.
+            bucket = bucket_for(held + 1, self.context_length, self.first_bucket)
+            for layer in cache.layers:
+                buf = layer._kbuf if isinstance(layer, GrowingLayer) else None
+                if buf is not None and layer.keys is not None and layer._fits(buf, layer.keys, held + 1):
+                    bucket = max(bucket, buf.shape[-2])
         buffers = []
         for layer in cache.layers:
             if isinstance(layer, GrowingLayer):
