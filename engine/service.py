@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine import caches, memory, paths
+from engine.graphs import validate_graphs
 from engine.models import LoadedModel, ModelLoadError
 from engine.pool import CachePool
 from engine.reports import (
@@ -153,6 +154,7 @@ class ChatService:
             `snapshots/`); names are chat ids, which only mean something next to their chats.
         budgets: the memory budgets (Budgets(disk=0): no snapshots).
         reuse: False recomputes every turn from scratch (the baseline reuse is measured against).
+        graphs: one-token decode steps as captured graphs, "auto" (on for CUDA), "on" or "off" (engine/graphs.py).
         on_status: a one-line message for the user (a library being loaded, ...).
         on_cache_state: a chat's cache changed place or size (also every STATE_EVERY_S while a
             reply streams, and for each chat with a snapshot from an earlier run once a model is loaded).
@@ -161,12 +163,14 @@ class ChatService:
     """
 
     def __init__(self, *, snapshot_dir: Path | None = None, budgets: Budgets | None = None, reuse: bool = True,
+                 graphs: str = "auto",
                  on_status: Callable[[str], None] | None = None,
                  on_cache_state: Callable[[CacheState], None] | None = None,
                  on_cache_restored: Callable[[CacheRestored], None] | None = None) -> None:
         self.snapshot_dir = snapshot_dir
         self.budgets = budgets or Budgets()
         self.reuse = reuse
+        self.graphs = validate_graphs(graphs)
         self.on_status = on_status
         self.on_cache_state = on_cache_state
         self.on_cache_restored = on_cache_restored
@@ -431,7 +435,8 @@ class ChatService:
         session = pool.session(chat_id)
         created = session is None
         if session is None:
-            chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow, speculative)
+            chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow, speculative,
+                                     graphs=self.graphs)
             session = ChatSession(pool.lm, chosen)
             session.set_draft_model(self.draft_lm)
             # A snapshot from an earlier run: activating restores it (or, if it no longer fits this
@@ -443,6 +448,8 @@ class ChatService:
             session.set_sampling(sampling)
             session.settings.overflow = overflow
             session.settings.speculative = speculative
+            session.settings.graphs = self.graphs
+        session.on_progress = self.on_status
         session.messages = [_message(m) for m in history]
         # Nothing to restore and too long to recompute as it stands: the turn applies the overflow
         # policy first (or says it cannot), so do not prefill it here.
