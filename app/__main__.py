@@ -25,8 +25,15 @@ from engine import paths
 STARTED = time.time()
 
 
-def default_loader(config: Any) -> Callable[..., Any]:
-    """Load the configured model in the worker thread (engine.models imports torch)."""
+def default_loader(config: Any) -> Any:
+    """Load the configured model in the worker thread (engine.models imports torch), or, with the
+    source "remote", the server the worker connects to instead (an engine.remote.Endpoint)."""
+    if config.engine_source == "remote":
+        from engine import api_keys
+        from engine.remote import Endpoint
+
+        url = config.remote_url.strip()
+        return Endpoint(url, config.remote_model.strip(), api_keys.load(url))
 
     def load(progress: Callable[[str], None]) -> Any:
         from engine import models

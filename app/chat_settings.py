@@ -341,8 +341,11 @@ class ChatSettingsPanel(QScrollArea):
             self.cache_now.setText(f"This chat's cache now: {cache.tokens:,} tokens, {human_size(cache.bytes)} "
                                    f"({cache.strategy}), {place}.")
             self.reference_tokens = cache.tokens
+        elif self.model is not None and self.model.remote:
+            self.cache_now.setText("")
         else:
             self.cache_now.setText("This chat has no cache in memory; the next message builds it.")
+        self.cache_now.setVisible(bool(self.cache_now.text()))
         self._set_enabled()
 
     def _fill(self, s: ChatSettings) -> None:
@@ -422,10 +425,13 @@ class ChatSettingsPanel(QScrollArea):
             widget.setVisible(name in used)
         notes = []
         effective = strategy
-        if strategy == AUTO and self.model is not None:
+        if self.model is not None and self.model.remote:
+            notes.append(f"{self.model.auto_reason} Cachet keeps no cache for this chat; the server reports what "
+                         "it reused (“reused” in the reply's figures).")
+        elif strategy == AUTO and self.model is not None:
             effective = self.model.auto_cache.strategy
             notes.append(f"auto → {effective} on this machine (Cachet's memory advisor).")
-        if effective in LOSSY:
+        if effective in LOSSY and not (self.model is not None and self.model.remote):
             notes.append("⚠ Lossy: this strategy changes what the model remembers of the chat; replies can "
                          "differ from the full cache.")
             if self.model is not None:  # the engine (and torch) is loaded by then, never at start-up
@@ -463,8 +469,11 @@ class ChatSettingsPanel(QScrollArea):
 
     def refresh_estimates(self) -> None:
         model = self.model
-        if model is None:
+        if model is None or model.remote:  # a remote server's memory is its own
             self.estimate_note.setText("")
+            for item in self._strategy_items():
+                item.setText(1, "—")
+                item.setText(2, "—")
             return
         from engine.service import estimate  # the engine is loaded by the time a model is
 
@@ -490,8 +499,12 @@ class ChatSettingsPanel(QScrollArea):
         editors: list[QWidget] = [self.system_prompt, self.temperature, self.top_p, self.top_k,
                                   self.repetition_penalty, self.max_new_tokens, self.seed, self.strategies,
                                   self.overflow, self.speculative]
-        for widget in editors + [w for _label, w in self._param_widgets.values()]:
-            widget.setEnabled(ready)
+        params = [w for _label, w in self._param_widgets.values()]
+        # a remote server chooses its own cache, overflow handling and decoding: only sampling goes with a request
+        remote = self.model is not None and self.model.remote
+        local_only = [self.strategies, self.overflow, self.speculative, *params]
+        for widget in editors + params:
+            widget.setEnabled(ready and not (remote and widget in local_only))
         dirty = ready and self.dirty()
         self.apply_button.setEnabled(dirty and not self.busy)
         self.revert_button.setEnabled(dirty)

@@ -14,7 +14,17 @@ from pathlib import Path
 
 from PySide6.QtCore import QObject, Qt, QThread, Signal, Slot
 
-from app.protocol import Budgets, CacheChange, Loader, ModelInfo, OpenChat, TurnDone, TurnRequest
+from app.protocol import (
+    Budgets,
+    CacheChange,
+    Loader,
+    ModelInfo,
+    OpenChat,
+    ServeRequest,
+    ServerState,
+    TurnDone,
+    TurnRequest,
+)
 from app.worker import ANSWERS, EngineSignals, EngineWorker
 
 
@@ -27,6 +37,7 @@ class EngineClient(EngineSignals):
     _change_cache = Signal(object)
     _forget = Signal(int)
     _budgets = Signal(object)
+    _serve = Signal(object)
     _shutdown = Signal()
 
     def __init__(self, loader: Loader, parent: QObject | None = None, snapshot_dir: Path | None = None) -> None:
@@ -35,6 +46,7 @@ class EngineClient(EngineSignals):
         self.model: ModelInfo | None = None
         self.loading = False
         self.load_error: str | None = None
+        self.server = ServerState(False)  # the local server, as last reported
         self._stops: dict[int, threading.Event] = {}  # turns sent and not answered yet
         self._open_seq = 0
         self._thread = QThread()
@@ -50,11 +62,13 @@ class EngineClient(EngineSignals):
         self._change_cache.connect(self._worker.change_cache)
         self._forget.connect(self._worker.forget)
         self._budgets.connect(self._worker.set_budgets)
+        self._serve.connect(self._worker.set_server)
         # shutdown() waits for the worker to save the caches before it stops the thread
         self._shutdown.connect(self._worker.shutdown, Qt.ConnectionType.BlockingQueuedConnection)
         self.model_ready.connect(self._remember_model)
         self.model_failed.connect(self._remember_failure)
         self.turn_done.connect(self._forget_turn)
+        self.server_state.connect(self._remember_server)
 
     @property
     def ready(self) -> bool:
@@ -95,6 +109,10 @@ class EngineClient(EngineSignals):
     def set_budgets(self, budgets: Budgets) -> None:
         self._budgets.emit(budgets)
 
+    def set_server(self, port: int | None) -> None:
+        """Serve the loaded model to other apps on 127.0.0.1:`port` (None stops it); `server_state` answers."""
+        self._serve.emit(ServeRequest(port))
+
     def cancel(self, turn_id: int) -> None:
         """Stop a turn: at its next token if it runs, before it starts if it waits in the queue."""
         stop = self._stops.get(turn_id)
@@ -124,6 +142,10 @@ class EngineClient(EngineSignals):
     def _remember_failure(self, message: str) -> None:
         self.loading = False
         self.load_error = message
+
+    @Slot(object)
+    def _remember_server(self, state: ServerState) -> None:
+        self.server = state
 
     @Slot(object)
     def _forget_turn(self, done: TurnDone) -> None:

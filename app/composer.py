@@ -3,7 +3,7 @@ while the chat's reply is being written."""
 
 from __future__ import annotations
 
-from PySide6.QtCore import QSize, Qt, Signal
+from PySide6.QtCore import QMimeData, QSize, Qt, Signal
 from PySide6.QtGui import QKeyEvent
 from PySide6.QtWidgets import QFrame, QHBoxLayout, QPlainTextEdit, QPushButton, QVBoxLayout, QWidget
 
@@ -31,6 +31,13 @@ class MessageInput(QPlainTextEdit):
                 self.submitted.emit()
             return
         super().keyPressEvent(event)
+
+    def canInsertFromMimeData(self, source: QMimeData) -> bool:
+        # A file dropped here is left to the window, which opens a model dropped anywhere on it,
+        # rather than typed into the message as its path.
+        if source.hasUrls() and any(url.isLocalFile() for url in source.urls()):
+            return False
+        return super().canInsertFromMimeData(source)
 
     def sizeHint(self) -> QSize:
         lines = max(1, min(MAX_LINES, int(self.document().size().height())))

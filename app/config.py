@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 
 CONFIG_NAME = "settings.json"
 THEMES = ("system", "light", "dark")
+SOURCES = ("local", "remote")  # the model runs here, or an OpenAI-compatible server answers
+DEFAULT_SERVE_PORT = 8471
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
@@ -41,6 +43,12 @@ class AppConfig:
         the RAM with a GPU; on a CPU-only machine, where the KV budget already is RAM, a small share).
     disk_budget_mb: how much disk the caches saved as snapshots may take (idle chats beyond the
         RAM budget, and every chat when Cachet quits, so it resumes after a restart); 0 = none.
+    engine_source: "local" (the `model` runs here) or "remote" (an OpenAI-compatible server at
+        `remote_url` answers with `remote_model`; its API key is kept by engine/api_keys.py, not here).
+    serve / serve_port: serve the local model to other apps on 127.0.0.1:serve_port (engine/server.py).
+    model_folders: folders the model picker searches besides LM Studio's, Ollama's, GPT4All's and the
+        Hugging Face cache (engine/discovery.py), as absolute paths.
+    model_hint_dismissed: the "models found on this computer" notice was closed; it is not shown again.
     """
 
     model: str = "default"
@@ -54,9 +62,17 @@ class AppConfig:
     default_system_prompt: str = ""
     default_sampling: dict[str, Any] = field(default_factory=dict)  # overrides of SamplingSettings' defaults
     default_cache: dict[str, Any] = field(default_factory=lambda: {"strategy": "auto"})
+    engine_source: str = "local"
+    remote_url: str = ""
+    remote_model: str = ""
+    serve: bool = False
+    serve_port: int = DEFAULT_SERVE_PORT
+    model_folders: list[str] = field(default_factory=list)
+    model_hint_dismissed: bool = False
 
     def validate(self) -> AppConfig:
-        for name in ("model", "device", "dtype", "theme", "default_system_prompt"):
+        for name in ("model", "device", "dtype", "theme", "default_system_prompt", "engine_source", "remote_url",
+                     "remote_model"):
             if not isinstance(getattr(self, name), str):
                 raise ConfigError(f"{name}: must be text, not {type(getattr(self, name)).__name__}.")
         if not isinstance(self.online, bool):
@@ -73,6 +89,22 @@ class AppConfig:
             raise ConfigError("RAM budget: must be automatic (null) or 0 or more megabytes.")
         if not _is_int(self.disk_budget_mb) or self.disk_budget_mb < 0:
             raise ConfigError("Disk budget: must be 0 (no snapshots) or more megabytes.")
+        if self.engine_source not in SOURCES:
+            raise ConfigError(f"engine_source: {self.engine_source!r} is not one of {', '.join(SOURCES)}.")
+        if self.engine_source == "remote":
+            from engine.remote import Endpoint, RemoteError
+
+            try:
+                Endpoint(self.remote_url).validate()
+            except RemoteError as exc:
+                raise ConfigError(f"Server address: {exc}") from exc
+        if not isinstance(self.serve, bool):
+            raise ConfigError(f"serve: must be true or false, not {self.serve!r}.")
+        if not _is_int(self.serve_port) or not 1024 <= self.serve_port <= 65535:
+            raise ConfigError("Server port: must be a number from 1024 to 65535.")
+        if not isinstance(self.model_hint_dismissed, bool):
+            raise ConfigError(f"model_hint_dismissed: must be true or false, not {self.model_hint_dismissed!r}.")
+        _check_folders(self.model_folders)
         if self.theme not in THEMES:
             raise ConfigError(f"theme: {self.theme!r} is not one of {', '.join(THEMES)}.")
         if not isinstance(self.default_sampling, dict) or not isinstance(self.default_cache, dict):
@@ -106,6 +138,18 @@ class AppConfig:
             except (ConfigError, TypeError, ValueError, AttributeError) as exc:
                 log.warning("Ignoring setting %s: %s", f.name, exc)
         return config
+
+
+def _check_folders(folders: Any) -> None:
+    if not isinstance(folders, list):
+        raise ConfigError("Model folders: must be a list of folders.")
+    for folder in folders:
+        if not isinstance(folder, str) or not folder.strip():
+            raise ConfigError(f"Model folders: {folder!r} is not a folder path.")
+        if not Path(folder).expanduser().is_absolute():
+            raise ConfigError(f"Model folders: {folder!r} is not a full path (start it at / or a drive letter).")
+    if len(set(folders)) != len(folders):
+        raise ConfigError("Model folders: a folder is listed twice.")
 
 
 def _is_int(value: Any) -> bool:

@@ -3,12 +3,23 @@ the status bar, wired to the controller and the engine worker."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from PySide6.QtCore import QCoreApplication, Qt, QTimer
-from PySide6.QtGui import QAction, QActionGroup, QCloseEvent, QGuiApplication, QKeySequence
+from PySide6.QtGui import (
+    QAction,
+    QActionGroup,
+    QCloseEvent,
+    QDragEnterEvent,
+    QDragMoveEvent,
+    QDropEvent,
+    QGuiApplication,
+    QKeySequence,
+)
 from PySide6.QtWidgets import (
     QApplication,
     QDockWidget,
@@ -18,6 +29,7 @@ from PySide6.QtWidgets import (
     QLabel,
     QMainWindow,
     QMessageBox,
+    QPushButton,
     QSplitter,
     QToolButton,
     QVBoxLayout,
@@ -29,17 +41,21 @@ from app.chat_settings import ChatSettingsPanel
 from app.chat_view import ChatView, MessageView, message_views
 from app.client import EngineClient
 from app.composer import Composer
-from app.config import AppConfig, save_config
+from app.config import AppConfig, ConfigError, save_config
 from app.controller import ChatController
 from app.markdown_render import MarkdownRenderer
 from app.meters import Meters, describe_restore
-from app.protocol import Budgets, CacheRestored, Loader, ModelInfo
+from app.protocol import Budgets, CacheRestored, Loader, ModelInfo, ServerState
 from app.sidebar import ChatEntry, Sidebar
 from engine.specs import AUTO, LOSSY, CacheSpec
 from engine.store import ChatSettings, ChatStore, StoredChat, StoreError
 
+if TYPE_CHECKING:  # imported when first used: the window is shown before anything it does not need yet
+    from app.model_picker import ModelPicker, ModelScanner, ScanResult
+
 MEMORY_REFRESH_MS = 1000
 BUDGET_SETTINGS = {"kv_budget_mb", "ram_budget_mb", "disk_budget_mb"}
+MODEL_SETTINGS = {"model", "device", "dtype", "online", "engine_source", "remote_url", "remote_model"}
 MIB = 1024 * 1024
 
 
@@ -57,6 +73,7 @@ class Banner(QFrame):
 
     def __init__(self, kind: str, text: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
+        self.action_button: QPushButton | None = None
         self.setObjectName("banner")
         self.setProperty("kind", kind)
         layout = QHBoxLayout(self)
@@ -71,6 +88,17 @@ class Banner(QFrame):
         self.close_button.setAutoRaise(True)
         self.close_button.clicked.connect(self.deleteLater)
         layout.addWidget(self.close_button)
+
+    def set_action(self, text: str, slot: Callable[[], object]) -> QPushButton:
+        """A button beside the text (before ✕), e.g. "Browse"."""
+        if self.action_button is None:
+            self.action_button = QPushButton(text)
+            layout = self.layout()
+            assert isinstance(layout, QHBoxLayout)
+            layout.insertWidget(layout.count() - 1, self.action_button)
+        self.action_button.setText(text)
+        self.action_button.clicked.connect(slot)
+        return self.action_button
 
     def set_text(self, kind: str, text: str) -> None:
         self.label.setText(text)
@@ -157,6 +185,9 @@ class MainWindow(QMainWindow):
         self.dock.hide()
         self.meters = Meters(self.statusBar())
         self._build_menus()
+        self.setAcceptDrops(True)  # a .gguf file or a model folder dropped anywhere on the window opens it
+        self.picker: ModelPicker | None = None
+        self.hint_scanner: ModelScanner | None = None  # the first-run hint's background scan, once started
 
         # ----- wiring ---------------------------------------------------------------------------------
         self.sidebar.chat_selected.connect(self.select_chat)
@@ -190,12 +221,14 @@ class MainWindow(QMainWindow):
         self.engine.model_ready.connect(self._model_ready)
         self.engine.model_failed.connect(self._model_failed)
         self.engine.cache_restored.connect(self._cache_restored)
+        self.engine.server_state.connect(self._server_state)
 
         app = QGuiApplication.instance()
         if isinstance(app, QGuiApplication):
             app.styleHints().colorSchemeChanged.connect(self._system_scheme_changed)
         self._memory_timer = QTimer(self)
         self._memory_timer.timeout.connect(self.refresh_memory)
+        self._memory_timer.timeout.connect(self.meters.refresh_server)
         self._memory_timer.start(MEMORY_REFRESH_MS)
 
         self.apply_theme()
@@ -259,6 +292,7 @@ class MainWindow(QMainWindow):
         self._action(file_menu, "Export chat as Markdown…", None, lambda: self._export_dialog(self.current_chat, "md"))
         self._action(file_menu, "Export chat as JSON…", None, lambda: self._export_dialog(self.current_chat, "json"))
         file_menu.addSeparator()
+        self._action(file_menu, "Browse models on this computer…", None, self.browse_models)
         self._action(file_menu, "Settings…", "Ctrl+,", self.open_settings)
         file_menu.addSeparator()
         self._action(file_menu, "Quit", QKeySequence.StandardKey.Quit, self.close)
@@ -295,7 +329,16 @@ class MainWindow(QMainWindow):
         self.meters.loading("Starting the engine…")
         self.engine.set_budgets(budgets(self.config))
         self.engine.start()
+        if self.config.serve:
+            self.engine.set_server(self.config.serve_port)
         self._update_chat_chrome()
+        if self._wants_model_hint():
+            # In a thread: the window is up and the model loads meanwhile; the hint comes when it is done.
+            from app.model_picker import ModelScanner
+
+            self.hint_scanner = ModelScanner(self)
+            self.hint_scanner.finished.connect(self._hint_scanned)
+            self.hint_scanner.start(self.config.model_folders, with_fits=False)
 
     def shutdown(self) -> None:
         """Stop every reply, join the worker, and store what was streaming."""
@@ -353,6 +396,11 @@ class MainWindow(QMainWindow):
         if event.chat_id == self.current_chat and event.worth_telling:
             text = describe_restore(event)
             self.statusBar().showMessage(text[0].upper() + text[1:] + ".", 8000)
+
+    def _server_state(self, state: ServerState) -> None:
+        self.meters.set_server(state)
+        if state.error and self.config.serve:
+            self.statusBar().showMessage(f"The server for other apps did not start: {state.error}", 10000)
 
     def _model_failed(self, message: str) -> None:
         self.meters.failed(message)
@@ -432,6 +480,8 @@ class MainWindow(QMainWindow):
     def _strategy(self, cache: CacheSpec) -> tuple[str, bool]:
         """A chat's strategy as shown ("auto: quantized" once the advisor has chosen) and whether it is lossy."""
         model = self.engine.model
+        if model is not None and model.remote:
+            return "server's cache", False
         if cache.strategy != AUTO or model is None:
             return cache.strategy, cache.strategy in LOSSY
         effective = cache.resolve(model.auto_cache).strategy
@@ -441,6 +491,8 @@ class MainWindow(QMainWindow):
         rt = self.controller.runtimes.get(chat.id)
         strategy, lossy = self._strategy(chat.settings.cache)
         place = rt.cache.where if rt is not None and rt.cache is not None else "none"
+        if self.engine.model is not None and self.engine.model.remote:
+            place = "server"
         busy = rt.state if rt is not None and rt.busy else ""
         return ChatEntry(chat.id, chat.title, chat.updated_at, place, strategy, lossy, busy)
 
@@ -576,7 +628,8 @@ class MainWindow(QMainWindow):
         stats = self.controller.last_stats(chat_id)  # this run's last reply, or the stored one after a restart
         if stats and model is not None:
             used = int(str(stats.get("prompt_tokens", 0))) + int(str(stats.get("generated_tokens", 0)))
-            self.context_label.setText(f"{used:,} / {model.context_length:,} tokens")
+            self.context_label.setText(f"{used:,} / {model.context_length:,} tokens" if model.context_length
+                                       else f"{used:,} tokens")
         else:
             self.context_label.setText("")
         hint = "Ask anything. Enter sends, Shift+Enter adds a line." if self.engine.ready or not self.engine.loading \
@@ -630,13 +683,103 @@ class MainWindow(QMainWindow):
 
         dialog = SettingsDialog(self.config, self)
         if dialog.exec():
-            self.apply_config(dialog.result_config())
+            self.apply_config(dialog.result_config(), reconnect=dialog.key_changed)
             if dialog.chosen_data_dir is not None:
                 self.statusBar().showMessage(f"From the next start, chats are kept in {dialog.chosen_data_dir}.", 10000)
 
-    def apply_config(self, new: AppConfig) -> None:
-        """Apply only what changed; a different model is loaded in the worker."""
-        changed = new.diff(self.config)
+    # ----- models on this computer --------------------------------------------------------------------
+    def browse_models(self) -> ModelPicker:
+        """Open the model picker (without blocking); the chosen model is opened as if chosen in Settings."""
+        from app.model_picker import ModelPicker
+
+        if self.picker is not None:
+            self.picker.raise_()
+            return self.picker
+        picker = ModelPicker(self.config, self)
+        picker.finished.connect(lambda _code: self._picker_closed(picker))
+        self.picker = picker
+        picker.open()
+        return picker
+
+    def _picker_closed(self, picker: ModelPicker) -> None:
+        self.picker = None
+        picker.deleteLater()
+        if picker.folders != self.config.model_folders:
+            self.apply_config(self.config.with_changes(model_folders=list(picker.folders)))
+        if picker.chosen_path:
+            self.open_model(Path(picker.chosen_path))
+
+    def open_model(self, path: Path) -> bool:
+        """Switch to the model at `path` (a .gguf file or a model folder) as choosing it in Settings does;
+        what cannot be opened is refused with the reason in a banner, and nothing changes."""
+        from app.model_picker import check_model_path
+
+        try:
+            model = check_model_path(path)
+            new = self.config.with_changes(model=str(path), engine_source="local")
+        except ConfigError as exc:
+            self.show_banner("model-refused", "warning", f"Not opened: {exc}")
+            return False
+        self.hide_banner("model-refused")
+        self.hide_banner("models-found")
+        if new.diff(self.config) & MODEL_SETTINGS:
+            self.apply_config(new)
+            self.statusBar().showMessage(f"Opening {model.name} ({path})…", 10000)
+        else:
+            self.statusBar().showMessage(f"{model.name} is already the model in use.", 6000)
+        return True
+
+    def _wants_model_hint(self) -> bool:
+        c = self.config
+        return c.engine_source == "local" and c.model.strip() in ("", "default") and not c.model_hint_dismissed
+
+    def _hint_scanned(self, result: ScanResult) -> None:
+        from app.model_picker import source_names
+
+        usable = result.usable
+        if not usable or not self._wants_model_hint():
+            return
+        n = len(usable)
+        fresh = "models-found" not in self.banners
+        banner = self.show_banner("models-found", "info",
+                                  f"{n} model{'s' if n != 1 else ''} found on this computer ({source_names(usable)})"
+                                  " that Cachet can open where they are.")
+        if fresh:
+            banner.set_action("Browse", self.browse_models)
+            banner.close_button.clicked.connect(self._dismiss_model_hint)
+
+    def _dismiss_model_hint(self) -> None:
+        self.apply_config(self.config.with_changes(model_hint_dismissed=True))
+
+    def dragEnterEvent(self, event: QDragEnterEvent) -> None:
+        if event.mimeData().hasUrls() and any(url.isLocalFile() for url in event.mimeData().urls()):
+            event.acceptProposedAction()
+        else:
+            super().dragEnterEvent(event)
+
+    def dragMoveEvent(self, event: QDragMoveEvent) -> None:
+        if event.mimeData().hasUrls():
+            event.acceptProposedAction()
+        else:
+            super().dragMoveEvent(event)
+
+    def dropEvent(self, event: QDropEvent) -> None:
+        paths = [Path(url.toLocalFile()) for url in event.mimeData().urls() if url.isLocalFile()]
+        if not paths:
+            super().dropEvent(event)
+            return
+        event.acceptProposedAction()
+        if len(paths) > 1:
+            self.show_banner("model-refused", "warning",
+                             f"Not opened: {len(paths)} files were dropped; drop one model (a .gguf file or a model "
+                             "folder) at a time.")
+            return
+        self.open_model(paths[0])
+
+    def apply_config(self, new: AppConfig, reconnect: bool = False) -> None:
+        """Apply only what changed; a different model is loaded in the worker (`reconnect`: a remote
+        server's API key changed, so its connection is made again)."""
+        changed = new.diff(self.config) | ({"remote_url"} if reconnect else set())
         if not changed:
             return
         self.config = new
@@ -647,13 +790,17 @@ class MainWindow(QMainWindow):
             self.apply_theme()
         if changed & BUDGET_SETTINGS:
             self.engine.set_budgets(budgets(new))
-        if changed & {"model", "device", "dtype", "online"}:
+        if changed & {"serve", "serve_port"} and not changed & MODEL_SETTINGS:
+            self.engine.set_server(new.serve_port if new.serve else None)
+        if changed & MODEL_SETTINGS:
             from app.__main__ import default_loader
 
             for rt in self.controller.runtimes.values():
                 rt.cache = None
+            if changed & {"serve", "serve_port"}:
+                self.engine.set_server(new.serve_port if new.serve else None)  # started once it has loaded
             self.engine.load(default_loader(new))
-            self.meters.loading("Loading the model…")
+            self.meters.loading("Connecting to the server…" if new.engine_source == "remote" else "Loading the model…")
             self.refresh_sidebar()
 
     # ----- files ---------------------------------------------------------------------------------------

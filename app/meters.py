@@ -1,11 +1,12 @@
 """The status bar: model and device, memory held by the weights and by the KV caches and what is
-free (refreshed every second), and the last turn's reuse, time to first token and speed."""
+free (refreshed every second), the local server for other apps and what it served, and the last
+turn's reuse, time to first token and speed."""
 
 from __future__ import annotations
 
 from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar
 
-from app.protocol import CacheRestored, ModelInfo
+from app.protocol import CacheRestored, ModelInfo, ServerState
 from app.texts import human_bytes
 
 
@@ -44,6 +45,9 @@ class Meters:
         self.progress.setTextVisible(False)
         self.memory_label = QLabel()
         self.turn_label = QLabel()
+        self.server_label = QLabel()
+        self.server_label.hide()
+        self.server: ServerState = ServerState(False)
         self.memory_label.setToolTip("Memory held by the model's weights and by the KV caches of all chats, "
                                      "and what is still free")
         self.turn_tip = ("The last reply: prompt tokens reused from the cache vs. computed, time to first token, "
@@ -51,6 +55,7 @@ class Meters:
         self.turn_label.setToolTip(self.turn_tip)
         bar.addWidget(self.model_label)
         bar.addWidget(self.progress)
+        bar.addPermanentWidget(self.server_label)
         bar.addPermanentWidget(self.memory_label)
         bar.addPermanentWidget(self.turn_label)
         self.model: ModelInfo | None = None
@@ -68,17 +73,46 @@ class Meters:
     def ready(self, model: ModelInfo) -> None:
         self.model = model
         self.progress.hide()
+        if model.remote:
+            self.model_label.setText(f"{model.name} · {model.remote}")
+            self.model_label.setToolTip(f"{model.name}, answered by the server at {model.remote}\n"
+                                        f"connected in {model.load_seconds:.1f} s\n{model.auto_reason}")
+            return
         self.model_label.setText(f"{model.name} · {model.device} · {model.dtype}")
         self.model_label.setToolTip(f"{model.name}\nloaded in {model.load_seconds:.1f} s\n"
                                     f"context: {model.context_length:,} tokens\n"
                                     f"precision: {model.precision_note or model.dtype}")
+
+    def set_server(self, state: ServerState) -> None:
+        """The local server started (its address and what it served, kept current by `refresh_server`)
+        or stopped; an error stays on hover."""
+        self.server = state
+        if state.error:
+            self.server_label.setText("Server off")
+            self.server_label.setToolTip(f"The server for other apps is not running: {state.error}")
+            self.server_label.show()
+            return
+        self.server_label.setVisible(state.running)
+        self.refresh_server()
+
+    def refresh_server(self) -> None:
+        state, stats = self.server, self.server.stats
+        if not state.running or stats is None:
+            return
+        served = stats.served
+        host = state.url.removeprefix("http://").removesuffix("/v1")
+        self.server_label.setText(f"Serving on {host} · {served:,} request{'s' if served != 1 else ''}")
+        self.server_label.setToolTip(f"Other apps reach this model at {state.url} (OpenAI-compatible: "
+                                     f"/chat/completions, /completions, /models).\nServed {served:,}, "
+                                     f"stopped by their client {stats.cancelled:,}, turned away busy "
+                                     f"{stats.rejected_busy:,}.")
 
     def refresh_memory(self, kv_bytes: int, warm_chats: int, ram_kv_bytes: int = 0, ram_chats: int = 0) -> int:
         """Update the memory meter; returns the free bytes it found on the model's device.
 
         With a GPU, the caches of idle chats moved to RAM are shown after the GPU's figures.
         """
-        if self.model is None:
+        if self.model is None or self.model.remote:
             self.memory_label.setText("")
             return 0
         self.free = free_bytes(self.model.device)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from engine.reports import (  # noqa: F401  (re-exported: the worker's answers)
     Budgets,
@@ -78,3 +78,21 @@ class TokenDelta:
     turn_id: int
     text: str
     restart: bool = False
+
+
+@dataclass(frozen=True)
+class ServeRequest:
+    """Start (port set) or stop (port None) the local OpenAI-compatible server on the window's model."""
+
+    port: int | None
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Where the local server stands. `stats` is the live counter object (engine.server.ServerStats,
+    read from any thread) while it runs; `error` says why it is not running when it should be."""
+
+    running: bool
+    url: str = ""
+    error: str | None = None
+    stats: Any = field(default=None, compare=False, repr=False)

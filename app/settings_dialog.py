@@ -1,4 +1,5 @@
-"""Global settings: the model, device and dtype, the KV memory budget, the theme, the data folder.
+"""Global settings: the model (or a remote server), device and dtype, the KV memory budget, the
+local server for other apps, the theme, the data folder.
 
 The dialog edits a copy of the AppConfig; `result_config()` is validated, and the window applies
 only what differs (a new model means reloading it in the worker).
@@ -6,9 +7,11 @@ only what differs (a new model means reloading it in the worker).
 
 from __future__ import annotations
 
+import threading
+from dataclasses import replace
 from pathlib import Path
 
-from PySide6.QtCore import QUrl
+from PySide6.QtCore import QObject, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
     QButtonGroup,
@@ -31,7 +34,15 @@ from PySide6.QtWidgets import (
 )
 
 from app.config import DTYPES, THEMES, AppConfig, ConfigError
-from engine import paths
+from app.model_picker import ModelPicker
+from engine import api_keys, paths
+from engine.remote import Endpoint, RemoteError, list_models
+
+
+class _ModelList(QObject):
+    """Carries a server's model list (or why there is none) from the thread that asked back to the dialog."""
+
+    done = Signal(str, object)  # (base URL asked, list of ids or the error text)
 
 
 class SettingsDialog(QDialog):
@@ -40,6 +51,9 @@ class SettingsDialog(QDialog):
         self.setWindowTitle("Cachet settings")
         self.setMinimumWidth(560)
         self.original = config
+        self.model_folders = list(config.model_folders)  # the picker's added folders, saved on OK
+        self.picker: ModelPicker | None = None
+        self.key_changed = False  # the remote server's API key was changed (the connection is made again)
         layout = QVBoxLayout(self)
 
         model_box = QGroupBox("Model")
@@ -62,6 +76,15 @@ class SettingsDialog(QDialog):
         row.addWidget(file_button)
         row.addWidget(folder_button)
         ml.addLayout(row)
+        browse_row = QHBoxLayout()
+        browse_row.setContentsMargins(22, 0, 0, 0)
+        self.browse_button = QPushButton("Browse models on this computer…")
+        self.browse_button.setToolTip("The models LM Studio, Ollama, GPT4All and the Hugging Face cache downloaded, "
+                                      "and those in folders you add: whether each fits this machine, and why some "
+                                      "cannot be opened")
+        browse_row.addWidget(self.browse_button)
+        browse_row.addStretch(1)
+        ml.addLayout(browse_row)
         ml.addWidget(self.hub)
         row2 = QHBoxLayout()
         row2.setContentsMargins(22, 0, 0, 0)
@@ -72,6 +95,38 @@ class SettingsDialog(QDialog):
         row2.addWidget(self.hub_id, 1)
         row2.addWidget(self.online)
         ml.addLayout(row2)
+        self.remote = QRadioButton("An OpenAI-compatible server (vLLM, llama.cpp, Ollama, another Cachet)")
+        self.remote.setToolTip("The chats are answered by a server on this or a bigger machine; it keeps its own "
+                               "cache (vLLM's prefix caching, llama.cpp's slots, Cachet's pool).")
+        group.addButton(self.remote)
+        ml.addWidget(self.remote)
+        remote_form = QFormLayout()
+        remote_form.setContentsMargins(22, 0, 0, 0)
+        self.remote_url = QLineEdit()
+        self.remote_url.setPlaceholderText("http://127.0.0.1:8000/v1")
+        self.remote_key = QLineEdit()
+        self.remote_key.setEchoMode(QLineEdit.EchoMode.Password)
+        self.remote_key.setPlaceholderText("none")
+        self.remote_key.setToolTip(f"Kept in {api_keys.where()}, never in the settings file.")
+        model_row = QHBoxLayout()
+        self.remote_model = QComboBox()
+        self.remote_model.setEditable(True)
+        self.remote_model.setMinimumWidth(240)
+        editor = self.remote_model.lineEdit()
+        assert editor is not None  # an editable combo box has one
+        editor.setPlaceholderText("the server's first model")
+        self.fetch_models = QPushButton("Fetch models")
+        self.fetch_models.setToolTip("Ask the server which models it offers (GET /v1/models)")
+        model_row.addWidget(self.remote_model, 1)
+        model_row.addWidget(self.fetch_models)
+        self.remote_note = QLabel()
+        self.remote_note.setWordWrap(True)
+        self.remote_note.hide()
+        remote_form.addRow("Address", self.remote_url)
+        remote_form.addRow("API key", self.remote_key)
+        remote_form.addRow("Model", model_row)
+        remote_form.addRow(self.remote_note)
+        ml.addLayout(remote_form)
         layout.addWidget(model_box)
 
         run_box = QGroupBox("Hardware and memory")
@@ -138,6 +193,22 @@ class SettingsDialog(QDialog):
         form2.addRow(self.data_dir_note)  # the whole width: a wrapped label in the field column is cut short
         layout.addWidget(look_box)
 
+        serve_box = QGroupBox("Other apps")
+        sl = QHBoxLayout(serve_box)
+        self.serve = QCheckBox("Serve chats to other apps on localhost, port")
+        self.serve.setToolTip("An OpenAI-compatible server (/v1/chat/completions) on 127.0.0.1 only, with the "
+                              "model and caches loaded here: editors, agents and scripts re-use the caches of "
+                              "their conversations. Other machines cannot reach it.")
+        self.serve_port = QSpinBox()
+        self.serve_port.setRange(1024, 65535)
+        self.serve_url = QLabel()
+        self.serve_url.setTextInteractionFlags(self.serve_url.textInteractionFlags()
+                                               | Qt.TextInteractionFlag.TextSelectableByMouse)
+        sl.addWidget(self.serve)
+        sl.addWidget(self.serve_port)
+        sl.addWidget(self.serve_url, 1)
+        layout.addWidget(serve_box)
+
         self.error = QLabel()
         self.error.setStyleSheet("color: #d9534f;")
         self.error.setWordWrap(True)
@@ -149,17 +220,32 @@ class SettingsDialog(QDialog):
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
         file_button.clicked.connect(self._choose_file)
+        self.browse_button.clicked.connect(self.browse_models)
         folder_button.clicked.connect(self._choose_folder)
         open_button.clicked.connect(lambda: QDesktopServices.openUrl(QUrl.fromLocalFile(str(paths.data_dir()))))
         self.change_data_dir.clicked.connect(self._choose_data_dir)
         self.default_data_dir.clicked.connect(lambda: self.set_data_dir(paths.default_data_dir()))
-        for b in (self.bundled, self.local, self.hub):
+        for b in (self.bundled, self.local, self.hub, self.remote):
             b.toggled.connect(self._update_model_fields)
+        self.fetch_models.clicked.connect(self._fetch_models)
+        self._model_list = _ModelList(self)
+        self._model_list.done.connect(self._models_fetched)
+        self.serve.toggled.connect(self._update_serve_fields)
+        self.serve_port.valueChanged.connect(self._update_serve_fields)
         self._fill(config)
 
     def _fill(self, c: AppConfig) -> None:
         model = c.model.strip()
-        if model in ("", "default"):
+        self.remote_url.setText(c.remote_url)
+        self.remote_model.setCurrentText(c.remote_model)
+        self.remote_key.setText(api_keys.load(c.remote_url.strip()) or "" if c.remote_url.strip() else "")
+        self.serve.setChecked(c.serve)
+        self.serve_port.setValue(c.serve_port)
+        if c.engine_source == "remote":
+            self.remote.setChecked(True)
+            if model not in ("", "default"):
+                self.local_path.setText(model)
+        elif model in ("", "default"):
             self.bundled.setChecked(True)
         elif model.count("/") == 1 and not model.startswith(("/", ".", "~")) and not model.endswith(".gguf"):
             self.hub.setChecked(True)
@@ -181,6 +267,77 @@ class SettingsDialog(QDialog):
         self.local_path.setEnabled(self.local.isChecked())
         self.hub_id.setEnabled(self.hub.isChecked())
         self.online.setEnabled(self.hub.isChecked())
+        for w in (self.remote_url, self.remote_key, self.remote_model, self.fetch_models):
+            w.setEnabled(self.remote.isChecked())
+        self.serve.setEnabled(not self.remote.isChecked())
+        self.serve.setToolTip(self.serve.toolTip() if not self.remote.isChecked() else
+                              "Serving needs a model loaded here, not a remote engine.")
+        self._update_serve_fields()
+
+    def _update_serve_fields(self) -> None:
+        on = self.serve.isChecked() and self.serve.isEnabled()
+        self.serve_port.setEnabled(on)
+        self.serve_url.setText(f"http://127.0.0.1:{self.serve_port.value()}/v1" if on else "")
+
+    def _endpoint(self) -> Endpoint:
+        return Endpoint(self.remote_url.text().strip(), self.remote_model.currentText().strip(),
+                        self.remote_key.text().strip() or None)
+
+    def _fetch_models(self) -> None:
+        """Ask the server for its models off the GUI thread (an unreachable address waits seconds)."""
+        try:
+            endpoint = self._endpoint().validate()
+        except RemoteError as exc:
+            self._remote_message(str(exc), error=True)
+            return
+        self.fetch_models.setEnabled(False)
+        self._remote_message(f"Asking {endpoint.root} for its models…")
+        signal = self._model_list.done
+
+        def ask() -> None:
+            try:
+                result: object = list_models(endpoint)
+            except RemoteError as exc:
+                result = str(exc)
+            signal.emit(endpoint.root, result)
+
+        threading.Thread(target=ask, name="cachet-list-models", daemon=True).start()
+
+    def _models_fetched(self, root: str, result: object) -> None:
+        self.fetch_models.setEnabled(self.remote.isChecked())
+        if isinstance(result, str):
+            self._remote_message(result, error=True)
+            return
+        models = [str(m) for m in result] if isinstance(result, list) else []
+        current = self.remote_model.currentText().strip()
+        self.remote_model.clear()
+        self.remote_model.addItems(models)
+        self.remote_model.setCurrentText(current if current in models or not models else models[0])
+        self._remote_message(f"{root} offers {len(models)} model{'s' if len(models) != 1 else ''}."
+                             if models else f"{root} offers no model.", error=not models)
+
+    def _remote_message(self, text: str, error: bool = False) -> None:
+        self.remote_note.setText(text)
+        self.remote_note.setStyleSheet("color: #d9534f;" if error else "")
+        self.remote_note.show()
+
+    def browse_models(self) -> ModelPicker:
+        """Open the model picker (window-modal, without blocking); the chosen model fills in the local path."""
+        picker = ModelPicker(replace(self.original, model_folders=self.model_folders), self)
+        picker.setWindowModality(Qt.WindowModality.WindowModal)
+        picker.finished.connect(lambda _code: self._picker_closed(picker))
+        self.picker = picker
+        picker.open()
+        return picker
+
+    def _picker_closed(self, picker: ModelPicker) -> None:
+        self.model_folders = list(picker.folders)
+        if picker.chosen_path:
+            self.local.setChecked(True)
+            self.local_path.setText(picker.chosen_path)
+            self.error.hide()
+        picker.deleteLater()
+        self.picker = None
 
     def _choose_file(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a GGUF model", "", "GGUF models (*.gguf)")
@@ -226,13 +383,21 @@ class SettingsDialog(QDialog):
 
     def result_config(self) -> AppConfig:
         """The edited copy; raises ConfigError when a value is invalid."""
+        source = "local"
         if self.bundled.isChecked():
             model = "default"
         elif self.local.isChecked():
             model = self.local_path.text().strip()
-        else:
+        elif self.hub.isChecked():
             model = self.hub_id.text().strip()
+        else:  # a remote engine: the local model stays what it was, for when the user comes back
+            model, source = self.original.model, "remote"
+            if not self.remote_url.text().strip():
+                raise ConfigError("Server address: give one like http://127.0.0.1:8000/v1.")
         return self.original.with_changes(
+            engine_source=source, remote_url=self.remote_url.text().strip(),
+            remote_model=self.remote_model.currentText().strip(), serve=self.serve.isChecked(),
+            serve_port=self.serve_port.value(), model_folders=list(self.model_folders),
             model=model, online=self.online.isChecked(), device=self.device.currentText().strip(),
             dtype=self.dtype.currentText(), kv_budget_mb=self.kv_budget.value(),
             ram_budget_mb=None if self.ram_budget.value() < 0 else self.ram_budget.value(),
@@ -261,6 +426,8 @@ class SettingsDialog(QDialog):
         try:
             self.result_config()
             self.check_model()
+            if self.remote.isChecked():
+                self.key_changed = self._save_key()
             if self.chosen_data_dir is not None:
                 paths.set_data_dir(self.chosen_data_dir)
         except (ConfigError, paths.DataDirError, OSError) as exc:
@@ -268,6 +435,15 @@ class SettingsDialog(QDialog):
             self.error.show()
             return
         super().accept()
+
+
+    def _save_key(self) -> bool:
+        """Keep the remote server's API key (keyring or a user-only file); True when it changed."""
+        url, key = self.remote_url.text().strip(), self.remote_key.text().strip()
+        if (api_keys.load(url) or "") == key:
+            return False
+        api_keys.save(url, key)
+        return True
 
 
 def _budget_box(minimum: int, special: str, tip: str) -> QSpinBox:

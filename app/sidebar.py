@@ -27,8 +27,8 @@ from PySide6.QtWidgets import (
 )
 
 ROLE_ENTRY = Qt.ItemDataRole.UserRole + 1
-PLACE_LABEL = {"gpu": "on GPU", "ram": "in RAM", "disk": "on disk", "none": "no cache"}
-PLACE_COLOUR = {"gpu": "#2e9d5b", "ram": "#2f6fde", "disk": "#8a6d3b", "none": "#8e8e93"}
+PLACE_LABEL = {"gpu": "on GPU", "ram": "in RAM", "disk": "on disk", "none": "no cache", "server": "on the server"}
+PLACE_COLOUR = {"gpu": "#2e9d5b", "ram": "#2f6fde", "disk": "#8a6d3b", "none": "#8e8e93", "server": "#6b5fb5"}
 UNDO_SECONDS = 10
 
 
@@ -37,7 +37,7 @@ class ChatEntry:
     chat_id: int
     title: str
     updated_at: float
-    cache_place: str  # "gpu" | "ram" | "disk" | "none"
+    cache_place: str  # "gpu" | "ram" | "disk" | "none" | "server" (a remote engine keeps it)
     strategy: str
     lossy: bool
     busy: str = ""  # "", "queued", "generating", "rebuilding"

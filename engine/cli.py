@@ -17,6 +17,7 @@ import torch
 
 from engine import caches, models, paths
 from engine.caches import CacheSpec
+from engine.graphs import GRAPH_MODES, graphs_wanted
 from engine.lock import DataFolderLock, FolderInUseError
 from engine.models import LoadedModel
 from engine.reports import Budgets, TurnDone
@@ -114,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--speculative", default="auto", choices=SPECULATIVE_MODES,
                       help="check guessed tokens several per step (prompt lookup: guesses from the conversation "
                            "itself); greedy replies are the same token for token either way")
+    chat.add_argument("--graphs", default="auto", choices=GRAPH_MODES,
+                      help="one-token decode steps as captured CUDA graphs over KV buffers grown in buckets: auto "
+                           "(on for CUDA, off for CPU), on (on a CPU: the same static-shaped step, uncaptured), off")
     chat.add_argument("--draft-model", default=None, metavar="PATH",
                       help="with --speculative draft-model: a small model of the same family (same tokenizer) that "
                            "guesses the next tokens, e.g. SmolLM2-135M for SmolLM2-360M/1.7B (a .gguf or a folder)")
@@ -262,7 +266,10 @@ def _turn_json(turn: int, done: TurnDone) -> str:
             "prompt_tokens": s.prompt_tokens, "reused_tokens": s.reused_tokens, "prefilled_tokens": s.prefilled_tokens,
             "generated_tokens": s.generated_tokens, "ttft_ms": round(s.ttft_ms, 2),
             "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens, "cache_bytes": s.cache_bytes,
+            "graph_steps": s.graph_steps,
         })
+        if s.graph_fallback:
+            record["graph_fallback"] = s.graph_fallback
     if done.error:
         record["error"] = done.error
     return json.dumps(record, ensure_ascii=False)
@@ -285,7 +292,9 @@ class TerminalChat:
             if self.lock is not None:
                 self.lock.release()
             raise
-        self.service = ChatService(budgets=Budgets() if persist else Budgets(disk=0), reuse=not args.no_reuse)
+        self.service = ChatService(budgets=Budgets() if persist else Budgets(disk=0), reuse=not args.no_reuse,
+                                   graphs=getattr(args, "graphs", "auto"),
+                                   on_status=lambda msg: print(f"note: {msg}", file=sys.stderr, flush=True))
         if args.chat is not None:
             try:
                 self.chat_id = self.store.chat(args.chat).id
@@ -380,6 +389,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
     lm = chat.load(args)
+    told_graphs: str | None = None
     if args.turns:
         lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
         for i, line in enumerate(lines, start=1):
@@ -393,6 +403,9 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
                 print(f"note: {done.notice}", file=sys.stderr)
             if done.stats is not None and done.stats.overflow_action:
                 print(f"note: {done.stats.overflow_action}", file=sys.stderr)
+            if done.stats is not None and done.stats.graph_fallback and done.stats.graph_fallback != told_graphs:
+                told_graphs = done.stats.graph_fallback
+                print(f"note: graph-captured decoding: {told_graphs}", file=sys.stderr)
         return 0
 
     kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
@@ -402,7 +415,8 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
         precision = lm.precision_label
     split = f" ({lm.split_label})" if lm.split_label else ""
     print(f"Cachet — {lm.source.display_name} on {lm.device}{split} ({lm.load_seconds:.1f} s to load); "
-          f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}.{kept} "
+          f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}; "
+          f"decode graphs: {'on' if graphs_wanted(args.graphs, lm.device) else 'off'}.{kept} "
           "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
     while True:
         try:
@@ -432,6 +446,9 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
             print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
         if s.cache_fallback:
             print(f"note: {s.cache_fallback}", file=sys.stderr)
+        if s.graph_fallback and s.graph_fallback != told_graphs:
+            told_graphs = s.graph_fallback  # once per reason, not every turn
+            print(f"note: graph-captured decoding: {s.graph_fallback}", file=sys.stderr)
         note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
         if s.finish_reason == "cancelled":
             note = " [stopped]"
@@ -510,7 +527,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     found = discovery.discover(args.add_folder)
     hardware = _hardware(args)
     ladder = [p for p, _ in memory.precision_ladder("auto", hardware)]
-    fits = [_fits(m, hardware, ladder, args.context) if m.usable else {} for m in found]
+    fits = [memory.fits_by_precision(m, hardware, ladder, args.context) if m.usable else {} for m in found]
     if args.json:
         print(json.dumps([{**m.to_dict(), "fits": f} for m, f in zip(found, fits, strict=True)]))
         return 0
@@ -550,37 +567,6 @@ def _count(n: int | None, exact: bool = False) -> str:
     if exact:
         return f"{n:,}"
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
-
-
-def _fits(model: Any, hardware: Any, ladder: list[str], context: int | None) -> dict[str, dict[str, Any]]:
-    """For each weight precision: the advisor's plan for this model on `hardware` (cell: the table's word)."""
-    from engine import memory
-
-    try:
-        inventory = model.weight_inventory()
-        if inventory is not None:
-            config = model.shape.as_config()
-        else:
-            config = models.load_config(model.path)
-            inventory = memory.inventory_of(config)
-    except Exception as exc:  # a config this transformers cannot build: say so in the cell
-        return {p: {"cell": "?", "error": f"{type(exc).__name__}: {exc}"} for p in ladder}
-    result = {}
-    for precision in ladder:
-        advice = memory.advise(config, hardware, context=context, weights=precision, inventory=inventory)
-        plan, chosen = advice.weight_plan, advice.recommended
-        if chosen is None or plan is None:
-            cell = "no"
-        elif plan.split:
-            cell = f"{plan.gpu_layers}/{plan.layers}"
-        elif chosen.spec.bounded_length:
-            cell = "sink"
-        else:
-            cell = "yes"
-        result[precision] = {"cell": cell, "plan": None if plan is None else plan.to_dict(),
-                             "kv": None if chosen is None else chosen.label, "tokens_fit": advice.tokens_fit,
-                             "context": advice.context}
-    return result
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -526,3 +526,44 @@ def _weights_advice(config: Any, hw: HardwareProfile, ctx: int, plan: WeightPlan
                  for label, spec in specs.values()]
     recommended = next(e for e, name in zip(estimates, specs, strict=True) if name == chosen)
     return Advice(hw, plan.total_bytes, device_free, ctx, estimates, recommended, why, plan, tokens)
+
+
+def fits_by_precision(model: Any, hardware: HardwareProfile, ladder: list[str] | None = None,
+                      context: int | None = None) -> dict[str, dict[str, Any]]:
+    """For each weight precision: does a model found on disk fit `hardware`, and how.
+
+    `model` is an `engine.discovery.DiscoveredModel` (a GGUF file is planned from its header's tensor
+    list, a model folder from its config). `ladder`: the precisions to try (default: auto's ladder on
+    `hardware`, e.g. fp32, bf16, int8, int4 on a CPU). Each value holds `cell` — "yes", "N/L" (N of
+    its L layers on the GPU, the rest in RAM), "sink" (only with attention sinks), "no", or "?" with
+    `error` when its config cannot be read — and the advisor's `plan`, `kv`, `tokens_fit`, `context`.
+    This is what `python -m engine models` prints and the window's model picker shows.
+    """
+    ladder = [p for p, _ in precision_ladder("auto", hardware)] if ladder is None else ladder
+    try:
+        inventory = model.weight_inventory()
+        if inventory is not None:
+            config = model.shape.as_config()
+        else:
+            from engine import models  # loads a config with transformers; memory.py needs no loader otherwise
+
+            config = models.load_config(model.path)
+            inventory = inventory_of(config)
+    except Exception as exc:  # a config this transformers cannot build: say so in the cell
+        return {p: {"cell": "?", "error": f"{type(exc).__name__}: {exc}"} for p in ladder}
+    result = {}
+    for precision in ladder:
+        advice = advise(config, hardware, context=context, weights=precision, inventory=inventory)
+        plan, chosen = advice.weight_plan, advice.recommended
+        if chosen is None or plan is None:
+            cell = "no"
+        elif plan.split:
+            cell = f"{plan.gpu_layers}/{plan.layers}"
+        elif chosen.spec.bounded_length:
+            cell = "sink"
+        else:
+            cell = "yes"
+        result[precision] = {"cell": cell, "plan": None if plan is None else plan.to_dict(),
+                             "kv": None if chosen is None else chosen.label, "tokens_fit": advice.tokens_fit,
+                             "context": advice.context}
+    return result

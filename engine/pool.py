@@ -216,6 +216,7 @@ class CachePool:
                     session.cache.to(self.host, pin_memory=self.lm.device.type == "cuda")
                     if session.draft is not None and session.draft.session.cache is not None:
                         session.draft.session.cache.to(self.host, pin_memory=self.lm.device.type == "cuda")
+                    session.release_graphs()  # their buffers left the device: captured again on return
                     return
                 if tier == "disk" and self.snapshots is not None and self.snapshots.save(key, session) is None:
                     entry.tier = "none"

@@ -5,7 +5,8 @@ another Cachet (`python -m engine serve`) all speak `POST /v1/chat/completions` 
 and `GET /v1/models`. `RemoteEngine` answers a chat's turn there with the same inputs and the same
 `TurnDone` as `ChatService.run_turn`, so a front end drives either the same way; the server manages
 its own cache (vLLM's prefix caching, llama.cpp's slots, Cachet's pool), and what it reuses comes
-back as `usage.prompt_tokens_details.cached_tokens` where it reports it (TurnStats.reused_tokens).
+back as `usage.prompt_tokens_details.cached_tokens` (OpenAI, vLLM, Cachet) or `timings.cache_n`
+(llama.cpp's server) where it reports it (TurnStats.reused_tokens); Ollama reports none.
 
 Plain `urllib` on purpose: no HTTP library is needed for one streaming POST, and a turn's stop
 event closes the connection, which every one of those servers takes as "stop generating".
@@ -126,6 +127,22 @@ def _events(resp: Any, stop: threading.Event | None) -> Iterator[dict[str, Any]]
             continue
 
 
+def _count(value: Any) -> int | None:
+    """A token count a server reported, or None for anything that is not one (bool, negative, text)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _cached_tokens(usage: dict[str, Any], timings: dict[str, Any]) -> int:
+    """The prompt tokens the server took from its cache: OpenAI's and vLLM's
+    `usage.prompt_tokens_details.cached_tokens`, else llama.cpp's `timings.cache_n`; 0 where the server
+    says nothing (Ollama)."""
+    details = usage.get("prompt_tokens_details")
+    reported = _count(details.get("cached_tokens")) if isinstance(details, dict) else None
+    if reported is None:
+        reported = _count(timings.get("cache_n"))
+    return reported or 0
+
+
 class RemoteEngine:
     """Chats answered by a remote OpenAI-compatible server (see the module docstring).
 
@@ -164,6 +181,7 @@ class RemoteEngine:
         first: float | None = None
         pieces: list[str] = []
         usage: dict[str, Any] = {}
+        timings: dict[str, Any] = {}
         finish = "length"
         chunks = 0
         try:
@@ -176,6 +194,8 @@ class RemoteEngine:
                         raise RemoteError(f"The server stopped the reply: {message}")
                     if event.get("usage"):
                         usage = event["usage"]
+                    if isinstance(event.get("timings"), dict):  # llama.cpp's server: its slot's reuse is cache_n
+                        timings = event["timings"]
                     for choice in event.get("choices") or []:
                         text = (choice.get("delta") or {}).get("content")
                         if text:
@@ -202,8 +222,7 @@ class RemoteEngine:
         reply = "".join(pieces)
         prompt = int(usage.get("prompt_tokens") or 0)
         completion = int(usage.get("completion_tokens") or chunks)
-        details = usage.get("prompt_tokens_details") or {}
-        cached = int(details.get("cached_tokens") or 0) if isinstance(details, dict) else 0
+        cached = _cached_tokens(usage, timings)
         decode = ended - first if first is not None else 0.0
         stats = TurnStats(prompt_tokens=prompt, reused_tokens=cached, prefilled_tokens=max(prompt - cached, 0),
                           generated_tokens=completion, ttft_ms=((first or ended) - started) * 1000,

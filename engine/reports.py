@@ -47,6 +47,9 @@ class TurnStats:
     verify_ms: float = 0.0  # time spent in passes that checked guesses
     cache_reserved_bytes: int | None = None  # allocated for the cache (capacity of a cache that grows in place)
     cache_fallback: str | None = None  # why the cache was recomputed further back than the prompt matched it
+    graph_steps: int = 0  # one-token steps replayed from a captured graph (on a CPU with graphs on: run uncaptured)
+    graph_captures: int = 0  # graphs captured during the turn (a new bucket, a cache back on the device)
+    graph_fallback: str | None = None  # why one-token steps ran eagerly though graph-captured decoding was asked for
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -129,6 +132,7 @@ class ModelInfo:
     gpu_layers: int | None = None  # decoder layers on the GPU when split between GPU and CPU (None: not split)
     layers: int = 0  # decoder layers in all
     split: str = ""  # the split in words ("20 of 30 layers on cuda:0, 10 in RAM"); "" when not split
+    remote: str = ""  # the server's address when a remote engine answers (app/worker.py), else ""
 
     @property
     def on_gpu(self) -> bool:

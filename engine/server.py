@@ -27,6 +27,7 @@ import itertools
 import json
 import logging
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -273,11 +274,13 @@ class GenerationWorker:
         while True:
             job = self.jobs.get()
             if job is None:
-                self.slots.forget_all(self.service)
+                with self.service.lock:
+                    self.slots.forget_all(self.service)
                 return
             self.current = job
             try:
-                done = self.run(job)
+                with self.service.lock:  # the window's own turns wait, and wait for, this one
+                    done = self.run(job)
             except Exception as exc:  # never let one request take the worker down
                 log.exception("request failed")
                 done = TurnDone(0, 0, "", "error", error=f"{type(exc).__name__}: {exc}")
@@ -686,18 +689,29 @@ class BackgroundServer:
         self.port = port
 
     def start(self, timeout: float = 20.0) -> None:
+        """Listen and serve; raises OSError with the reason when the address cannot be had (the socket
+        is bound here, in the caller's thread, so a port in use is an error here, not in uvicorn's thread)."""
+        sock = _listen_socket(self.host, self.port)
+        self.port = int(sock.getsockname()[1])
         self.server.start()
-        self._thread = threading.Thread(target=self._uvicorn.run, name="cachet-server-http", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(sock,), name="cachet-server-http", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + timeout
         while not self._uvicorn.started:
             if not self._thread.is_alive() or time.monotonic() > deadline:
+                self._uvicorn.should_exit = True
                 self.server.stop()
-                raise OSError(f"The server could not listen on {self.host}:{self.port}.")
+                sock.close()
+                raise OSError(f"The server could not start on {self.host}:{self.port}.")
             time.sleep(0.02)
-        sockets = [s for srv in self._uvicorn.servers for s in srv.sockets]
-        if sockets:
-            self.port = int(sockets[0].getsockname()[1])
+
+    def _run(self, sock: socket.socket) -> None:
+        try:
+            self._uvicorn.run(sockets=[sock])
+        except SystemExit:  # uvicorn exits on a start-up failure; start() reports it
+            log.error("the HTTP server stopped at start-up")
+        finally:
+            sock.close()
 
     @property
     def base_url(self) -> str:
@@ -709,6 +723,19 @@ class BackgroundServer:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.server.stop()
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port (port 0: a free one), as uvicorn would bind it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise OSError(f"Cannot listen on {host}:{port}: {exc.strerror or exc}.") from None
+    return sock
 
 
 # ----- the command ------------------------------------------------------------------------------------

@@ -9,10 +9,11 @@ chat's messages (a front end keeps them, e.g. in `engine.store`) and its setting
 service always calls `ChatSession.generate()`; the session finds what of its cache still
 matches.
 
-Not thread-safe, like the sessions it drives: one thread calls it (the window's worker thread,
-or the terminal's main thread). The exceptions are `interrupt()` and the `stop` event a turn
-is given, which any thread may set. Progress goes out through plain callbacks; results are the
-frozen dataclasses of `engine.reports`.
+Not thread-safe, like the sessions it drives: one thread calls it at a time (the window's worker
+thread, or the terminal's main thread). A front end that calls it from two threads — the window's
+worker and the local server it starts (engine/server.py) — holds `lock` around each call. The
+exceptions are `interrupt()` and the `stop` event a turn is given, which any thread may set.
+Progress goes out through plain callbacks; results are the frozen dataclasses of `engine.reports`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Protocol
 
 from engine import caches, memory, paths
+from engine.graphs import validate_graphs
 from engine.models import LoadedModel, ModelLoadError
 from engine.pool import CachePool
 from engine.reports import (
@@ -152,6 +154,7 @@ class ChatService:
             `snapshots/`); names are chat ids, which only mean something next to their chats.
         budgets: the memory budgets (Budgets(disk=0): no snapshots).
         reuse: False recomputes every turn from scratch (the baseline reuse is measured against).
+        graphs: one-token decode steps as captured graphs, "auto" (on for CUDA), "on" or "off" (engine/graphs.py).
         on_status: a one-line message for the user (a library being loaded, ...).
         on_cache_state: a chat's cache changed place or size (also every STATE_EVERY_S while a
             reply streams, and for each chat with a snapshot from an earlier run once a model is loaded).
@@ -160,12 +163,14 @@ class ChatService:
     """
 
     def __init__(self, *, snapshot_dir: Path | None = None, budgets: Budgets | None = None, reuse: bool = True,
+                 graphs: str = "auto",
                  on_status: Callable[[str], None] | None = None,
                  on_cache_state: Callable[[CacheState], None] | None = None,
                  on_cache_restored: Callable[[CacheRestored], None] | None = None) -> None:
         self.snapshot_dir = snapshot_dir
         self.budgets = budgets or Budgets()
         self.reuse = reuse
+        self.graphs = validate_graphs(graphs)
         self.on_status = on_status
         self.on_cache_state = on_cache_state
         self.on_cache_restored = on_cache_restored
@@ -178,6 +183,7 @@ class ChatService:
         self._shown: dict[int, CacheState] = {}  # the last place reported for each chat
         self._opened: dict[int, CacheRestored] = {}  # restores done on opening, told with the next reply
         self._interrupted = threading.Event()
+        self.lock = threading.RLock()  # held by callers on more than one thread around each call (see above)
         self.draft_lm: LoadedModel | None = None  # speculative "draft-model": the small model guessing for chats
 
     # ----- from any thread -----------------------------------------------------------------------
@@ -429,7 +435,8 @@ class ChatService:
         session = pool.session(chat_id)
         created = session is None
         if session is None:
-            chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow, speculative)
+            chosen = SessionSettings(settings.system_prompt, sampling, spec, self.reuse, overflow, speculative,
+                                     graphs=self.graphs)
             session = ChatSession(pool.lm, chosen)
             session.set_draft_model(self.draft_lm)
             # A snapshot from an earlier run: activating restores it (or, if it no longer fits this
@@ -441,6 +448,8 @@ class ChatService:
             session.set_sampling(sampling)
             session.settings.overflow = overflow
             session.settings.speculative = speculative
+            session.settings.graphs = self.graphs
+        session.on_progress = self.on_status
         session.messages = [_message(m) for m in history]
         # Nothing to restore and too long to recompute as it stands: the turn applies the overflow
         # policy first (or says it cannot), so do not prefill it here.

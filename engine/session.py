@@ -20,6 +20,7 @@ import torch
 from engine import caches
 from engine.caches import CacheSpec
 from engine.caches.base import KVCache, cache_kwargs
+from engine.graphs import CaptureError, DecodeRunner, graphs_wanted, unsupported_reason, validate_graphs
 from engine.models import LoadedModel
 from engine.reports import CONTEXT_OVERFLOW, INVALID_SETTINGS, OTHER_ERROR, OUT_OF_MEMORY, TurnStats
 from engine.sampling import Sampler
@@ -109,12 +110,14 @@ class SessionSettings:
     reuse: bool = True  # False recomputes the whole conversation every turn (the baseline)
     overflow: str = "stop"
     speculative: str = "auto"  # SPECULATIVE_MODES: guesses checked several per step (engine/speculative.py)
+    graphs: str = "auto"  # GRAPH_MODES: one-token steps as captured graphs (engine/graphs.py); auto = on for CUDA
 
     def validate(self) -> SessionSettings:
         self.cache.validate()
         self.sampling.validate()
         validate_overflow(self.overflow)
         validate_speculative(self.speculative)
+        validate_graphs(self.graphs)
         return self
 
 
@@ -172,6 +175,10 @@ class ChatSession:
         self.draft_lm: LoadedModel | None = None
         self.draft: DraftModel | None = None
         self.cache_fallback: str | None = None  # why this turn's cache could not be reused as far as it matched
+        self.on_progress: Callable[[str], None] | None = None  # long one-time work (a graph's first capture)
+        self.graph_fallback: str | None = None  # why one-token steps ran eagerly though graphs were asked for
+        self._runner: DecodeRunner | None = None  # graph-captured one-token steps (settings.graphs)
+        self._graphs_failed: str | None = None  # a capture that failed: this session decodes eagerly
 
     # ----- conversation editing -------------------------------------------------------------
     def render_ids(self, messages: Sequence[Message] | None = None, generation_prompt: bool = True) -> list[int]:
@@ -302,7 +309,15 @@ class ChatSession:
     def reset_cache(self) -> None:
         self.cache = None
         self.cached_ids = []
+        self.release_graphs()
         self.draft = None  # the draft's cache follows the main one (it is rebuilt from the conversation)
+
+    def release_graphs(self) -> None:
+        """Drop the captured decode graph (the cache left the device, or is gone); the next step recaptures."""
+        if self._runner is not None:
+            self._runner.release()
+        if self.draft is not None:
+            self.draft.session.release_graphs()
 
     def set_draft_model(self, lm: LoadedModel | None) -> None:
         """The small model that guesses for speculative "draft-model" (None: none); checked for the same tokenizer."""
@@ -386,10 +401,12 @@ class ChatSession:
         lookup = PromptLookup(prompt) if mode not in ("off", "draft-model") else None
         if mode == "draft-model" and self.draft is None:
             assert self.draft_lm is not None
-            self.draft = DraftModel(self.draft_lm)
+            self.draft = DraftModel(self.draft_lm, graphs=self.settings.graphs)
         drafter = self.draft if mode == "draft-model" else None
         policy = self._draft_policy()
         spec = SpecStats()
+        runner = self._decode_runner()
+        steps_before, captures_before = (runner.steps, runner.captures) if runner is not None else (0, 0)
         shadow: int | None = None  # a guess not checked (auto judged it not worth a pass): was it right?
 
         def banned() -> Sequence[int]:
@@ -440,7 +457,7 @@ class ChatSession:
                 spec.passes += 1
                 if not draft:
                     step_started = time.perf_counter()
-                    logits = self.forward_logits([token])
+                    logits = self.decode_step(token)
                     if isinstance(policy, CostAwareLength):
                         policy.observe(1, time.perf_counter() - step_started)
                     continue
@@ -515,6 +532,10 @@ class ChatSession:
             tokens_per_step=spec.tokens_per_step if spec.passes else None,
             draft_ms=spec.draft_seconds * 1000.0,
             verify_ms=spec.verify_seconds * 1000.0,
+            graph_steps=self._runner.steps - steps_before if self._runner is not None and runner is self._runner else 0,
+            graph_captures=(self._runner.captures - captures_before
+                            if self._runner is not None and runner is self._runner else 0),
+            graph_fallback=self.graph_fallback,
         )
         return TurnResult(reply=reply, stats=stats)
 
@@ -633,6 +654,7 @@ class ChatSession:
         """
         if not self.settings.reuse or self.cache is None:
             self.reset_cache()
+        self._decode_runner()  # with graphs, the cache grows in their buckets from the prefill on
         # Always leave at least one token to feed: its logits choose the first new token.
         keep = min(common_prefix_length(self.cached_ids, prompt), len(prompt) - 1)
         self._crop(keep)
@@ -691,6 +713,45 @@ class ChatSession:
             self._resync()
             raise
 
+    def _decode_runner(self) -> DecodeRunner | None:
+        """The graph runner for this session's one-token steps, or None (graphs off, or this cache cannot:
+        then `graph_fallback` says why)."""
+        self.graph_fallback = None
+        if not graphs_wanted(self.settings.graphs, self.lm.device):
+            return None
+        if self._graphs_failed is not None:
+            self.graph_fallback = self._graphs_failed
+            return None
+        cache = self._ensure_cache()
+        reason = unsupported_reason(cache, self.lm.model)
+        if reason is not None:
+            self.graph_fallback = f"decoding eagerly: {reason}"
+            return None
+        if self._runner is None or self._runner.model is not self.lm.model:
+            self._runner = DecodeRunner(self.lm.model, self.lm.context_length,
+                                        capture=self.lm.device.type == "cuda", on_progress=self.on_progress)
+        self._runner.on_progress = self.on_progress
+        self._runner.adopt(cache)
+        return self._runner
+
+    def decode_step(self, token: int) -> torch.Tensor:
+        """Feed one token; return the next token's logits. With graphs on and a cache that allows it, the
+        step is the captured graph (on a CPU: the same static-shaped step, run eagerly); otherwise, and for
+        a step that evicts or overflows, `forward_logits`."""
+        runner = self._decode_runner()
+        cache = self._ensure_cache()
+        if runner is not None and runner.eager_reason(cache) is None:
+            try:
+                logits = runner.step(cache, token)
+            except CaptureError as exc:
+                self._graphs_failed = f"decoding eagerly: capturing the decode step failed ({exc})"
+                self.graph_fallback = self._graphs_failed
+                self._runner = None
+            else:
+                self.cached_ids.append(token)
+                return logits
+        return self.forward_logits([token])
+
     @torch.inference_mode()
     def forward_logits(self, ids: list[int], all_positions: bool = False) -> torch.Tensor:
         """Feed `ids` into the cache; return the logits (of the last position, or of every position)."""
@@ -744,8 +805,8 @@ class DraftModel:
     the last: the next call crops what the main model rejected.
     """
 
-    def __init__(self, lm: LoadedModel) -> None:
-        self.session = ChatSession(lm, SessionSettings(speculative="off"))
+    def __init__(self, lm: LoadedModel, graphs: str = "auto") -> None:
+        self.session = ChatSession(lm, SessionSettings(speculative="off", graphs=graphs))
 
     def propose(self, context: list[int], k: int) -> list[int]:
         s = self.session
@@ -762,5 +823,5 @@ class DraftModel:
             token = int(torch.argmax(logits))
             guesses.append(token)
             if i + 1 < k:
-                logits = s.forward_logits([token])
+                logits = s.decode_step(token)
         return guesses

@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import sqlite3
+import struct
 import time
 import unicodedata
 from collections.abc import Callable, Iterator, Sequence
@@ -243,7 +244,9 @@ class ChatStore:
 
     Opening checks the database (`PRAGMA quick_check`); a damaged one is kept aside as
     `chats.sqlite3.damaged-<time>` and what SQLite can still read of it is copied into a fresh
-    database (`salvaged` then says what happened, for the user). A write that fails (disk full,
+    database (`salvaged` then says what happened, for the user). A write-ahead log left by a run that
+    did not close is checked against what SQLite replays of it, and writes that were lost there or since
+    the last clean close are reported in `lost_writes`. A write that fails (disk full,
     read-only folder) raises StoreWriteError and leaves the database as it was.
     """
 
@@ -254,9 +257,12 @@ class ChatStore:
         in_memory = str(self.path) == ":memory:"
         if not in_memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        wal = _LeftoverLog(self.path) if check and not in_memory else None
         try:
             self._open()
             problem = self._check() if check and not in_memory else None
+            if wal is not None and problem is None:
+                self.lost_writes = wal.judge(self.db)
         except StoreWriteError as exc:
             if not exc.damaged:
                 raise
@@ -284,7 +290,9 @@ class ChatStore:
             self.recovered = self._recover_interrupted()
         except sqlite3.DatabaseError as exc:
             raise _write_error(self.path, exc) from exc
-        if not in_memory and self.salvaged is None:
+        if wal is not None:
+            wal.discard()
+        if not in_memory and self.salvaged is None and self.lost_writes is None:
             self.lost_writes = self._compare_with_last_close()
 
     def _open(self) -> None:
@@ -768,6 +776,100 @@ def _write_error(path: Path, exc: sqlite3.Error) -> StoreWriteError:
     if name.startswith("SQLITE_READONLY"):
         return StoreWriteError(f"The chat database {path} cannot be written (read-only).")
     return StoreWriteError(f"Could not save to {path} ({exc}).")
+
+
+_WAL_MAGIC = (0x377F0682, 0x377F0683)  # little- / big-endian checksums
+_WAL_HEADER = 32
+_FRAME_HEADER = 24
+
+
+class _LeftoverLog:
+    """A write-ahead log left by a run that did not close (a crash, a kill), judged before SQLite reads it.
+
+    SQLite replays a log's frames up to the first one whose checksum fails and silently drops the rest,
+    committed transactions included. Frames are told apart by the log header's salts: every frame that
+    carries them up to the last one ending a transaction was committed by the last run. Once the database
+    is open, SQLite says how many frames it kept (`PRAGMA wal_checkpoint`); fewer means committed writes
+    were dropped, and a copy of the damaged log is kept beside the database.
+    """
+
+    def __init__(self, db_path: Path) -> None:
+        self.path = Path(str(db_path) + "-wal")
+        self.committed = 0
+        self.copy: Path | None = None
+        with suppress(OSError, struct.error):
+            self.committed = _committed_frames(self.path, _page_size(db_path))
+            if self.committed:
+                self.copy = self.path.with_name(f".{self.path.name}.{os.getpid()}.check")
+                shutil.copyfile(self.path, self.copy)
+
+    def judge(self, db: sqlite3.Connection) -> str | None:
+        """A sentence for the user when SQLite kept fewer committed frames than the log holds."""
+        if not self.committed:
+            return None
+        try:
+            row = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error:
+            return None
+        kept = int(row[1]) if row is not None and row[1] is not None else -1
+        if kept < 0 or kept >= self.committed:
+            return None
+        name = self.path.name
+        if self.copy is not None:
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            with suppress(OSError):
+                self.copy = Path(shutil.move(self.copy, self.path.with_name(f"{name}.damaged-{stamp}")))
+                name = self.copy.name
+        self.copy = None
+        return (f"The chat database's write-ahead log was damaged: SQLite could read {max(kept, 0):,} of its "
+                f"{self.committed:,} committed pages, so the latest changes made before Cachet last stopped were "
+                f"lost. A copy of the damaged log was kept as {name}.")
+
+    def discard(self) -> None:
+        if self.copy is not None:
+            with suppress(OSError):
+                self.copy.unlink()
+            self.copy = None
+
+
+def _page_size(db_path: Path) -> int:
+    with db_path.open("rb") as fh:
+        header = fh.read(100)
+    size = struct.unpack(">H", header[16:18])[0]
+    return 65536 if size == 1 else size
+
+
+def _wal_checksum(data: bytes, big_endian: bool, s0: int = 0, s1: int = 0) -> tuple[int, int]:
+    words = struct.unpack((">" if big_endian else "<") + f"{len(data) // 4}I", data)
+    for i in range(0, len(words), 2):
+        s0 = (s0 + words[i] + s1) & 0xFFFFFFFF
+        s1 = (s1 + words[i + 1] + s0) & 0xFFFFFFFF
+    return s0, s1
+
+
+def _committed_frames(wal: Path, page_size: int) -> int:
+    """How many frames of `wal` belong to transactions its writer committed: the frames that carry the
+    log's salts (the header's, or the first frame's when the header itself is damaged), up to the last one
+    that ends a transaction. Reads the frame headers only."""
+    if not 512 <= page_size <= 65536 or wal.stat().st_size < _WAL_HEADER + _FRAME_HEADER + page_size:
+        return 0
+    with wal.open("rb") as fh:
+        header = fh.read(_WAL_HEADER)
+        magic = struct.unpack(">I", header[:4])[0]
+        header_ok = magic in _WAL_MAGIC and _wal_checksum(header[:24], magic & 1 == 1) == struct.unpack(
+            ">II", header[24:32])
+        salts = header[16:24] if header_ok else None
+        committed = frame = 0
+        while True:
+            fh.seek(_WAL_HEADER + frame * (_FRAME_HEADER + page_size))
+            head = fh.read(_FRAME_HEADER)
+            if len(head) < _FRAME_HEADER:
+                return committed
+            if salts is None:
+                salts = head[8:16]
+            frame += 1
+            if head[8:16] == salts and struct.unpack(">I", head[4:8])[0] != 0:
+                committed = frame
 
 
 def salvage(path: Path, problem: str) -> str:

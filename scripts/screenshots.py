@@ -6,7 +6,14 @@
 Chats are written by the bundled model (greedy decoding, so the pictures are reproducible) in
 a throwaway data folder; converted model weights are reused from the usual cache folder.
 `--tiny` uses the tiny random test model instead (no real text; the code-block reply is then
-injected through the store, and the captions say so).
+injected through the store, and the captions say so). `--only NAME ...` renders only those
+pictures (e.g. `--only settings-dialog model-picker`, which needs no chats).
+
+The model picker is shown on a fake home folder written here: LM Studio, Ollama, GPT4All and
+Hugging Face cache layouts whose files have real GGUF (and safetensors) headers with the tensor
+shapes of well-known models, and sparse holes in place of the tensor data (so a "4.7 GiB" file
+takes no disk); one is cut short and one Ollama blob is missing, as happens after an interrupted
+download.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -34,13 +42,155 @@ def is_palindrome(word: str) -> bool:
 ```
 
 For example, `is_palindrome("Level")` returns `True`.'''
+CHAT_SHOTS = ("main-light", "main-dark", "chat-settings", "streaming")
+SHOTS = (*CHAT_SHOTS, "settings-dialog", "model-picker")
+# (file type, tensor type, block size, bytes per block) of the fake GGUF files
+QUANTS = {"Q4_K_M": ("MOSTLY_Q4_K_M", "Q4_K", 256, 144), "Q8_0": ("MOSTLY_Q8_0", "Q8_0", 32, 34),
+          "Q4_0": ("MOSTLY_Q4_0", "Q4_0", 32, 18)}
+
+
+def write_gguf_header(path: Path, arch: str, name: str, *, layers: int, hidden: int, heads: int, kv_heads: int,
+                      ff: int, vocab: int, context: int, quant: str, tied: bool = False) -> Path:
+    """A GGUF file with the header of a real model of this shape and a sparse hole for its tensor data."""
+    import numpy as np
+    from gguf import GGUFWriter
+    from gguf.constants import GGMLQuantizationType, LlamaFileType
+
+    file_type, tensor_type, block, block_bytes = QUANTS[quant]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(str(path), arch)
+    writer.add_name(name)
+    writer.add_context_length(context)
+    writer.add_block_count(layers)
+    writer.add_embedding_length(hidden)
+    writer.add_feed_forward_length(ff)
+    writer.add_head_count(heads)
+    writer.add_head_count_kv(kv_heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(LlamaFileType[file_type])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list([f"t{i}" for i in range(256)])  # a stand-in vocabulary; the tensors have the real one
+    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    head_dim = hidden // heads
+    shapes = [("token_embd.weight", (vocab, hidden))]
+    for i in range(layers):
+        shapes += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.ffn_norm.weight", (hidden,)),
+                   (f"blk.{i}.attn_q.weight", (heads * head_dim, hidden)),
+                   (f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden)),
+                   (f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden)),
+                   (f"blk.{i}.attn_output.weight", (hidden, heads * head_dim)),
+                   (f"blk.{i}.ffn_gate.weight", (ff, hidden)), (f"blk.{i}.ffn_up.weight", (ff, hidden)),
+                   (f"blk.{i}.ffn_down.weight", (hidden, ff))]
+    shapes.append(("output_norm.weight", (hidden,)))
+    if not tied:
+        shapes.append(("output.weight", (vocab, hidden)))
+    for tensor, shape in shapes:
+        if len(shape) == 2:
+            byte_shape = (shape[0], shape[1] // block * block_bytes)
+            raw, dtype, nbytes = GGMLQuantizationType[tensor_type], np.dtype(np.uint8), byte_shape[0] * byte_shape[1]
+        else:
+            byte_shape, raw, dtype, nbytes = shape, GGMLQuantizationType.F32, np.dtype(np.float32), shape[0] * 4
+        writer.add_tensor_info(tensor, byte_shape, dtype, nbytes, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    from engine.gguf_header import read_header
+
+    expected = read_header(path).expected_size  # where the data starts (aligned) plus the tensors' bytes
+    with path.open("r+b") as fh:
+        fh.truncate(expected)
+    return path
+
+
+def write_safetensors_folder(folder: Path, *, layers: int, hidden: int, heads: int, kv_heads: int, ff: int,
+                             vocab: int, context: int) -> Path:
+    """A Hugging Face model folder (config, tokenizer config with a chat template, bf16 safetensors header
+    with the real shapes, a sparse hole for the data)."""
+    import json
+    import struct
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": hidden,
+        "intermediate_size": ff, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "max_position_embeddings": context,
+        "tie_word_embeddings": True, "torch_dtype": "bfloat16"}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ messages }}"}))
+    head_dim = hidden // heads
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "model.norm.weight": [hidden]}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": [heads * head_dim, hidden],
+                   p + "self_attn.k_proj.weight": [kv_heads * head_dim, hidden],
+                   p + "self_attn.v_proj.weight": [kv_heads * head_dim, hidden],
+                   p + "self_attn.o_proj.weight": [hidden, heads * head_dim],
+                   p + "mlp.gate_proj.weight": [ff, hidden], p + "mlp.up_proj.weight": [ff, hidden],
+                   p + "mlp.down_proj.weight": [hidden, ff], p + "input_layernorm.weight": [hidden],
+                   p + "post_attention_layernorm.weight": [hidden]}
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2 * shape[0] * (shape[1] if len(shape) > 1 else 1)
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with weights.open("r+b") as fh:
+        fh.truncate(8 + len(raw) + offset)
+    return folder
+
+
+def write_demo_disk(root: Path) -> Path:
+    """A home folder where LM Studio, Ollama, GPT4All and the Hugging Face hub downloaded models."""
+    import hashlib
+    import json
+
+    home = root / "home"
+    llama8b = dict(layers=32, hidden=4096, heads=32, kv_heads=8, ff=14336, vocab=128256)
+    lms = home / ".lmstudio" / "models"
+    write_gguf_header(lms / "lmstudio-community" / "Qwen2.5-7B-Instruct-GGUF" / "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
+                      "qwen2", "Qwen2.5 7B Instruct", layers=28, hidden=3584, heads=28, kv_heads=4, ff=18944,
+                      vocab=152064, context=32768, quant="Q4_K_M")
+    write_gguf_header(lms / "bartowski" / "Llama-3.2-3B-Instruct-GGUF" / "Llama-3.2-3B-Instruct-Q8_0.gguf",
+                      "llama", "Llama 3.2 3B Instruct", layers=28, hidden=3072, heads=24, kv_heads=8, ff=8192,
+                      vocab=128256, context=131072, quant="Q8_0", tied=True)
+    mistral = lms / "bartowski" / "Mistral-7B-Instruct-v0.3-GGUF" / "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf"
+    cut = write_gguf_header(mistral, "llama", "Mistral 7B Instruct v0.3", layers=32, hidden=4096, heads=32, kv_heads=8,
+                            ff=14336, vocab=32768, context=32768, quant="Q4_K_M")
+    with cut.open("r+b") as fh:  # an interrupted download
+        fh.truncate(cut.stat().st_size * 2 // 5)
+    ollama = home / ".ollama" / "models"
+    blob = write_gguf_header(root / "blob.gguf", "llama", "Meta Llama 3.1 8B Instruct", context=131072,
+                             quant="Q4_K_M", **llama8b)
+    for name, tag, path in (("llama3.1", "8b", blob), ("mistral-nemo", "12b", None)):
+        if path is not None:
+            with path.open("rb") as fh:  # (a stand-in digest: Ollama's is of the whole file)
+                digest = "sha256:" + hashlib.sha256(fh.read(1 << 20)).hexdigest()
+            (ollama / "blobs").mkdir(parents=True, exist_ok=True)
+            path.replace(ollama / "blobs" / digest.replace(":", "-"))
+        else:
+            digest = "sha256:" + "7" * 64
+        manifest = ollama / "manifests" / "registry.ollama.ai" / "library" / name / tag
+        manifest.parent.mkdir(parents=True, exist_ok=True)
+        manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
+            {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": 1}]}))
+    write_gguf_header(home / ".local" / "share" / "nomic.ai" / "GPT4All" / "Meta-Llama-3-8B-Instruct.Q4_0.gguf",
+                      "llama", "Meta Llama 3 8B Instruct", context=8192, quant="Q4_0", **llama8b)
+    write_safetensors_folder(home / ".cache" / "huggingface" / "hub" / "models--HuggingFaceTB--SmolLM2-360M-Instruct"
+                             / "snapshots" / "a1b2c3", layers=32, hidden=960, heads=15, kv_heads=5, ff=2560,
+                             vocab=49152, context=8192)
+    return home
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="use the tiny random test model")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "screenshots")
+    parser.add_argument("--only", nargs="+", choices=SHOTS, default=list(SHOTS), metavar="NAME",
+                        help=f"render only these ({', '.join(SHOTS)})")
     args = parser.parse_args()
+    wanted = set(args.only)
     data = Path(tempfile.mkdtemp(prefix="cachet-shots-"))
     # A throwaway data folder chosen as a user would (so the settings show it as changeable),
     # with the choice itself kept in a throwaway config folder, never the user's.
@@ -50,14 +200,13 @@ def main() -> int:
 
     paths.set_data_dir(data / "data")
 
-    from PySide6.QtCore import QEventLoop, Qt, QTimer
+    from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
     from app.config import AppConfig
     from app.main_window import MainWindow
     from app.settings_dialog import SettingsDialog
-    from engine.specs import CacheSpec, SamplingSettings
-    from engine.store import ChatSettings, ChatStore
+    from engine.store import ChatStore
 
     app = QApplication([])
     app.setStyle("Fusion")
@@ -71,7 +220,9 @@ def main() -> int:
 
         loader = default_loader(AppConfig(device="cpu"))
     sampling: dict[str, object] = {"temperature": 0.0, "max_new_tokens": 160, "repetition_penalty": 1.0}
-    win = MainWindow(store, AppConfig(theme="light", default_sampling=sampling), loader, save_settings=False)
+    # (the first-run hint is off: the chat pictures show the window as it is used every day)
+    win = MainWindow(store, AppConfig(theme="light", default_sampling=sampling, model_hint_dismissed=True), loader,
+                     save_settings=False)
     win.resize(1280, 800)
     win.show()
 
@@ -104,11 +255,49 @@ def main() -> int:
         print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
 
     args.out.mkdir(parents=True, exist_ok=True)
-    win.start_engine()
-    wait(lambda: win.engine.ready or win.engine.load_error is not None)
-    if win.engine.load_error:
-        print(f"error: {win.engine.load_error}", file=sys.stderr)
-        return 1
+    # The picker and the window's first-run hint look in a fake home folder, never the user's.
+    from engine import discovery
+
+    real_locations = discovery.default_locations
+    fake_home = write_demo_disk(data / "disk")
+    discovery.default_locations = lambda *a, **k: real_locations(platform="linux", home=fake_home, env={})
+    discovery.cache_file = lambda: data / "discovery.json"
+    if wanted & set(CHAT_SHOTS):
+        win.start_engine()
+        wait(lambda: win.engine.ready or win.engine.load_error is not None)
+        if win.engine.load_error:
+            print(f"error: {win.engine.load_error}", file=sys.stderr)
+            return 1
+        take_chat_shots(win, store, sampling, wanted, wait, idle, shot)
+
+    if "settings-dialog" in wanted:
+        dialog = SettingsDialog(win.config, win)
+        dialog.show()
+        shot("settings-dialog", dialog)
+        dialog.close()
+
+    if "model-picker" in wanted:
+        from app.model_picker import ModelPicker
+
+        picker = ModelPicker(win.config, win)
+        picker.show()
+        wait(lambda: not picker.scanning)
+        picker.select_name("Qwen2.5-7B-Instruct-Q4_K_M")
+        shot("model-picker", picker)
+        picker.close()
+
+    win.close()
+    store.close()
+    return 0
+
+
+def take_chat_shots(win: Any, store: Any, sampling: dict[str, object], wanted: set[str],
+                    wait: Callable[..., None], idle: Callable[[int], bool], shot: Callable[..., None]) -> None:
+    """The main window with a few chats, in both themes, its settings dock, and a reply streaming."""
+    from PySide6.QtCore import Qt
+
+    from engine.specs import CacheSpec, SamplingSettings
+    from engine.store import ChatSettings
 
     # A few chats for the sidebar, the last one with a lossy strategy.
     for question in ("What is the capital of France?", "Give me three tips for a good night's sleep."):
@@ -132,32 +321,27 @@ def main() -> int:
         win.select_chat(code_chat)
     print(f"code block reply: {'injected through the store' if injected else 'written by the model'}")
 
-    shot("main-light")
-    win.set_theme("dark")
-    shot("main-dark")
-    win.set_theme("light")
+    if "main-light" in wanted:
+        shot("main-light")
+    if "main-dark" in wanted:
+        win.set_theme("dark")
+        shot("main-dark")
+        win.set_theme("light")
 
     win.dock.show()
     win.resizeDocks([win.dock], [400], Qt.Orientation.Horizontal)
     win.settings_panel.verticalScrollBar().setValue(0)
-    shot("chat-settings")
+    if "chat-settings" in wanted:
+        shot("chat-settings")
     win.dock.hide()
 
     # A reply caught while it streams (the Stop button is up).
     win.send("Now make it ignore spaces too.")
     wait(lambda: len(win.controller.runtime(code_chat).text) > 120 or idle(code_chat))
-    shot("streaming")
+    if "streaming" in wanted:
+        shot("streaming")
     win.stop()
     wait(lambda: idle(code_chat))
-
-    dialog = SettingsDialog(win.config, win)
-    dialog.show()
-    shot("settings-dialog", dialog)
-    dialog.close()
-
-    win.close()
-    store.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -137,21 +137,25 @@ def make_front(tiny_lm: LoadedModel) -> Iterator[Callable[..., Front]]:
 
 # ----- the desktop window, driven like a user would ---------------------------------------------------
 @pytest.fixture
-def make_window(qtbot: Any) -> Iterator[Callable[..., Any]]:
+def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
     """Open main windows on this test's data folder (a second one is a restart); closing joins each
-    one's worker thread."""
+    one's worker thread. The window's search for models on this computer (its first-run hint) looks
+    nowhere unless a test points `engine.discovery.default_locations` at a fake layout."""
     from PySide6.QtCore import QCoreApplication, QEvent
 
     from app.config import AppConfig
     from app.main_window import MainWindow
+    from engine import discovery
     from engine.store import ChatStore
+
+    monkeypatch.setattr(discovery, "default_locations", lambda *args, **kwargs: [])
 
     made: list[tuple[Any, Any]] = []
 
     def make(loader: Callable[..., Any] = tiny_loaded_model, sampling: dict[str, Any] | None = None,
-             wait_ready: bool = True) -> MainWindow:
+             wait_ready: bool = True, **settings: Any) -> MainWindow:
         store = ChatStore()
-        config = AppConfig(default_sampling=dict(SHORT if sampling is None else sampling))
+        config = AppConfig(default_sampling=dict(SHORT if sampling is None else sampling), **settings)
         win = MainWindow(store, config, loader, save_settings=False)
         win.show()
         made.append((win, store))

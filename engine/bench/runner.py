@@ -48,6 +48,7 @@ from engine.bench.systems import (
 )
 from engine.caches import CacheSpec
 from engine.caches import fidelity as fidelity_table
+from engine.graphs import GRAPH_MODES
 from engine.models import LoadedModel
 from engine.session import ChatSession, Message, SessionSettings
 from engine.specs import SPECULATIVE_MODES
@@ -99,6 +100,7 @@ class BenchOptions:
     only: tuple[str, ...] = SECTIONS
     chat_cache: str = "dynamic"
     speculative: str = "auto"  # Cachet's speculative decoding; the chat section also runs it "off" to compare
+    graphs: str = "auto"  # Cachet's graph-captured one-token steps (engine/graphs.py): auto = on for CUDA
     plots: bool = True
     command: str = "python -m engine bench"
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -132,6 +134,8 @@ def add_arguments(p: Any) -> None:
     p.add_argument("--speculative", default="auto", choices=[m for m in SPECULATIVE_MODES if m != "draft-model"],
                    help="Cachet's speculative decoding (default auto); the scripted chat is also run with it off. "
                         "A draft model is measured with `python -m engine chat --speculative draft-model --turns`")
+    p.add_argument("--graphs", default="auto", choices=GRAPH_MODES,
+                   help="Cachet's one-token decode steps as captured CUDA graphs (auto: on for CUDA, off for CPU)")
     p.add_argument("--chat-cache", default="dynamic", choices=caches.STRATEGIES,
                    help="the strategy the scripted chat runs with")
     p.add_argument("--no-plots", action="store_true", help="write the JSON and the table only")
@@ -163,7 +167,7 @@ def options_from_args(args: Any, argv: Sequence[str] | None = None) -> BenchOpti
         weights=args.weights, gpu_layers=args.gpu_layers,
         caches=tuple(dict.fromkeys(args.caches or ())), peers=peers, repeat=args.repeat, threads=args.threads,
         only=tuple(dict.fromkeys(args.only)) if args.only else SECTIONS,
-        chat_cache=args.chat_cache, speculative=args.speculative,
+        chat_cache=args.chat_cache, speculative=args.speculative, graphs=args.graphs,
         plots=not args.no_plots, command="python -m engine " + " ".join(words),
     )
 
@@ -300,7 +304,7 @@ class Bench:
             return
         first = self.histories[0]
         for name, spec in self.specs.items():
-            kept = CachetSystem(self.lm, spec, speculative=self.options.speculative)
+            kept = CachetSystem(self.lm, spec, speculative=self.options.speculative, graphs=self.options.graphs)
             base = _gpu_allocated(self.lm.device)
             kept.prepare(first.messages)
             kept.reply(self._follow_up(first, -1), 1)  # warm-up
@@ -317,7 +321,8 @@ class Bench:
             del kept
             if "ttft" not in self.options.only:
                 continue
-            again = CachetSystem(self.lm, spec, reuse=False, speculative=self.options.speculative)
+            again = CachetSystem(self.lm, spec, reuse=False, speculative=self.options.speculative,
+                                 graphs=self.options.graphs)
             again.reply(self._follow_up(first, -1), 1)  # warm-up
             for h in self.histories:
                 replies = [again.reply(self._follow_up(h, r), 1) for r in range(self.repeat)]
@@ -355,8 +360,9 @@ class Bench:
         gen = plan.decode_late_at + plan.decode_window + 1
         histories = [self._history(min(h, self.histories[-1].target if self.histories else h))
                      for h in plan.decode_histories]
-        systems: list[tuple[str, System]] = [(n, CachetSystem(self.lm, s, speculative=self.options.speculative))
-                                                for n, s in self.specs.items()]
+        systems: list[tuple[str, System]] = [
+            (n, CachetSystem(self.lm, s, speculative=self.options.speculative, graphs=self.options.graphs))
+            for n, s in self.specs.items()]
         systems += [(p.name, p) for p in self.peers()]
         for strategy, system in systems:
             system.prepare(histories[0].messages)
@@ -370,6 +376,7 @@ class Bench:
                         "system": system.name, "label": system.label, "strategy": strategy, "history": h.target,
                         "history_tokens": h.tokens, "phase": phase, "at_token": start, "window": plan.decode_window,
                         "tok_s": figure_or_none(r.rate(start, plan.decode_window) for r in replies),
+                        "graphs": system.graphs_note() if isinstance(system, CachetSystem) else None,
                     })
                 speeds = [r.rate(0, plan.decode_window) for r in replies]
                 late = [r.rate(plan.decode_late_at, plan.decode_window) for r in replies]
@@ -475,10 +482,10 @@ class Bench:
         # between runs (llama.cpp's prompt cache no longer matches a new conversation's first turn).
         mode = self.options.speculative
         makers: list[Callable[[], System]] = [
-            lambda: CachetSystem(self.lm, spec, label=f"Cachet {name}", speculative=mode)]
+            lambda: CachetSystem(self.lm, spec, label=f"Cachet {name}", speculative=mode, graphs=self.options.graphs)]
         if mode != "off":  # the same chat decoded one token per step, to show what speculation gives
             makers.append(lambda: CachetSystem(self.lm, spec, label=f"Cachet {name} (no speculation)",
-                                               speculative="off"))
+                                               speculative="off", graphs=self.options.graphs))
         for peer in self.peers():
             makers.append(functools.partial(lambda p: p, peer))
         for make in makers:
@@ -544,6 +551,7 @@ class Bench:
                 "plan": self.plan.__dict__, "history_tokens": [h.tokens for h in self.histories],
                 "strategies": {n: s.to_dict() for n, s in self.specs.items()}, "peers": list(self.options.peers),
                 "chat_cache": self.options.chat_cache, "speculative": self.options.speculative,
+                "graphs": self.options.graphs,
             },
             "bandwidth": {"copy_gb_s": bandwidth.to_dict(), "weights_bytes": lm.weights_bytes,
                           "decode_step_bytes": step_bytes,
@@ -619,6 +627,7 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
     decode_histories = sorted({r["history"] for r in res["decode"]})
     short = decode_histories[0] if decode_histories else None
     long = decode_histories[-1] if decode_histories else None
+    limit = record.get("bandwidth", {}).get("decode_limit_tok_s")
     strategies: dict[str, dict[str, Any]] = {}
     for name in record["settings"]["strategies"]:
         kept = ttft("cachet", name, "kept", longest)
@@ -632,6 +641,8 @@ def summarize(record: dict[str, Any]) -> dict[str, Any]:
             "decode_short_start": decode("cachet", name, short, "start"),
             "decode_short_late": decode("cachet", name, short, "late"),
             "decode_long_start": decode("cachet", name, long, "start"),
+            # of what the memory bandwidth allows for one step reading the weights (issue 11's GPU figure)
+            "decode_share_of_limit": _ratio(decode("cachet", name, short, "start"), limit),
             "kv_bytes_longest": mem[-1]["measured_bytes"] if mem else None,
             "kv_tokens_longest": mem[-1]["tokens"] if mem else None,
             "ppl_ratio": fid["ppl_ratio"] if fid else None, "agreement": fid["agreement"] if fid else None,
@@ -737,6 +748,12 @@ def table(record: dict[str, Any]) -> str:
                         f"{_num(plain, ' tok/s', 1)} without speculation)" if plain is not None else "") + ", "
                      + ", ".join(f"{peer} {_num(p['chat_decode_tok_s'], ' tok/s', 1)}" for peer, p in s["peers"].items()
                                  if p["chat_decode_tok_s"] is not None))
+    shares = {n: r["decode_share_of_limit"] for n, r in s["strategies"].items() if r.get("decode_share_of_limit")}
+    if shares:
+        limit = record.get("bandwidth", {}).get("decode_limit_tok_s")
+        lines.append(f"decode @{short} as a share of the bandwidth limit ({_num(limit, ' tok/s', 1)}; graphs "
+                     f"{record['settings'].get('graphs', 'auto')}): "
+                     + ", ".join(f"{n} {v * 100:.1f}%" for n, v in shares.items()))
     ratios = {k: v for k, v in s["ratios"].items() if v is not None}
     if ratios:
         lines.append("ratios (Cachet dynamic / peer): " + ", ".join(f"{k} {v:.2f}" for k, v in ratios.items()))

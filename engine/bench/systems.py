@@ -24,6 +24,7 @@ from typing import Any, Protocol
 import torch
 
 from engine.caches import CacheSpec
+from engine.graphs import graphs_wanted
 from engine.models import LoadedModel
 from engine.sampling import SamplingSettings
 from engine.session import ChatSession, Message, SessionSettings
@@ -84,13 +85,13 @@ class CachetSystem:
     name = "cachet"
 
     def __init__(self, lm: LoadedModel, spec: CacheSpec, *, reuse: bool = True, label: str | None = None,
-                 speculative: str = "auto") -> None:
+                 speculative: str = "auto", graphs: str = "auto") -> None:
         self.lm = lm
         self.spec = spec
         self.reuse = reuse
         self.label = label or f"Cachet {spec.strategy}" + ("" if reuse else " (recompute)")
         self.session = ChatSession(lm, SessionSettings(cache=spec, sampling=_greedy(1, 0), reuse=reuse,
-                                                       speculative=speculative))
+                                                       speculative=speculative, graphs=graphs))
 
     def _set(self, messages: Sequence[dict[str, str]]) -> None:
         """Make `messages` the conversation, keeping the session's own messages where they agree (their
@@ -116,6 +117,15 @@ class CachetSystem:
             raise RuntimeError(f"{self.label}: {result.stats.error}")
         return Reply(result.stats.ttft_ms, times, result.stats.prompt_tokens, result.stats.reused_tokens,
                      result.reply, result.stats.tokens_per_step)
+
+    def graphs_note(self) -> str:
+        """How the last reply's one-token steps ran: "off", "captured", "uncaptured" (CPU), or why eagerly."""
+        session = self.session
+        if session.graph_fallback:
+            return session.graph_fallback
+        if not graphs_wanted(session.settings.graphs, self.lm.device):
+            return "off"
+        return "captured" if self.lm.device.type == "cuda" else "uncaptured"
 
     def cache_tokens(self) -> int:
         """Conversation tokens the cache stands for now."""

@@ -41,6 +41,10 @@ class GrowingLayer(KVLayer, DynamicLayer):
     adopted into a fresh buffer at the next update.
     """
 
+    # How much to allocate for `needed` tokens when the buffer (of `current` tokens) is too small; None:
+    # `grown_capacity`. Graph-captured decoding (engine/graphs.py) sets its buckets here.
+    capacity_for: Callable[[int, int], int] | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self._kbuf: torch.Tensor | None = None
@@ -51,19 +55,65 @@ class GrowingLayer(KVLayer, DynamicLayer):
                 and view.data_ptr() == buf.data_ptr() and view.shape[:2] == buf.shape[:2]
                 and view.stride() == buf.stride())
 
-    def _allocate(self, needed: int) -> None:
-        """Buffers for at least `needed` tokens holding the current content."""
+    def _fits(self, buf: torch.Tensor | None, like: torch.Tensor, needed: int) -> bool:
+        return (buf is not None and buf.device == like.device and buf.dtype == like.dtype
+                and buf.shape[:2] == like.shape[:2] and buf.shape[-1] == like.shape[-1] and buf.shape[-2] >= needed)
+
+    def _allocate(self, needed: int, capacity: int | None = None) -> None:
+        """Buffers for at least `needed` tokens (exactly `capacity` when given) holding the current content.
+
+        Content set from elsewhere (a sink's eviction, a restore) goes back into the buffer it left when that
+        one still fits, so that the buffer keeps its address (a captured decode graph writes there)."""
         assert self.keys is not None and self.values is not None
         held = self.keys.shape[-2]
-        current = self._kbuf.shape[-2] if self._owns(self.keys, self._kbuf) and self._kbuf is not None else 0
-        capacity = grown_capacity(needed, max(current, held))
-        b, h, _, d = self.keys.shape
-        kbuf = torch.empty((b, h, capacity, d), dtype=self.keys.dtype, device=self.keys.device)
-        vbuf = torch.empty((b, h, capacity, self.values.shape[-1]), dtype=self.values.dtype, device=self.values.device)
-        kbuf[..., :held, :].copy_(self.keys)
-        vbuf[..., :held, :].copy_(self.values)
+        owned = self._owns(self.keys, self._kbuf) and self._owns(self.values, self._vbuf)
+        if (capacity is None and not owned and self._fits(self._kbuf, self.keys, needed)
+                and self._fits(self._vbuf, self.values, needed)):
+            assert self._kbuf is not None and self._vbuf is not None
+            kbuf, vbuf = self._kbuf, self._vbuf
+            keys, values = self.keys, self.values
+            if keys.untyped_storage().data_ptr() == kbuf.untyped_storage().data_ptr():
+                keys = keys.clone()  # a view into the same buffer: copy it out before writing over it
+            if values.untyped_storage().data_ptr() == vbuf.untyped_storage().data_ptr():
+                values = values.clone()
+        else:
+            current = self._kbuf.shape[-2] if owned and self._kbuf is not None else 0
+            if capacity is None:
+                grow = self.capacity_for or grown_capacity
+                capacity = grow(needed, max(current, held))
+            b, h, _, d = self.keys.shape
+            # A graph's step attends over the whole buffer, masked: uninitialised memory could hold NaNs, which
+            # a zero attention weight does not cancel (0 × NaN), so those buffers start zeroed.
+            make = torch.zeros if self.capacity_for is not None else torch.empty
+            kbuf = make((b, h, capacity, d), dtype=self.keys.dtype, device=self.keys.device)
+            vbuf = make((b, h, capacity, self.values.shape[-1]), dtype=self.values.dtype, device=self.values.device)
+            keys, values = self.keys, self.values
+        kbuf[..., :held, :].copy_(keys)
+        vbuf[..., :held, :].copy_(values)
         self._kbuf, self._vbuf = kbuf, vbuf
         self.keys, self.values = kbuf[..., :held, :], vbuf[..., :held, :]
+
+    def reserve(self, capacity: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Hold the content in buffers of exactly `capacity` tokens (moving it once if they are not), and
+        return them: a captured decode step writes its token into them (then `advance` counts it)."""
+        assert self.keys is not None and self.values is not None
+        if capacity < self.keys.shape[-2]:
+            raise ValueError(f"{capacity} tokens cannot hold the {self.keys.shape[-2]} this layer has.")
+        with torch.inference_mode():
+            owned = self._owns(self.keys, self._kbuf) and self._owns(self.values, self._vbuf)
+            if not (owned and self._kbuf is not None and self._kbuf.shape[-2] == capacity):
+                reuse = (not owned and self._kbuf is not None and self._kbuf.shape[-2] == capacity
+                         and self._fits(self._kbuf, self.keys, capacity)
+                         and self._fits(self._vbuf, self.values, capacity))
+                self._allocate(self.keys.shape[-2], None if reuse else capacity)
+        assert self._kbuf is not None and self._vbuf is not None
+        return self._kbuf, self._vbuf
+
+    def advance(self, new: int) -> None:
+        """Count `new` tokens written into the buffers past the content by someone else (a replayed graph)."""
+        assert self.keys is not None and self._kbuf is not None and self._vbuf is not None
+        held = self.keys.shape[-2] + new
+        self.keys, self.values = self._kbuf[..., :held, :], self._vbuf[..., :held, :]
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device

@@ -193,6 +193,11 @@ class SinkLayer(GrowingLayer):
         # they were fed with; the eviction only affects later passes.
         return keys, values
 
+    def advance(self, new: int) -> None:
+        """Count `new` tokens a replayed decode graph wrote past the content (never an evicting step)."""
+        super().advance(new)
+        self.fed += new
+
     def full_kv(self) -> KV | None:
         """Everything stored, in full precision, keys rotated for slots 0..n-1."""
         if not self.is_initialized or self.get_seq_length() == 0:

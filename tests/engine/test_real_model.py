@@ -114,3 +114,32 @@ def test_a_replys_generated_ids_go_where_the_reply_is_not_into_an_earlier_messag
     before_reply = tok(text[: text.rfind(reply)], add_special_tokens=False)["input_ids"]
     assert ids[: len(before_reply)] == before_reply  # the user's message is tokenized as it reads
     assert ids[len(before_reply) : len(before_reply) + len(generated)] == generated
+
+
+def test_a_second_chat_with_a_1k_token_system_prompt_prefills_only_its_own_tokens(real_lm, make_front) -> None:
+    """The acceptance of prefix sharing on the bundled model: the same ~1,000-token system prompt in a
+    second chat comes from the first chat's cache, and the greedy reply is the one from scratch."""
+    tok = real_lm.tokenizer
+    words = LONG_TEXT_PATH.read_text(encoding="utf-8").split()
+    system = " ".join(words[:800])
+    while len(tok(system, add_special_tokens=False)["input_ids"]) < 1000:
+        words = words[800:] + words[:800]
+        system += " " + " ".join(words[:100])
+    system_tokens = len(tok(system, add_special_tokens=False)["input_ids"])
+
+    front = make_front(lm=real_lm)
+    first = front.new_chat(system_prompt=system)
+    front.say(first, "What is this text about?")
+    second = front.new_chat(system_prompt=system)
+    question = "Name one thing the text describes."
+    done = front.say(second, question)
+    assert done.restore is not None and done.restore.source == "shared"
+    assert done.stats.reused_tokens >= system_tokens  # the whole system prompt came from the first chat
+    assert done.stats.prefilled_tokens <= len(tok(question, add_special_tokens=False)["input_ids"]) + 12
+
+    alone = make_front(lm=real_lm)  # another service: nothing to share, every token is prefilled
+    scratch = alone.new_chat(system_prompt=system)
+    alone.store.add_message(scratch, "user", question)
+    reference = alone.service.run_turn(scratch, alone.store.messages(scratch), alone.store.chat(scratch).settings)
+    assert reference.stats.reused_tokens == 0
+    assert done.token_ids == reference.token_ids and done.reply == reference.reply

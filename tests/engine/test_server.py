@@ -305,6 +305,52 @@ def test_the_remote_engine_streams_stops_and_reports_the_servers_cache(serve: Se
         Endpoint("localhost:8471").validate()
 
 
+# What other servers send at the end of a stream (a small fake: only their final chunks differ).
+LLAMA_CPP_END = {"choices": [], "usage": {"prompt_tokens": 120, "completion_tokens": 2, "total_tokens": 122},
+                 "timings": {"cache_n": 100, "prompt_n": 20, "predicted_n": 2}}  # older llama-server: no details
+VLLM_END = {"choices": [], "usage": {"prompt_tokens": 120, "completion_tokens": 2,
+                                     "prompt_tokens_details": {"cached_tokens": 96}}}
+OLLAMA_END = {"choices": [], "usage": {"prompt_tokens": 120, "completion_tokens": 2, "total_tokens": 122}}
+
+
+@pytest.mark.parametrize(("final", "cached"), [(LLAMA_CPP_END, 100), (VLLM_END, 96), (OLLAMA_END, 0)],
+                         ids=["llama.cpp", "vllm", "ollama"])
+def test_the_remote_engine_reads_each_servers_way_of_reporting_its_cache(final: dict[str, Any], cached: int) -> None:
+    import http.server
+
+    from engine.remote import Endpoint, RemoteEngine
+    from engine.session import Message
+
+    bodies: list[dict[str, Any]] = []
+
+    class Fake(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (the standard library's name)
+            bodies.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.end_headers()
+            for chunk in ({"choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hel"}}]},
+                          {"choices": [{"index": 0, "delta": {"content": "lo"}, "finish_reason": "stop"}]}, final):
+                self.wfile.write(f"data: {json.dumps(chunk)}\n\n".encode())
+            self.wfile.write(b"data: [DONE]\n\n")
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        remote = RemoteEngine(Endpoint(f"http://127.0.0.1:{server.server_address[1]}/v1", "m"))
+        done = remote.run_turn(1, [Message("user", "Hi")], GREEDY)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert done.reply == "Hello" and done.finish_reason == "stop"
+    assert done.stats is not None and done.stats.prompt_tokens == 120 and done.stats.generated_tokens == 2
+    assert done.stats.reused_tokens == cached and done.stats.prefilled_tokens == 120 - cached
+    assert bodies[0]["stream"] is True and bodies[0]["stream_options"] == {"include_usage": True}
+
+
 def test_api_keys_stay_in_a_file_only_the_user_can_read(tmp_path: Any) -> None:
     import stat
 

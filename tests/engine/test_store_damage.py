@@ -96,3 +96,48 @@ def test_a_damaged_settings_row_or_token_ids_do_not_stop_reading_the_chats(tmp_p
     assert message.content == "reply" and message.token_ids is None and message.stats is None
     assert message.status == "interrupted"
     store.close()
+
+
+def _crash_image(path: Path, image: Path) -> None:
+    """What a kill leaves: the database and its write-ahead log as they were on disk, never checkpointed."""
+    store = ChatStore(path)
+    chat = store.create_chat()
+    store.add_message(chat.id, "user", "kept")
+    store.close()  # a clean close: checkpointed into the database
+    store = ChatStore(path)
+    store.add_message(chat.id, "user", "written before the kill")
+    store.add_message(chat.id, "assistant", "also written before the kill")
+    image.mkdir()
+    for suffix in ("", "-wal"):
+        (image / (path.name + suffix)).write_bytes(Path(str(path) + suffix).read_bytes())
+    store.close()
+
+
+def test_a_damaged_write_ahead_log_left_by_a_kill_is_noticed_and_kept(tmp_path: Path) -> None:
+    """The fault-injection run found it: a kill leaves the last turn in the -wal only; damage there made
+    SQLite drop it silently (the last clean close's record agreed with what was left)."""
+    _crash_image(tmp_path / "chats.sqlite3", tmp_path / "killed")
+    intact = ChatStore(tmp_path / "killed" / "chats.sqlite3", check=True)
+    [chat] = intact.chats()
+    assert [m.content for m in intact.messages(chat.id)] == ["kept", "written before the kill",
+                                                             "also written before the kill"]
+    assert intact.lost_writes is None  # an intact log left by a kill is replayed, nothing to say
+    intact.close()
+
+    _crash_image(tmp_path / "again.sqlite3", tmp_path / "damaged")
+    path = tmp_path / "damaged" / "again.sqlite3"
+    wal = Path(str(path) + "-wal")
+    data = bytearray(wal.read_bytes())
+    for i in range(32 + 24 + 100, 32 + 24 + 164):  # inside the first frame's page: its checksum fails
+        data[i] ^= 0x5A
+    wal.write_bytes(bytes(data))
+
+    store = ChatStore(path)
+
+    assert [m.content for m in store.messages(chat.id)] == ["kept"]  # SQLite dropped the log
+    assert store.lost_writes is not None and "write-ahead log was damaged" in store.lost_writes
+    [kept] = list(path.parent.glob("again.sqlite3-wal.damaged-*"))
+    assert kept.read_bytes() == bytes(data) and kept.name in store.lost_writes
+    assert not list(path.parent.glob(".*.check"))
+    store.close()
+    assert ChatStore(path).lost_writes is None  # told once
