@@ -227,7 +227,9 @@ class DecodeRunner:
             # eviction): going down and up again would copy and capture each time.
             bucket = bucket_for(held + 1, self.context_length, self.first_bucket)
             for layer in cache.layers:
-                buf = layer._kbuf if isinstance(layer, GrowingLayer) else None
+                if not isinstance(layer, GrowingLayer):
+                    continue
+                buf = layer._kbuf
                 if buf is not None and layer.keys is not None and layer._fits(buf, layer.keys, held + 1):
                     bucket = max(bucket, buf.shape[-2])
         buffers = []
