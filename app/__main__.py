@@ -38,8 +38,8 @@ def default_loader(config: Any) -> Any:
     def load(progress: Callable[[str], None]) -> Any:
         from engine import models
 
-        return models.load(config.model, device=config.device, dtype=config.dtype, offline=not config.online,
-                           progress=progress)
+        return models.load(config.model, device=config.device, dtype=config.dtype, weights=config.weights,
+                           gpu_layers=config.gpu_layers, offline=not config.online, progress=progress)
 
     return load
 

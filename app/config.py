@@ -24,6 +24,9 @@ THEMES = ("system", "light", "dark")
 SOURCES = ("local", "remote")  # the model runs here, or an OpenAI-compatible server answers
 DEFAULT_SERVE_PORT = 8471
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHTS = ("auto", "fp32", "bf16", "fp16", "int8", "int4")  # engine.models.WEIGHT_CHOICES, without importing torch
+_WEIGHT_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+CONVERSIONS = ("once", "every_start")  # a large GGUF: keep a converted copy on disk, or convert it at every start
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
@@ -49,6 +52,13 @@ class AppConfig:
     model_folders: folders the model picker searches besides LM Studio's, Ollama's, GPT4All's and the
         Hugging Face cache (engine/discovery.py), as absolute paths.
     model_hint_dismissed: the "models found on this computer" notice was closed; it is not shown again.
+    weights: the weights' precision — auto (the memory advisor's plan), fp32, bf16, fp16, or int8/int4
+        (optimum-quanto over the `dtype` base). fp32/bf16/fp16 are a dtype themselves: a different
+        explicit `dtype` contradicts them.
+    gpu_layers: decoder layers on the CUDA GPU, the others run from RAM (llama.cpp's n_gpu_layers);
+        None: as the advisor plans (all of them when they fit).
+    gguf_conversion: per GGUF path, the user's answer to converting a large GGUF: "once" (a copy kept on
+        disk) or "every_start" (converted into a temporary folder at each start, no disk kept).
     """
 
     model: str = "default"
@@ -69,6 +79,9 @@ class AppConfig:
     serve_port: int = DEFAULT_SERVE_PORT
     model_folders: list[str] = field(default_factory=list)
     model_hint_dismissed: bool = False
+    weights: str = "auto"
+    gpu_layers: int | None = None
+    gguf_conversion: dict[str, str] = field(default_factory=dict)
 
     def validate(self) -> AppConfig:
         for name in ("model", "device", "dtype", "theme", "default_system_prompt", "engine_source", "remote_url",
@@ -105,6 +118,19 @@ class AppConfig:
         if not isinstance(self.model_hint_dismissed, bool):
             raise ConfigError(f"model_hint_dismissed: must be true or false, not {self.model_hint_dismissed!r}.")
         _check_folders(self.model_folders)
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"weights: {self.weights!r} is not one of {', '.join(WEIGHTS)}.")
+        if self.weights in _WEIGHT_DTYPES and self.dtype not in ("auto", _WEIGHT_DTYPES[self.weights]):
+            raise ConfigError(f"Weights {self.weights} are {_WEIGHT_DTYPES[self.weights]}, so the precision cannot be "
+                              f"{self.dtype}: choose auto, or int8/int4 weights over {self.dtype}.")
+        if self.gpu_layers is not None and (not _is_int(self.gpu_layers) or self.gpu_layers < 0):
+            raise ConfigError("Layers on the GPU: must be automatic (null) or 0 or more.")
+        if self.gpu_layers is not None and self.gpu_layers > 0 and self.device not in ("auto",) \
+                and not self.device.startswith("cuda"):
+            raise ConfigError(f"Layers on the GPU: the device is {self.device}; layers go on a CUDA GPU only.")
+        if not isinstance(self.gguf_conversion, dict) or not all(
+                isinstance(k, str) and v in CONVERSIONS for k, v in self.gguf_conversion.items()):
+            raise ConfigError(f"gguf_conversion: each GGUF path maps to one of {', '.join(CONVERSIONS)}.")
         if self.theme not in THEMES:
             raise ConfigError(f"theme: {self.theme!r} is not one of {', '.join(THEMES)}.")
         if not isinstance(self.default_sampling, dict) or not isinstance(self.default_cache, dict):

@@ -55,7 +55,8 @@ if TYPE_CHECKING:  # imported when first used: the window is shown before anythi
 
 MEMORY_REFRESH_MS = 1000
 BUDGET_SETTINGS = {"kv_budget_mb", "ram_budget_mb", "disk_budget_mb"}
-MODEL_SETTINGS = {"model", "device", "dtype", "online", "engine_source", "remote_url", "remote_model"}
+MODEL_SETTINGS = {"model", "device", "dtype", "weights", "gpu_layers", "online", "engine_source", "remote_url",
+                  "remote_model"}
 MIB = 1024 * 1024
 
 
@@ -681,7 +682,7 @@ class MainWindow(QMainWindow):
     def open_settings(self) -> None:
         from app.settings_dialog import SettingsDialog
 
-        dialog = SettingsDialog(self.config, self)
+        dialog = SettingsDialog(self.config, self, model=self.meters.model)
         if dialog.exec():
             self.apply_config(dialog.result_config(), reconnect=dialog.key_changed)
             if dialog.chosen_data_dir is not None:

@@ -78,10 +78,15 @@ class Meters:
             self.model_label.setToolTip(f"{model.name}, answered by the server at {model.remote}\n"
                                         f"connected in {model.load_seconds:.1f} s\n{model.auto_reason}")
             return
-        self.model_label.setText(f"{model.name} · {model.device} · {model.dtype}")
-        self.model_label.setToolTip(f"{model.name}\nloaded in {model.load_seconds:.1f} s\n"
-                                    f"context: {model.context_length:,} tokens\n"
-                                    f"precision: {model.precision_note or model.dtype}")
+        split = f" · {model.gpu_layers}/{model.layers} layers on GPU" if model.split else ""
+        self.model_label.setText(f"{model.name} · {model.device} · {model.dtype}{split}")
+        tip = (f"{model.name}\nloaded in {model.load_seconds:.1f} s\ncontext: {model.context_length:,} tokens\n"
+               f"precision: {model.precision_note or model.dtype}")
+        if model.weights:
+            tip += f"\nweights: {model.weights}" + (f" ({model.weights_note})" if model.weights_note else "")
+        if model.split:
+            tip += f"\nlayers: {model.split}"
+        self.model_label.setToolTip(tip)
 
     def set_server(self, state: ServerState) -> None:
         """The local server started (its address and what it served, kept current by `refresh_server`)

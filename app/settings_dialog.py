@@ -33,8 +33,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.config import DTYPES, THEMES, AppConfig, ConfigError
+from app.config import DTYPES, THEMES, WEIGHTS, AppConfig, ConfigError
 from app.model_picker import ModelPicker
+from app.protocol import ModelInfo
 from engine import api_keys, paths
 from engine.remote import Endpoint, RemoteError, list_models
 
@@ -45,8 +46,21 @@ class _ModelList(QObject):
     done = Signal(str, object)  # (base URL asked, list of ids or the error text)
 
 
+WEIGHT_NAMES = {"auto": "auto (what fits, most faithful first)", "fp32": "fp32", "bf16": "bf16", "fp16": "fp16",
+                "int8": "int8 (optimum-quanto)", "int4": "int4 (optimum-quanto)"}
+NO_CUDA_TIP = "This machine has no CUDA GPU that torch can use: every layer runs on the device."
+
+
+def cuda_available() -> bool:
+    """Whether torch sees a CUDA GPU (imports torch; the window has already, once its model loaded)."""
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 class SettingsDialog(QDialog):
-    def __init__(self, config: AppConfig, parent: QWidget | None = None) -> None:
+    def __init__(self, config: AppConfig, parent: QWidget | None = None, model: ModelInfo | None = None) -> None:
+        """`model`: the loaded model, whose weight precision and layer split the dialog shows."""
         super().__init__(parent)
         self.setWindowTitle("Cachet settings")
         self.setMinimumWidth(560)
@@ -150,8 +164,34 @@ class SettingsDialog(QDialog):
                                        "Disk space for caches saved as snapshots: idle chats beyond the RAM budget, "
                                        "and every chat when Cachet quits, so a chat resumes after a restart "
                                        "without reading it all again.")
+        self.weights = QComboBox()
+        for w in WEIGHTS:
+            self.weights.addItem(WEIGHT_NAMES[w], w)
+        self.weights.setToolTip("The weights' precision. auto: the memory advisor picks the most faithful one whose "
+                                "weights and a chat of the model's context fit. int8/int4 quantize the linear layers "
+                                "over the precision above, once, and keep the quantized copy on disk.")
+        layers = model.layers if model is not None and model.layers and not model.remote else 0
+        self.gpu_layers = QSpinBox()
+        self.gpu_layers.setRange(-1, layers or 9999)
+        self.gpu_layers.setSpecialValueText("auto")
+        self.gpu_layers.setSuffix(f" of {layers}" if layers else "")
+        self.has_cuda = cuda_available()
+        if self.has_cuda:
+            self.gpu_layers.setToolTip("Decoder layers on the GPU; the others run from RAM on the CPU, slower "
+                                       "(llama.cpp's n_gpu_layers). auto: all of them when they fit, else as many "
+                                       "as fit.")
+        else:
+            self.gpu_layers.setEnabled(False)
+            self.gpu_layers.setToolTip(NO_CUDA_TIP)
+        self.weights_now = QLabel()
+        self.weights_now.setWordWrap(True)
+        self.weights_now.setText(describe_weights(model))
+        self.weights_now.setVisible(bool(self.weights_now.text()))
         form.addRow("Device", self.device)
         form.addRow("Precision", self.dtype)
+        form.addRow("Weights", self.weights)
+        form.addRow("Layers on the GPU", self.gpu_layers)
+        form.addRow(self.weights_now)
         form.addRow("KV cache budget", self.kv_budget)
         form.addRow("RAM for idle chats", self.ram_budget)
         form.addRow("Disk for snapshots", self.disk_budget)
@@ -256,6 +296,8 @@ class SettingsDialog(QDialog):
         self.online.setChecked(c.online)
         self.device.setCurrentText(c.device)
         self.dtype.setCurrentText(c.dtype)
+        self.weights.setCurrentIndex(max(0, self.weights.findData(c.weights)))
+        self.gpu_layers.setValue(-1 if c.gpu_layers is None else c.gpu_layers)
         self.kv_budget.setValue(c.kv_budget_mb)
         self.ram_budget.setValue(-1 if c.ram_budget_mb is None else c.ram_budget_mb)
         self.disk_budget.setValue(c.disk_budget_mb)
@@ -399,11 +441,19 @@ class SettingsDialog(QDialog):
             remote_model=self.remote_model.currentText().strip(), serve=self.serve.isChecked(),
             serve_port=self.serve_port.value(), model_folders=list(self.model_folders),
             model=model, online=self.online.isChecked(), device=self.device.currentText().strip(),
-            dtype=self.dtype.currentText(), kv_budget_mb=self.kv_budget.value(),
+            dtype=self.dtype.currentText(), weights=str(self.weights.currentData()),
+            gpu_layers=self._gpu_layers(), kv_budget_mb=self.kv_budget.value(),
             ram_budget_mb=None if self.ram_budget.value() < 0 else self.ram_budget.value(),
             disk_budget_mb=self.disk_budget.value(),
             theme=str(self.theme.currentData()), default_system_prompt=self.default_prompt.toPlainText().strip(),
         )
+
+    def _gpu_layers(self) -> int | None:
+        """The spin's value, "auto" being None (as the advisor plans); without CUDA the spin is off and the
+        setting stays as it was."""
+        if not self.has_cuda:
+            return self.original.gpu_layers
+        return None if self.gpu_layers.value() < 0 else self.gpu_layers.value()
 
     def check_model(self) -> None:
         """A local model must be there now (a GGUF file, or a folder with config.json): say so here
@@ -444,6 +494,16 @@ class SettingsDialog(QDialog):
             return False
         api_keys.save(url, key)
         return True
+
+
+def describe_weights(model: ModelInfo | None) -> str:
+    """"Now: int4 weights over bfloat16 · 20 of 30 layers on cuda:0, 10 in RAM (why)", for the loaded model."""
+    if model is None or model.remote or not model.weights:
+        return ""
+    # the dtype label already reads "int4 weights over bfloat16" for quantized weights
+    text = f"Now: {model.dtype if model.weights in ('int8', 'int4') else model.weights + ' weights'}"
+    text += f" · {model.split}" if model.split else f" · every layer on {model.device}"
+    return text + (f" ({model.weights_note})" if model.weights_note else "")
 
 
 def _budget_box(minimum: int, special: str, tip: str) -> QSpinBox:
