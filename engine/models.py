@@ -29,6 +29,15 @@ import torch
 
 from engine import paths
 from engine.caches.shape import text_config
+from engine.conversion import (  # noqa: F401  (re-exported: engine.models is where callers look)
+    CONVERTED_FORMAT,
+    atomic_write_text,
+    converted_dir,
+    converted_from,
+    file_sha256,
+    verify_converted,
+    verify_recorded,
+)
 from engine.sources import (  # noqa: F401  (re-exported: engine.models is where callers look)
     BUNDLED_GGUF,
     BUNDLED_PACKAGE,
@@ -39,8 +48,6 @@ from engine.sources import (  # noqa: F401  (re-exported: engine.models is where
     resolve,
 )
 from engine.weights import FLOAT_SIZES, PRECISIONS, QUANTIZED_BITS
-
-CONVERTED_FORMAT = 1  # bump when the layout of converted copies changes
 
 ProgressFn = Callable[[str], None]
 
@@ -162,38 +169,6 @@ def check_weights(weights: str | None, dtype: str | None = None, gpu_layers: int
         raise ModelLoadError(f"--gpu-layers must be 0 or more, not {gpu_layers}.")
 
 
-def file_sha256(path: Path) -> str:
-    """SHA-256 of a file, remembered per (path, size, mtime) so multi-GB files are hashed once."""
-    stat = path.stat()
-    index_path = paths.cache_dir() / "hashes.json"
-    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if key in index:
-        return str(index[key])
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    index[key] = digest.hexdigest()
-    with contextlib.suppress(OSError):
-        atomic_write_text(index_path, json.dumps(index, indent=0))
-    return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def converted_dir(gguf_hash: str) -> Path:
-    return paths.cache_dir() / "models" / f"{gguf_hash[:32]}-v{CONVERTED_FORMAT}"
-
-
 @contextlib.contextmanager
 def _quiet_transformers() -> Iterator[None]:
     """Keep transformers' progress bars and info logs out of the user's terminal."""
@@ -249,44 +224,6 @@ def ensure_converted(gguf: Path, progress: ProgressFn | None = None, *, rebuild:
     return digest, folder
 
 
-def converted_from(folder: Path) -> str | None:
-    """The SHA-256 of the GGUF file a folder was converted from by Cachet, if it was (so that a shipped or
-    copied conversion keeps the GGUF's identity and its chats' snapshots stay valid)."""
-    try:
-        digest = json.loads((folder / "cachet-source.json").read_text()).get("sha256")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return digest if isinstance(digest, str) and len(digest) == 64 else None
-
-
-def verify_converted(folder: Path) -> str | None:
-    """What is wrong with a converted copy (None: every file Cachet recorded is there with its size
-    and SHA-256; copies converted before files were recorded are trusted until they fail to load)."""
-    return verify_recorded(folder, "cachet-source.json", required=False)
-
-
-def verify_recorded(folder: Path, record: str, *, required: bool = True) -> str | None:
-    """What is wrong with a folder whose files' sizes and SHA-256s Cachet recorded in `record` (None: nothing).
-    `required`: a record without a list of files is damaged (else trusted, as old converted copies are)."""
-    try:
-        recorded = json.loads((folder / record).read_text()).get("files")
-    except (OSError, ValueError, AttributeError):
-        return f"its record {record} is missing or damaged"
-    if recorded is None and not required:
-        return None
-    if not isinstance(recorded, dict) or not recorded:
-        return f"its record {record} is damaged"
-    for name, facts in sorted(recorded.items()):
-        path = folder / name
-        if not isinstance(facts, dict) or not path.is_file():
-            return f"{name} is missing"
-        if path.stat().st_size != facts.get("size"):
-            return f"{name} has {path.stat().st_size:,} bytes, not {facts.get('size'):,}"
-        if file_sha256(path) != facts.get("sha256"):
-            return f"{name} does not match its checksum"
-    return None
-
-
 def remove_interrupted_conversions(models_dir: Path) -> list[Path]:
     """Delete the hidden temporary folders of conversions whose process is gone (a kill during a
     first start left a 301 MB one behind)."""
@@ -328,12 +265,14 @@ def _record_files(folder: Path, record_name: str = "cachet-source.json") -> dict
     return record
 
 
-def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str) -> None:
-    """De-quantize a GGUF file once and store it as safetensors + config + tokenizer."""
+def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str, *, every_start: bool = False) -> None:
+    """De-quantize a GGUF file once and store it as safetensors + config + tokenizer (`every_start`: a copy
+    for this start only, as the user chose to save the disk)."""
     from safetensors.torch import save_model
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    progress(f"Converting {gguf.name} (first start only)…")
+    when = "at every start, nothing kept on disk" if every_start else "first start only"
+    progress(f"Converting {gguf.name} ({when})…")
     try:
         config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except Exception as exc:  # gguf raises many kinds of errors on a damaged file
@@ -359,6 +298,21 @@ def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str) -
     os.replace(tmp, target)
 
 
+def _convert_temporarily(gguf: Path, progress: ProgressFn) -> tuple[str, Path]:
+    """(SHA-256 of `gguf`, a converted copy in a hidden folder of the cache folder that the caller removes).
+    Named as an interrupted conversion is (`.NAME.PID.tmp`), so a copy left by a killed process is
+    removed at the next start."""
+    progress(f"Checking {gguf.name}…")
+    digest = file_sha256(gguf)
+    models_dir = paths.cache_dir() / "models"
+    remove_interrupted_conversions(models_dir)
+    folder = models_dir / f".{digest[:32]}-this-start.{os.getpid()}.tmp"
+    shutil.rmtree(folder, ignore_errors=True)
+    with _quiet_transformers():
+        _convert_gguf(gguf, folder, progress, digest, every_start=True)
+    return digest, folder
+
+
 def load(
     spec: str = DEFAULT_MODEL,
     *,
@@ -371,6 +325,7 @@ def load(
     offline: bool = True,
     progress: ProgressFn | None = None,
     rebuilt: bool = False,
+    keep_converted: bool = True,
 ) -> LoadedModel:
     """Load a model for chat.
 
@@ -389,6 +344,9 @@ def load(
         offline: never contact the Hub (a Hub id must then be in the local HF cache).
         progress: called with short human-readable status lines.
         rebuilt: a GGUF's converted copy (or a quantized copy) was just made again (it is not rebuilt twice).
+        keep_converted: a GGUF's converted copy stays in the cache folder for the next start (False: it is
+            converted into a temporary folder, removed once the model is loaded; engine.conversion says
+            how much disk a copy takes).
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -406,76 +364,85 @@ def load(
     dt = pick_dtype(dev, dtype)
     again: dict[str, Any] = {"device": device, "dtype": dtype, "weights": weights, "gpu_layers": gpu_layers,
              "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "offline": offline,
-             "progress": progress, "rebuilt": True}
+             "progress": progress, "rebuilt": True, "keep_converted": keep_converted}
 
-    with _quiet_transformers():
-        if source.kind == "gguf":
-            digest, folder = ensure_converted(Path(source.location), report)
-            identity = f"gguf-sha256:{digest}"
-            load_from = str(folder)
-            extra: dict[str, Any] = {"use_safetensors": True}
-        elif source.kind == "folder":
-            folder = Path(source.location)
-            has_safetensors = any(folder.glob("*.safetensors"))
-            if not has_safetensors and any(folder.glob("*.bin")) and not allow_pickle:
-                raise ModelLoadError(
-                    f"{folder} only has pickle .bin weights, which can run code when loaded. "
-                    "Convert them to safetensors, or allow pickle weights explicitly if you trust the source."
-                )
-            if not has_safetensors and not any(folder.glob("*.bin")):
-                raise ModelLoadError(f"{folder} has a config.json but no weight files.")
-            digest_of_gguf = converted_from(folder)
-            identity = (f"gguf-sha256:{digest_of_gguf}" if digest_of_gguf
-                        else f"folder:{folder}:{_folder_fingerprint(folder)}")
-            load_from, extra = str(folder), {"use_safetensors": has_safetensors}
-        else:
-            identity = f"hub:{source.location}"
-            load_from, extra = source.location, {"use_safetensors": None if allow_pickle else True}
-            if offline:
-                extra["local_files_only"] = True
-
-        report(f"Loading {source.display_name}…")
-        try:
-            config = AutoConfig.from_pretrained(load_from, trust_remote_code=trust_remote_code,
-                                                **({"local_files_only": True} if offline else {}))
-        except Exception as exc:
-            if source.kind != "gguf" or rebuilt:
-                raise ModelLoadError(_explain(source, exc)) from exc
-            config = None
-            failure: Exception | None = exc
-        else:
-            failure = None
-        if config is not None and not trust_remote_code:
-            _check_architecture(config, source.display_name)
-        plan = None if config is None else plan_weights(config, dev, dt, dtype, weights, gpu_layers)
-        if plan is not None:
-            dt = plan.dtype
-        try:
-            if failure is not None:
-                raise failure
-            tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code,
-                                                      **({"local_files_only": True} if offline else {}))
-            if plan is not None and plan.precision in QUANTIZED_BITS:
-                model: Any = _load_quantized(load_from, identity, plan, trust_remote_code, extra, report, dev)
+    temporary: Path | None = None
+    try:
+        with _quiet_transformers():
+            if source.kind == "gguf":
+                if keep_converted:
+                    digest, folder = ensure_converted(Path(source.location), report)
+                else:  # converted into a folder removed once the model is loaded
+                    digest, folder = _convert_temporarily(Path(source.location), report)
+                    temporary = folder
+                identity = f"gguf-sha256:{digest}"
+                load_from = str(folder)
+                extra: dict[str, Any] = {"use_safetensors": True}
+            elif source.kind == "folder":
+                folder = Path(source.location)
+                has_safetensors = any(folder.glob("*.safetensors"))
+                if not has_safetensors and any(folder.glob("*.bin")) and not allow_pickle:
+                    raise ModelLoadError(
+                        f"{folder} only has pickle .bin weights, which can run code when loaded. "
+                        "Convert them to safetensors, or allow pickle weights explicitly if you trust the source."
+                    )
+                if not has_safetensors and not any(folder.glob("*.bin")):
+                    raise ModelLoadError(f"{folder} has a config.json but no weight files.")
+                digest_of_gguf = converted_from(folder)
+                identity = (f"gguf-sha256:{digest_of_gguf}" if digest_of_gguf
+                            else f"folder:{folder}:{_folder_fingerprint(folder)}")
+                load_from, extra = str(folder), {"use_safetensors": has_safetensors}
             else:
-                model = AutoModelForCausalLM.from_pretrained(
-                    load_from, dtype=dt, trust_remote_code=trust_remote_code, **extra
-                )
-        except ModelLoadError:
-            raise
-        except _QuantizedCopyError as exc:  # our quantized copy passed its checks but failed to load: once more
-            if rebuilt:
-                cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
-                raise ModelLoadError(_explain(source, cause)) from exc
-            report(f"The quantized copy of the weights could not be loaded ({exc}); quantizing them again…")
-            shutil.rmtree(exc.folder, ignore_errors=True)
-            return load(spec, **again)
-        except Exception as exc:
-            if source.kind != "gguf" or rebuilt:
-                raise ModelLoadError(_explain(source, exc)) from exc
-            # Our own converted copy failed to load: rebuild it from the GGUF once, then try again.
-            ensure_converted(Path(source.location), report, rebuild=f"{type(exc).__name__}: {exc}"[:200])
-            return load(spec, **again)
+                identity = f"hub:{source.location}"
+                load_from, extra = source.location, {"use_safetensors": None if allow_pickle else True}
+                if offline:
+                    extra["local_files_only"] = True
+
+            report(f"Loading {source.display_name}…")
+            try:
+                config = AutoConfig.from_pretrained(load_from, trust_remote_code=trust_remote_code,
+                                                    **({"local_files_only": True} if offline else {}))
+            except Exception as exc:
+                if source.kind != "gguf" or rebuilt:
+                    raise ModelLoadError(_explain(source, exc)) from exc
+                config = None
+                failure: Exception | None = exc
+            else:
+                failure = None
+            if config is not None and not trust_remote_code:
+                _check_architecture(config, source.display_name)
+            plan = None if config is None else plan_weights(config, dev, dt, dtype, weights, gpu_layers)
+            if plan is not None:
+                dt = plan.dtype
+            try:
+                if failure is not None:
+                    raise failure
+                tokenizer = AutoTokenizer.from_pretrained(load_from, trust_remote_code=trust_remote_code,
+                                                          **({"local_files_only": True} if offline else {}))
+                if plan is not None and plan.precision in QUANTIZED_BITS:
+                    model: Any = _load_quantized(load_from, identity, plan, trust_remote_code, extra, report, dev)
+                else:
+                    model = AutoModelForCausalLM.from_pretrained(
+                        load_from, dtype=dt, trust_remote_code=trust_remote_code, **extra
+                    )
+            except ModelLoadError:
+                raise
+            except _QuantizedCopyError as exc:  # our quantized copy passed its checks but failed to load: once more
+                if rebuilt:
+                    cause = exc.__cause__ if isinstance(exc.__cause__, Exception) else exc
+                    raise ModelLoadError(_explain(source, cause)) from exc
+                report(f"The quantized copy of the weights could not be loaded ({exc}); quantizing them again…")
+                shutil.rmtree(exc.folder, ignore_errors=True)
+                return load(spec, **again)
+            except Exception as exc:
+                if source.kind != "gguf" or rebuilt or temporary is not None:
+                    raise ModelLoadError(_explain(source, exc)) from exc
+                # Our own converted copy failed to load: rebuild it from the GGUF once, then try again.
+                ensure_converted(Path(source.location), report, rebuild=f"{type(exc).__name__}: {exc}"[:200])
+                return load(spec, **again)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
     if getattr(tokenizer, "chat_template", None) is None:
         raise ModelLoadError(f"{source.display_name} has no chat template, so it cannot be used for chat.")
     layers = int(getattr(text_config(model.config), "num_hidden_layers", 0) or 0)

@@ -15,8 +15,9 @@ CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% 
 def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", layers: int = 2, hidden: int = 64,
                heads: int = 4, kv_heads: int = 2, ff: int = 128, vocab: int = 32, context: int = 2048,
                tied: bool = False, chat_template: bool = True, file_type: LlamaFileType | None = LlamaFileType.ALL_F32,
-               dtype: type = np.float32, extra: dict[str, object] | None = None) -> Path:
-    """A llama.cpp-style decoder-only GGUF of `layers` blocks; returns `path`."""
+               dtype: type = np.float32, extra: dict[str, object] | None = None, loadable: bool = False) -> Path:
+    """A llama.cpp-style decoder-only GGUF of `layers` blocks; returns `path`. `loadable`: with the token
+    scores, types and merges transformers' GGUF tokenizer reads, so that models.load opens it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -31,7 +32,14 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
     if file_type is not None:
         writer.add_file_type(file_type)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_token_list(["t", "0", "1", "t1", "t10"] + [f"t{i}" for i in range(5, vocab)] if loadable
+                          else [f"t{i}" for i in range(vocab)])
+    if loadable:
+        writer.add_token_scores([0.0] * vocab)
+        writer.add_token_types([1] * vocab)
+        writer.add_token_merges(["t 1", "t1 0"])
+        writer.add_bos_token_id(0)
+        writer.add_eos_token_id(1)
     if chat_template:
         writer.add_chat_template(CHAT_TEMPLATE)
     for key, value in (extra or {}).items():
