@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import NamedTuple
 
@@ -125,3 +126,9 @@ def free_disk(folder: Path) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+def temporary_dir() -> Path:
+    """Where a GGUF converted at every start is written for the time of loading: the system's temporary
+    folder (often another disk than the cache folder, or memory), in a folder of Cachet's own."""
+    return Path(tempfile.gettempdir()) / "cachet-conversions"

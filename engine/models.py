@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from engine import paths
+from engine import conversion, paths  # noqa: F401  (paths: scripts/bench_weights.py reads models.paths)
 from engine.caches.shape import text_config
 from engine.conversion import (  # noqa: F401  (re-exported: engine.models is where callers look)
     CONVERTED_FORMAT,
@@ -299,14 +299,15 @@ def _convert_gguf(gguf: Path, target: Path, progress: ProgressFn, digest: str, *
 
 
 def _convert_temporarily(gguf: Path, progress: ProgressFn) -> tuple[str, Path]:
-    """(SHA-256 of `gguf`, a converted copy in a hidden folder of the cache folder that the caller removes).
+    """(SHA-256 of `gguf`, a converted copy in a hidden folder of engine.conversion.temporary_dir() that the
+    caller removes).
     Named as an interrupted conversion is (`.NAME.PID.tmp`), so a copy left by a killed process is
     removed at the next start."""
     progress(f"Checking {gguf.name}…")
     digest = file_sha256(gguf)
-    models_dir = paths.cache_dir() / "models"
-    remove_interrupted_conversions(models_dir)
-    folder = models_dir / f".{digest[:32]}-this-start.{os.getpid()}.tmp"
+    temporary = conversion.temporary_dir()
+    remove_interrupted_conversions(temporary)
+    folder = temporary / f".{digest[:32]}-this-start.{os.getpid()}.tmp"
     shutil.rmtree(folder, ignore_errors=True)
     with _quiet_transformers():
         _convert_gguf(gguf, folder, progress, digest, every_start=True)

@@ -4,6 +4,7 @@ and converting at every start into a temporary folder instead of keeping a copy 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from tests.gguf_files import write_gguf
 def test_the_copy_size_is_known_beforehand_and_every_start_keeps_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CACHET_CACHE_DIR", str(tmp_path / "cache"))  # no copy from an earlier run
+    monkeypatch.setattr(conversion, "temporary_dir", lambda: tmp_path / "temp")
     gguf = write_gguf(tmp_path / "Tiny-F32.gguf", loadable=True)
     need = conversion.conversion_need(gguf)
     assert need is not None
@@ -28,7 +30,8 @@ def test_the_copy_size_is_known_beforehand_and_every_start_keeps_nothing(
                      progress=said.append)
     assert lm.identity.startswith(f"gguf-sha256:{models.file_sha256(gguf)}")  # the same identity as a kept copy's
     assert "Converting Tiny-F32.gguf (at every start, nothing kept on disk)…" in said
-    assert list((tmp_path / "cache" / "models").iterdir()) == []  # the temporary copy is gone
+    assert not (tmp_path / "cache" / "models").exists()  # nothing written to the cache folder
+    assert list((tmp_path / "temp").glob(f".*.{os.getpid()}.tmp")) == []  # the temporary copy is gone
     again = conversion.conversion_need(gguf)  # still no copy: the next start converts again
     assert again is not None and again[:2] == need[:2]
 
