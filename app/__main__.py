@@ -39,7 +39,8 @@ def default_loader(config: Any) -> Any:
         from engine import models
 
         return models.load(config.model, device=config.device, dtype=config.dtype, weights=config.weights,
-                           gpu_layers=config.gpu_layers, offline=not config.online, progress=progress)
+                           gpu_layers=config.gpu_layers, offline=not config.online, progress=progress,
+                           keep_converted=config.gguf_conversion.get(config.model.strip()) != "every_start")
 
     return load
 
@@ -133,6 +134,7 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
         QMessageBox.critical(None, "Cachet cannot open its chats", str(exc))
         return 1
     window = MainWindow(store, config, loader or default_loader(config), save_settings=save)
+    window.consent_at_start = loader is None  # a large GGUF without a converted copy: ask before converting it
     claim.serve(window)
     self_test = None
     if args.self_test:

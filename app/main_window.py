@@ -7,7 +7,7 @@ from collections.abc import Callable
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from PySide6.QtCore import QCoreApplication, Qt, QTimer
 from PySide6.QtGui import (
@@ -47,6 +47,7 @@ from app.markdown_render import MarkdownRenderer
 from app.meters import Meters, describe_restore
 from app.protocol import Budgets, CacheRestored, Loader, ModelInfo, ServerState
 from app.sidebar import ChatEntry, Sidebar
+from engine.sources import ModelLoadError
 from engine.specs import AUTO, LOSSY, CacheSpec
 from engine.store import ChatSettings, ChatStore, StoredChat, StoreError
 
@@ -123,6 +124,9 @@ class MainWindow(QMainWindow):
         self.renderer = MarkdownRenderer(self.theme)
 
         self.engine = EngineClient(loader, self)
+        # The configured model is loaded by default_loader: a large GGUF without a converted copy is asked about
+        # at start (app/conversion_consent.py). Off for a loader a test or a caller gives.
+        self.consent_at_start = False
         self.controller = ChatController(store, self.engine, config, self)
 
         # ----- widgets -------------------------------------------------------------------------------
@@ -328,6 +332,8 @@ class MainWindow(QMainWindow):
     def start_engine(self) -> None:
         """Start the worker and load the model (call after the window is shown)."""
         self.meters.loading("Starting the engine…")
+        if self.consent_at_start:
+            self._consent_at_start()
         self.engine.set_budgets(budgets(self.config))
         self.engine.start()
         if self.config.serve:
@@ -340,6 +346,39 @@ class MainWindow(QMainWindow):
             self.hint_scanner = ModelScanner(self)
             self.hint_scanner.finished.connect(self._hint_scanned)
             self.hint_scanner.start(self.config.model_folders, with_fits=False)
+
+    def _consent_at_start(self) -> None:
+        """Ask about converting the configured GGUF before the first load; cancelled, nothing is loaded and
+        the window says why (the settings keep the model, and the next start asks again)."""
+        from app.__main__ import default_loader
+
+        consented = self.consent_to_conversion(self.config)
+        if consented is None:
+            name = Path(self.config.model.strip()).name
+
+            def cancelled(progress: Any = None) -> Any:
+                raise ModelLoadError(f"{name} was not opened: converting it was cancelled. Open it again to convert "
+                                     "it, or choose another model.")
+
+            self.engine.loader = cancelled
+        elif consented != self.config:
+            self.config = self.controller.config = consented
+            if self.save_settings:
+                save_config(consented)
+            self.engine.loader = default_loader(consented)
+
+    def consent_to_conversion(self, config: AppConfig) -> AppConfig | None:
+        """`config` with the user's answer remembered when its model is a large GGUF without a converted copy
+        (app/conversion_consent.py); `config` itself when there is nothing to ask; None when cancelled."""
+        from app import conversion_consent
+
+        question = conversion_consent.question_for(config)
+        if question is None:
+            return config
+        answer = conversion_consent.ask(self, question)
+        if answer is None:
+            return None
+        return config.with_changes(gguf_conversion={**config.gguf_conversion, config.model.strip(): answer})
 
     def shutdown(self) -> None:
         """Stop every reply, join the worker, and store what was streaming."""
@@ -725,7 +764,8 @@ class MainWindow(QMainWindow):
         self.hide_banner("models-found")
         if new.diff(self.config) & MODEL_SETTINGS:
             self.apply_config(new)
-            self.statusBar().showMessage(f"Opening {model.name} ({path})…", 10000)
+            if self.config.model == new.model:  # (not when converting it was cancelled)
+                self.statusBar().showMessage(f"Opening {model.name} ({path})…", 10000)
         else:
             self.statusBar().showMessage(f"{model.name} is already the model in use.", 6000)
         return True
@@ -781,6 +821,14 @@ class MainWindow(QMainWindow):
         """Apply only what changed; a different model is loaded in the worker (`reconnect`: a remote
         server's API key changed, so its connection is made again)."""
         changed = new.diff(self.config) | ({"remote_url"} if reconnect else set())
+        if changed & MODEL_SETTINGS and new.engine_source == "local":
+            consented = self.consent_to_conversion(new)
+            if consented is None:  # cancelled: the model in use stays, the other changes apply
+                self.statusBar().showMessage(f"{Path(new.model.strip()).name} was not opened; the model in use "
+                                             "stays.", 10000)
+                consented = replace(new, **{k: getattr(self.config, k) for k in MODEL_SETTINGS})
+            new = consented
+            changed = new.diff(self.config) | ({"remote_url"} if reconnect else set())
         if not changed:
             return
         self.config = new
