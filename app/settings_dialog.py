@@ -449,10 +449,10 @@ class SettingsDialog(QDialog):
         )
 
     def _gpu_layers(self) -> int | None:
-        """The spin's value, "auto" being None (as the advisor plans); without CUDA the spin is off and the
-        setting stays as it was."""
+        """The spin's value, "auto" being None (as the advisor plans). Without CUDA the spin is off: layers on
+        a GPU (a setting from a machine with one) cannot apply here and go back to auto, 0 stays."""
         if not self.has_cuda:
-            return self.original.gpu_layers
+            return self.original.gpu_layers if not self.original.gpu_layers else None
         return None if self.gpu_layers.value() < 0 else self.gpu_layers.value()
 
     def check_model(self) -> None:

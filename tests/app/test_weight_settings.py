@@ -75,6 +75,10 @@ def test_the_dialog_edits_weights_and_layers_and_shows_the_split(
     qtbot.addWidget(no_gpu)
     assert not no_gpu.gpu_layers.isEnabled() and no_gpu.gpu_layers.toolTip() == sd.NO_CUDA_TIP
     assert no_gpu.weights_now.text() == "" and no_gpu.result_config() == AppConfig(weights="bf16")
+    elsewhere = sd.SettingsDialog(AppConfig(gpu_layers=12))  # from a machine with a GPU: cannot apply here
+    qtbot.addWidget(elsewhere)
+    elsewhere.device.setCurrentText("cpu")
+    assert elsewhere.result_config().gpu_layers is None  # not an error the disabled spin could not fix
 
 
 def test_the_loader_receives_the_weight_settings(monkeypatch: pytest.MonkeyPatch) -> None:
