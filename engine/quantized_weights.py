@@ -88,8 +88,8 @@ def _plain_int4_kept(dtype: torch.dtype, *, always: bool = False) -> Iterator[No
 
     quanto 0.2.7 `WeightQBitsTensor.optimize` unpacks every int4 weight read from a state dict and packs it again
     for the kernel of its device — tinygemm for a bf16 base, AWQ for fp16 on CUDA, else the same plain packing it
-    was saved in. Over an fp32 base that round trip changes nothing and took most of the load (42 of 56 s for the
-    bundled model on a busy 2-core machine), so it is skipped there.
+    was saved in. Over an fp32 base that round trip changes nothing and took most of the load in a profile, so it
+    is skipped there.
     """
     if dtype != torch.float32 and not always:
         yield

@@ -87,9 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     speeds: dict[str, list[float]] = {p: [] for p in loaded}
     for lm in loaded.values():  # warm-up
         decode_seconds(lm, prompt, 4)
-    for _ in range(args.rounds):
+    for round_ in range(args.rounds):
         for p, lm in loaded.items():
             speeds[p].append(args.tokens / decode_seconds(lm, prompt, args.tokens))
+        print(f"round {round_ + 1}: " + ", ".join(f"{p} {v[-1]:.2f} tokens/s" for p, v in speeds.items()), flush=True)
     base = statistics.median(speeds["fp32"]) if "fp32" in speeds else None
     print(f"\ndecode, {args.tokens} tokens after a 64-token prompt, median of {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads:")
