@@ -404,7 +404,7 @@ def load(
             "Leave --gpu-layers out (or 0) to run every layer there."
         )
     dt = pick_dtype(dev, dtype)
-    again = {"device": device, "dtype": dtype, "weights": weights, "gpu_layers": gpu_layers,
+    again: dict[str, Any] = {"device": device, "dtype": dtype, "weights": weights, "gpu_layers": gpu_layers,
              "trust_remote_code": trust_remote_code, "allow_pickle": allow_pickle, "offline": offline,
              "progress": progress, "rebuilt": True}
 
@@ -465,7 +465,8 @@ def load(
             raise
         except _QuantizedCopyError as exc:  # our quantized copy passed its checks but failed to load: once more
             if rebuilt:
-                raise ModelLoadError(_explain(source, exc.__cause__ or exc)) from exc
+                cause = exc.__cause__
+                raise ModelLoadError(_explain(source, cause if isinstance(cause, Exception) else exc)) from exc
             report(f"The quantized copy of the weights could not be loaded ({exc}); quantizing them again…")
             shutil.rmtree(exc.folder, ignore_errors=True)
             return load(spec, **again)
@@ -663,10 +664,11 @@ def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_
             return qw.load(folder, plan.dtype, target, plain=split, trust_remote_code=trust_remote_code)
         except Exception as exc:
             raise _QuantizedCopyError(folder, exc) from exc
-    model = AutoModelForCausalLM.from_pretrained(load_from, dtype=plan.dtype, trust_remote_code=trust_remote_code,
-                                                 **extra)
+    model: Any = AutoModelForCausalLM.from_pretrained(load_from, dtype=plan.dtype,
+                                                      trust_remote_code=trust_remote_code, **extra)
     report(f"Quantizing the weights to {plan.precision} (first load only)…")
-    qw.quantize(model.to(target), plan.precision)  # on the device that runs them: quanto picks its kernel's layout
+    model = model.to(target)
+    qw.quantize(model, plan.precision)  # on the device that runs them: quanto picks its kernel's layout
     report(f"Saving the {plan.precision} copy…")
     try:
         qw.save(model, folder, {"source": identity, "precision": plan.precision,
