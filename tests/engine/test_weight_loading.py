@@ -261,7 +261,7 @@ def test_the_cli_refuses_impossible_weight_settings_before_loading(argv, says, c
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(models, "load", never)
-    for command in (["perplexity", "--text", __file__], ["chat"]):
+    for command in (["perplexity", "--text", __file__], ["chat"], ["serve"], ["bench", "--quick"]):
         assert cli.main([*command, *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and says in err and "\n" not in err
