@@ -556,15 +556,20 @@ def plan_weights(config: Any, device: torch.device, dt: torch.dtype, dtype: str 
     if weights in _PRECISION_DTYPE_NAMES:
         dt = _DTYPES[weights]
     base = _FLOAT_PRECISION.get(dt, "fp32")
-    needs_advice = weights in (None, "auto") or (gpu_layers is None and device.type == "cuda")
+    needs_advice = weights == "auto" or (weights is not None and gpu_layers is None and device.type == "cuda")
     precision = weights if weights not in (None, "auto") else base
     reason = f"{precision} weights: chosen" if weights not in (None, "auto") else ""
     planned_layers: int | None = None
     if needs_advice:
         hw = hardware if hardware is not None else memory.read_hardware(device)
         ask = "auto" if weights in (None, "auto") else weights
-        advice = memory.recommend_weights(config, hw, ask, dtype=dt)
-        plan = advice.weight_plan
+        try:
+            advice = memory.recommend_weights(config, hw, ask, dtype=dt)
+        except Exception:  # an architecture the advisor cannot build on the meta device (remote code): no plan
+            if weights in (None, "auto") and gpu_layers is None:
+                return None
+            advice = None
+        plan = advice.weight_plan if advice is not None else None
         if plan is not None:
             if weights in (None, "auto"):
                 precision = plan.precision
@@ -572,11 +577,12 @@ def plan_weights(config: Any, device: torch.device, dt: torch.dtype, dtype: str 
                     dt = memory.PRECISION_DTYPE[plan.precision]
             if plan.split:
                 planned_layers = plan.gpu_layers
+            assert advice is not None
             reason = f"the advisor's plan: {advice.explanation}" if advice.recommended is not None else (
                 f"the advisor found nothing that fits ({advice.explanation}); loading {plan.describe()}")
-    if gpu_layers is not None:
+    if gpu_layers is not None:  # as llama.cpp's -ngl, a count beyond the layers means all of them
         planned_layers = gpu_layers if gpu_layers < layers else None
-        reason = f"{reason}; {gpu_layers} of {layers} layers on the GPU: chosen".lstrip("; ")
+        reason = f"{reason}; {min(gpu_layers, layers)} of {layers} layers on the GPU: chosen".lstrip("; ")
     if device.type != "cuda":
         planned_layers = None
     probe = (device.type == "cpu" and weights in (None, "auto") and not explicit_dtype and precision == "fp32")

@@ -261,7 +261,7 @@ def test_the_cli_refuses_impossible_weight_settings_before_loading(argv, says, c
         raise AssertionError("a model was loaded")
 
     monkeypatch.setattr(models, "load", never)
-    for command in (["perplexity", "--text", __file__], ["chat"]):
+    for command in (["perplexity", "--text", __file__], ["chat"], ["serve"], ["bench", "--quick"]):
         assert cli.main([*command, *argv]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and says in err and "\n" not in err
@@ -308,3 +308,39 @@ def test_int4_weights_go_plain_for_a_move_and_back_to_their_kernels_layout() -> 
     assert type(q_proj.weight) is kernel_layout
     with torch.no_grad():
         assert torch.equal(model(x).logits, before)
+
+
+CONFIGS = Path(__file__).resolve().parents[1] / "data" / "configs"
+
+
+@pytest.mark.parametrize("name, vram, precision, gpu_layers", [
+    ("gemma-3-12b", 8, "int4", 31),  # README's table: int4, 31 of 48 layers on the GPU
+    ("llama-3.1-8b", 8, "int4", None),  # int4, all 32 layers
+    ("llama-3.1-8b", 24, "bf16", None),
+])
+def test_the_loader_follows_the_advisors_plan_on_a_gpu(name, vram, precision, gpu_layers) -> None:
+    """What `load` would do on a (simulated) GPU machine: the advisor's precision and layer split, unless given."""
+    config = models.load_config(str(CONFIGS / name))
+    hardware = memory.simulated_hardware(vram, 64)
+    cuda = torch.device("cuda")
+    plan = models.plan_weights(config, cuda, torch.bfloat16, None, "auto", None, hardware)
+    assert plan is not None and (plan.precision, plan.gpu_layers) == (precision, gpu_layers)
+    assert plan.dtype == torch.bfloat16 and "advisor" in plan.reason
+    fixed = models.plan_weights(config, cuda, torch.bfloat16, None, "int8", 10, hardware)
+    assert fixed is not None and (fixed.precision, fixed.gpu_layers, fixed.chosen) == ("int8", 10, True)
+    every = models.plan_weights(config, cuda, torch.bfloat16, None, "int4", 999, hardware)
+    assert every is not None and every.gpu_layers is None  # as llama.cpp's -ngl 999: all of them
+
+
+def test_the_loader_follows_the_advisors_plan_on_a_cpu() -> None:
+    """Without a GPU every layer is in RAM; auto takes the advisor's precision (fp32 lets the CPU probe choose)."""
+    config = models.load_config(str(CONFIGS / "llama-3.1-8b"))
+    cpu = torch.device("cpu")
+    for ram, precision in ((256, "fp32"), (24, "bf16"), (20, "int8"), (16, "int4")):
+        hardware = memory.simulated_hardware(None, ram)
+        plan = models.plan_weights(config, cpu, torch.float32, None, "auto", None, hardware)
+        expected = memory.recommend_weights(config, hardware, "auto", dtype=torch.float32).weight_plan
+        assert plan is not None and expected is not None
+        assert plan.precision == expected.precision == precision and plan.gpu_layers is None
+        assert plan.probe == (precision == "fp32")
+    assert models.plan_weights(config, cpu, torch.float32, None, None, None) is None  # weights=None: as dtype says
