@@ -25,6 +25,7 @@ which is what speculative decoding's `auto` mode weighs guesses against (engine/
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import platform
 import statistics
@@ -128,6 +129,9 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     head_module = model.get_output_embeddings()
     rotary = inner.rotary_emb
     text_config = model.config.get_text_config(decoder=True)
+    # Gemma 3's rotary embedding has one frequency table per layer type and asks which one (layer_type).
+    rope_kwargs = ({"layer_type": list(text_config.layer_types)[0]}
+                   if "layer_type" in inspect.signature(rotary.forward).parameters else {})
     hidden = int(text_config.hidden_size)
     layers = int(text_config.num_hidden_layers)
     history = 256
@@ -153,7 +157,7 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
         def feed(caches: list[Any], start: int, n: int) -> None:
             x = torch.randn(1, n, hidden, dtype=dtype)
             pos = torch.arange(start, start + n).unsqueeze(0)
-            position_embeddings = rope(x, pos)
+            position_embeddings = rope(x, pos, **rope_kwargs)
             for layer, cache in zip(stack, caches, strict=True):
                 layer(x, position_embeddings=position_embeddings, **cache_kwargs(layer, cache), position_ids=pos,
                       attention_mask=None, use_cache=True)

@@ -12,12 +12,30 @@ from gguf.constants import LlamaFileType
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
 
 
+# The families whose GGUF files transformers' loader reads, as llama.cpp's converter writes each of them:
+# architecture (Mistral is llama's architecture in llama.cpp), and the tensors a block has beyond llama's.
+FAMILIES = {
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "qwen2",
+    "qwen3": "qwen3",
+    "phi3": "phi3",
+    "gemma2": "gemma2",
+    "gemma3": "gemma3",
+}
+
+
 def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", layers: int = 2, hidden: int = 64,
                heads: int = 4, kv_heads: int = 2, ff: int = 128, vocab: int = 32, context: int = 2048,
                tied: bool = False, chat_template: bool = True, file_type: LlamaFileType | None = LlamaFileType.ALL_F32,
-               dtype: type = np.float32, extra: dict[str, object] | None = None, loadable: bool = False) -> Path:
+               dtype: type = np.float32, extra: dict[str, object] | None = None, loadable: bool = False,
+               head_dim: int | None = None, sliding_window: int | None = None) -> Path:
     """A llama.cpp-style decoder-only GGUF of `layers` blocks; returns `path`. `loadable`: with the token
-    scores, types and merges transformers' GGUF tokenizer reads, so that models.load opens it."""
+    scores, types and merges transformers' GGUF tokenizer reads, so that models.load opens it.
+
+    `arch`: a GGUF architecture with llama.cpp's tensors for it — llama, qwen2 (q/k/v biases), qwen3 (q/k
+    norms), phi3 (fused qkv and gate+up), gemma2 (norms after attention and MLP), gemma3 (both). `head_dim`
+    (default hidden // heads) is written as attention.key_length (read by transformers for gemma)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -40,6 +58,10 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
         writer.add_token_merges(["t 1", "t1 0"])
         writer.add_bos_token_id(0)
         writer.add_eos_token_id(1)
+        if arch == "phi3":  # as llama.cpp writes Phi-3's (else its config's 32000 lies beyond a tiny vocabulary)
+            writer.add_pad_token_id(1)
+        if arch in ("gemma2", "gemma3"):  # transformers builds Gemma's tokenizer with an unknown token
+            writer.add_unk_token_id(vocab - 1)
     if chat_template:
         writer.add_chat_template(CHAT_TEMPLATE)
     for key, value in (extra or {}).items():
@@ -47,8 +69,14 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
             writer.add_uint32(key, value)
         else:
             writer.add_string(key, str(value))
+    head_dim = head_dim or hidden // heads
+    if arch in ("gemma2", "gemma3"):
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    if sliding_window is not None:
+        writer.add_sliding_window(sliding_window)
     rng = np.random.default_rng(0)
-    head_dim = hidden // heads
+    q_out, kv_out = heads * head_dim, kv_heads * head_dim
 
     def tensor(name: str, *shape: int) -> None:  # numpy (out, in) order, as llama.cpp's converter writes
         writer.add_tensor(name, rng.standard_normal(shape).astype(dtype if len(shape) == 2 else np.float32))
@@ -56,13 +84,29 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
     tensor("token_embd.weight", vocab, hidden)
     for i in range(layers):
         tensor(f"blk.{i}.attn_norm.weight", hidden)
-        tensor(f"blk.{i}.attn_q.weight", heads * head_dim, hidden)
-        tensor(f"blk.{i}.attn_k.weight", kv_heads * head_dim, hidden)
-        tensor(f"blk.{i}.attn_v.weight", kv_heads * head_dim, hidden)
-        tensor(f"blk.{i}.attn_output.weight", hidden, heads * head_dim)
+        if arch == "phi3":  # q, k and v in one matrix
+            tensor(f"blk.{i}.attn_qkv.weight", q_out + 2 * kv_out, hidden)
+        else:
+            tensor(f"blk.{i}.attn_q.weight", q_out, hidden)
+            tensor(f"blk.{i}.attn_k.weight", kv_out, hidden)
+            tensor(f"blk.{i}.attn_v.weight", kv_out, hidden)
+        if arch == "qwen2":
+            tensor(f"blk.{i}.attn_q.bias", q_out)
+            tensor(f"blk.{i}.attn_k.bias", kv_out)
+            tensor(f"blk.{i}.attn_v.bias", kv_out)
+        if arch in ("qwen3", "gemma3"):
+            tensor(f"blk.{i}.attn_q_norm.weight", head_dim)
+            tensor(f"blk.{i}.attn_k_norm.weight", head_dim)
+        tensor(f"blk.{i}.attn_output.weight", hidden, q_out)
+        if arch in ("gemma2", "gemma3"):
+            tensor(f"blk.{i}.post_attention_norm.weight", hidden)
+            tensor(f"blk.{i}.post_ffw_norm.weight", hidden)
         tensor(f"blk.{i}.ffn_norm.weight", hidden)
-        tensor(f"blk.{i}.ffn_gate.weight", ff, hidden)
-        tensor(f"blk.{i}.ffn_up.weight", ff, hidden)
+        if arch == "phi3":  # gate and up in one matrix
+            tensor(f"blk.{i}.ffn_up.weight", 2 * ff, hidden)
+        else:
+            tensor(f"blk.{i}.ffn_gate.weight", ff, hidden)
+            tensor(f"blk.{i}.ffn_up.weight", ff, hidden)
         tensor(f"blk.{i}.ffn_down.weight", hidden, ff)
     tensor("output_norm.weight", hidden)
     if not tied:
