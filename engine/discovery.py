@@ -290,10 +290,18 @@ def gguf_architectures() -> frozenset[str]:
 def gguf_model_type(architecture: str, name: str = "") -> str:
     """The transformers model type a GGUF architecture loads as (as `load_gguf_checkpoint` renames it)."""
     arch = architecture.replace("-", "_")
-    if "llama" in arch and "mistral" in name.lower():
+    if "llama" in arch and name == "mistral":  # transformers tests `"mistral" in [general.name]`: the exact name
         return "mistral"
     arch = {"qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}.get(arch, arch)
     return {"gemma3": "gemma3_text", "gemma4": "gemma4_text"}.get(arch, arch)
+
+
+@functools.cache
+def gguf_knows_architecture(name: str) -> bool:
+    """Whether the installed gguf package names this architecture (transformers maps tensor names through it)."""
+    from gguf.constants import MODEL_ARCH_NAMES
+
+    return name in MODEL_ARCH_NAMES.values()
 
 
 @functools.cache
@@ -437,6 +445,10 @@ def _gguf_status(header: GGUFHeader, path: Path) -> tuple[str, str | None]:
         return UNSUPPORTED, f"transformers {_package_version('transformers')} cannot load {arch} GGUF files"
     if model_type not in causal_lm_types():
         return UNSUPPORTED, f"{arch} is not a text-generation architecture of this transformers"
+    if model_type == "mistral" and not gguf_knows_architecture("mistral"):
+        return UNSUPPORTED, (f"named exactly \"mistral\", so transformers {_package_version('transformers')} reads it "
+                             f"as a Mistral model, and the installed gguf package {_package_version('gguf')} has no "
+                             "Mistral tensor names to read it with (\"Unknown gguf model_type: mistral in gguf-py\")")
     bad = sorted({t.type_name for t in header.tensors if not dequantizable(t.ggml_type)})
     if bad:
         return UNSUPPORTED, f"the installed gguf package cannot de-quantize its {', '.join(bad)} tensors"

@@ -82,3 +82,19 @@ def test_a_tiny_gguf_of_each_family_loads_chats_and_reuses_its_cache(
     reused_fresh, logits_fresh = fresh.next_token_logits()
     assert reused_fresh == 0
     assert torch.allclose(logits, logits_fresh, atol=1e-4), family
+
+
+def test_a_llama_gguf_named_exactly_mistral_is_read_as_transformers_reads_it(tmp_path: Path, cache_dir: Path) -> None:
+    """transformers reads a llama GGUF whose general.name is exactly "mistral" as a Mistral model, and maps its
+    tensors through the gguf package's architecture names; where those have no "mistral", it cannot load it,
+    and discovery says so beforehand instead of offering a file that fails."""
+    path = write_gguf(tmp_path / "mistral.gguf", arch="llama", name="mistral", loadable=True)
+    found = discovery.describe_gguf(path)
+    if discovery.gguf_knows_architecture("mistral"):
+        assert found.status == USABLE
+        assert models.load(str(path), device="cpu", dtype="float32").config.model_type == "mistral"
+    else:
+        assert found.status == discovery.UNSUPPORTED
+        assert "named exactly \"mistral\"" in found.reason and "Unknown gguf model_type: mistral" in found.reason
+        with pytest.raises(ModelLoadError, match="Unknown gguf model_type: mistral in gguf-py"):
+            models.load(str(path), device="cpu", dtype="float32")
