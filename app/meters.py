@@ -86,6 +86,8 @@ class Meters:
             tip += f"\nweights: {model.weights}" + (f" ({model.weights_note})" if model.weights_note else "")
         if model.split:
             tip += f"\nlayers: {model.split}"
+        if model.attention_note:
+            tip += f"\nattention: {model.attention_note}"
         self.model_label.setToolTip(tip)
 
     def set_server(self, state: ServerState) -> None:

@@ -416,7 +416,8 @@ def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
     split = f" ({lm.split_label})" if lm.split_label else ""
     print(f"Cachet — {lm.source.display_name} on {lm.device}{split} ({lm.load_seconds:.1f} s to load); "
           f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}; "
-          f"decode graphs: {'on' if graphs_wanted(args.graphs, lm.device) else 'off'}.{kept} "
+          f"decode graphs: {'on' if graphs_wanted(args.graphs, lm.device) else 'off'}; "
+          f"attention {lm.attention_note or lm.attention}.{kept} "
           "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
     while True:
         try:

@@ -74,6 +74,9 @@ class LoadedModel:
     # A decoding step of n tokens relative to a step of one (engine/precision.py; CPU only): what
     # speculative decoding's auto mode weighs guesses against. Empty when not measured.
     step_costs: dict[int, float] = field(default_factory=dict)
+    # The attention kernel (transformers' name: cachet_sdpa, flash_attention_2, ...) and why (engine/kernels.py).
+    attention: str = ""
+    attention_note: str = ""
 
     @property
     def precision_label(self) -> str:
@@ -465,9 +468,7 @@ def load(
     else:
         model.to(dev)
     model.eval()
-    from engine.attention import use_packed_attention
-
-    use_packed_attention(model)  # a few queries over a long cache without copying it (engine/attention.py)
+    attention_note = _choose_attention(model, dev, dt)
     note, costs = "", {}
     precision_name = str(dt).removeprefix("torch.")  # names the weights' precision in the identity (snapshots)
     if plan is not None and plan.precision in QUANTIZED_BITS:
@@ -515,7 +516,31 @@ def load(
         gpu_layers=plan.gpu_layers if split and plan is not None else None,
         layers=layers,
         weights_note="" if plan is None else plan.reason,
+        attention=str(getattr(model.config, "_attn_implementation", "") or ""),
+        attention_note=attention_note,
     )
+
+
+def _choose_attention(model: Any, dev: torch.device, dt: torch.dtype) -> str:
+    """Set `model`'s attention kernel (engine/kernels.py: FlashAttention 2 where installed, supported and safe
+    for every cache strategy a chat can use here; else Cachet's SDPA path); returns the reason."""
+    from engine import caches
+    from engine.attention import use_packed_attention
+    from engine.kernels import FLASH, choose_attention
+
+    choice = choose_attention(
+        device_type=dev.type, capability=torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None,
+        dtype=str(dt), strategies=[s for s, why in caches.availability(dev).items() if why is None])
+    if choice.kernel == FLASH:
+        try:
+            model.set_attn_implementation(FLASH)
+            return choice.reason
+        except (ValueError, ImportError, AttributeError) as exc:  # a model or a flash-attn build transformers refuses
+            reason = f"SDPA: transformers would not run this model with FlashAttention 2 ({exc})"
+    else:
+        reason = choice.reason
+    use_packed_attention(model)  # a few queries over a long cache without copying it (engine/attention.py)
+    return reason
 
 
 _FLOAT_PRECISION = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}

@@ -132,6 +132,8 @@ class ModelInfo:
     gpu_layers: int | None = None  # decoder layers on the GPU when split between GPU and CPU (None: not split)
     layers: int = 0  # decoder layers in all
     split: str = ""  # the split in words ("20 of 30 layers on cuda:0, 10 in RAM"); "" when not split
+    attention: str = ""  # the attention kernel (cachet_sdpa, flash_attention_2, ...): engine/kernels.py
+    attention_note: str = ""  # why that kernel ("SDPA: flash-attn is not installed ...")
     remote: str = ""  # the server's address when a remote engine answers (app/worker.py), else ""
 
     @property

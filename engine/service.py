@@ -572,6 +572,7 @@ class ChatService:
             auto_cache=self._auto, auto_reason=reason, config=lm.config, torch_dtype=lm.dtype,
             precision_note=lm.precision_note, weights=lm.weights, weights_note=lm.weights_note,
             gpu_layers=lm.gpu_layers, layers=lm.layers, split=lm.split_label,
+            attention=lm.attention, attention_note=lm.attention_note,
         )
 
     def _resolved_budgets(self) -> tuple[int, int]:
