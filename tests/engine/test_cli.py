@@ -125,3 +125,12 @@ def test_chat_with_a_draft_model_from_the_command_line(tmp_path, capsys) -> None
     assert code == 0
     records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert len(records) == 2 and all(r["finish_reason"] in ("stop", "length") for r in records)
+
+
+def test_the_interactive_start_line_names_the_attention_kernel_and_why(tiny_folder, tmp_path, capsys,
+                                                                      monkeypatch) -> None:  # noqa: ANN001
+    monkeypatch.setattr("builtins.input", lambda prompt="": "/quit")
+    code = cli.main(["chat", "--model", str(tiny_folder), "--data-dir", str(tmp_path / "data")])
+    assert code == 0
+    start = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("Cachet — "))
+    assert "; attention SDPA: " in start  # on this machine: no flash-attn, or no CUDA GPU
