@@ -107,7 +107,8 @@ def test_a_weight_change_reloads_and_the_status_bar_shows_the_split(
 
     def split_model() -> Any:  # as models.load reports a split (the tiny model stays on the CPU)
         return replace(tiny_loaded_model(), weights="bf16", gpu_layers=1, layers=2,
-                       weights_note="bf16 weights: 1 of 2 layers fit on the GPU")
+                       weights_note="bf16 weights: 1 of 2 layers fit on the GPU", attention="cachet_sdpa",
+                       attention_note="SDPA: flash-attn is not installed")
 
     def loader_for(config: AppConfig) -> Any:
         asked.append((config.weights, config.gpu_layers))
@@ -122,5 +123,6 @@ def test_a_weight_change_reloads_and_the_status_bar_shows_the_split(
     assert label.text().endswith(" · 1/2 layers on GPU")
     assert "weights: bf16 (bf16 weights: 1 of 2 layers fit on the GPU)" in label.toolTip()
     assert "layers: 1 of 2 layers on the GPU, 1 in RAM" in label.toolTip()
+    assert "attention: SDPA: flash-attn is not installed" in label.toolTip()
     win.apply_config(win.config.with_changes(theme="dark"))  # not a model setting: no reload
     assert asked == [("bf16", 1)]
