@@ -135,6 +135,31 @@ def make_front(tiny_lm: LoadedModel) -> Iterator[Callable[..., Front]]:
         made[0].store.close()
 
 
+@pytest.fixture
+def tiny_server(tiny_lm: LoadedModel) -> Iterator[Callable[..., Any]]:
+    """Start OpenAI-compatible servers on the tiny model, each on a free loopback port, with its own
+    service (no snapshots): `start(model_id, defaults, **ServerConfig fields)`; stopped after the test."""
+    from engine.reports import Budgets
+    from engine.server import BackgroundServer, CachetServer, ServerConfig
+    from engine.service import ChatService
+
+    started: list[tuple[Any, Any]] = []
+
+    def start(model_id: str, defaults: Any, **config: Any) -> BackgroundServer:
+        service = ChatService(budgets=Budgets(disk=0))
+        service.load_model(lambda: tiny_lm)
+        http = BackgroundServer(CachetServer(service, ServerConfig(model_id=model_id, defaults=defaults, **config)),
+                                port=0)
+        http.start()
+        started.append((http, service))
+        return http
+
+    yield start
+    for http, service in started:
+        http.stop()
+        service.close(save=False)
+
+
 # ----- the desktop window, driven like a user would ---------------------------------------------------
 @pytest.fixture
 def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:

@@ -9,18 +9,15 @@ from __future__ import annotations
 import threading
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
 import pytest
 
 from engine import api_keys
-from engine.models import LoadedModel
 from engine.remote import Endpoint
-from engine.reports import Budgets
-from engine.server import BackgroundServer, CachetServer, ServerConfig
-from engine.service import ChatService
+from engine.server import BackgroundServer
 from engine.specs import CacheSpec, SamplingSettings
 from engine.store import ChatSettings
 from tests.conftest import SHORT, TURN_TIMEOUT_MS
@@ -38,23 +35,9 @@ def no_system_keyring(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture
-def remote_cachet(tiny_lm: LoadedModel) -> Iterator[Callable[..., BackgroundServer]]:
+def remote_cachet(tiny_server: Callable[..., BackgroundServer]) -> Callable[..., BackgroundServer]:
     """Another Cachet serving the tiny model on a free loopback port (the 'bigger machine')."""
-    started: list[tuple[BackgroundServer, ChatService]] = []
-
-    def start(**config: Any) -> BackgroundServer:
-        service = ChatService(budgets=Budgets(disk=0))
-        service.load_model(lambda: tiny_lm)
-        http = BackgroundServer(CachetServer(service, ServerConfig(model_id="tiny-remote", defaults=GREEDY,
-                                                                   **config)), port=0)
-        http.start()
-        started.append((http, service))
-        return http
-
-    yield start
-    for http, service in started:
-        http.stop()
-        service.close(save=False)
+    return lambda **config: tiny_server("tiny-remote", GREEDY, **config)
 
 
 def _ask(url: str, text: str, max_tokens: int = 12) -> tuple[str, int]:

@@ -10,7 +10,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -18,9 +18,7 @@ import openai
 import pytest
 
 from engine.models import LoadedModel
-from engine.reports import Budgets
-from engine.server import BackgroundServer, CachetServer, ServerConfig, StopMatcher
-from engine.service import ChatService
+from engine.server import BackgroundServer, StopMatcher
 from engine.specs import CacheSpec, SamplingSettings
 from engine.store import ChatSettings
 
@@ -31,23 +29,9 @@ Serve = Callable[..., BackgroundServer]
 
 
 @pytest.fixture
-def serve(tiny_lm: LoadedModel) -> Iterator[Serve]:
+def serve(tiny_server: Callable[..., BackgroundServer]) -> Serve:
     """Start a server on the tiny model on a free loopback port; stopped after the test."""
-    started: list[tuple[BackgroundServer, ChatService]] = []
-
-    def start(**config: Any) -> BackgroundServer:
-        service = ChatService(budgets=Budgets(disk=0))
-        service.load_model(lambda: tiny_lm)
-        http = BackgroundServer(CachetServer(service, ServerConfig(model_id=MODEL, defaults=GREEDY, **config)),
-                                port=0)
-        http.start()
-        started.append((http, service))
-        return http
-
-    yield start
-    for http, service in started:
-        http.stop()
-        service.close(save=False)
+    return lambda **config: tiny_server(MODEL, GREEDY, **config)
 
 
 def client(http: BackgroundServer, key: str = "none") -> openai.OpenAI:
