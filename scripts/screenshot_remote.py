@@ -19,11 +19,11 @@ import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))  # screenshots.py's helpers
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
@@ -65,13 +65,11 @@ def main() -> int:
 
 
 def shoot(out: Path, data: Path, url: str) -> int:
-    os.environ.pop("CACHET_DATA_DIR", None)
-    os.environ["CACHET_CONFIG_DIR"] = str(data / "config")
-    from engine import paths
+    from screenshots import settle, use_throwaway_folders, wait
 
-    paths.set_data_dir(data / "window")
+    use_throwaway_folders(data, "window")
 
-    from PySide6.QtCore import QEventLoop, Qt, QTimer
+    from PySide6.QtCore import Qt
     from PySide6.QtWidgets import QApplication
 
     from app.__main__ import default_loader
@@ -88,18 +86,6 @@ def shoot(out: Path, data: Path, url: str) -> int:
     win.resize(1280, 800)
     win.show()
 
-    def wait(done: Callable[[], bool], timeout: float = 300.0) -> None:
-        end = time.monotonic() + timeout
-        loop = QEventLoop()
-        timer = QTimer()
-        timer.timeout.connect(lambda: loop.quit() if done() or time.monotonic() > end else None)
-        timer.start(50)
-        if not done():
-            loop.exec()
-        timer.stop()
-        if not done():
-            raise TimeoutError("the window did not get there in time")
-
     win.start_engine()
     wait(lambda: win.engine.ready or win.engine.load_error is not None)
     if win.engine.load_error:
@@ -114,8 +100,7 @@ def shoot(out: Path, data: Path, url: str) -> int:
     win.dock.show()
     win.resizeDocks([win.dock], [400], Qt.Orientation.Horizontal)
     win.settings_panel.verticalScrollBar().setValue(0)
-    deadline = time.monotonic() + 0.5
-    wait(lambda: time.monotonic() > deadline)
+    settle()
     out.mkdir(parents=True, exist_ok=True)
     path = out / "remote-server.png"
     win.grab().save(str(path))

@@ -183,6 +183,38 @@ def write_demo_disk(root: Path) -> Path:
     return home
 
 
+def use_throwaway_folders(data: Path, name: str) -> None:
+    """A throwaway data folder `data/name` chosen as a user would (so the settings show it as changeable),
+    with the choice itself kept in a throwaway config folder, never the user's."""
+    os.environ.pop("CACHET_DATA_DIR", None)
+    os.environ["CACHET_CONFIG_DIR"] = str(data / "config")
+    from engine import paths
+
+    paths.set_data_dir(data / name)
+
+
+def wait(done: Callable[[], bool], timeout: float = 300.0) -> None:
+    """Run the event loop (sleeping between events, as the app does) until `done()`."""
+    from PySide6.QtCore import QEventLoop, QTimer
+
+    end = time.monotonic() + timeout
+    loop = QEventLoop()
+    timer = QTimer()
+    timer.timeout.connect(lambda: loop.quit() if done() or time.monotonic() > end else None)
+    timer.start(50)
+    if not done():
+        loop.exec()
+    timer.stop()
+    if not done():
+        raise TimeoutError("the window did not get there in time")
+
+
+def settle() -> None:
+    """A few rounds of layout: word-wrapped labels settle their height after their width."""
+    deadline = time.monotonic() + 0.4
+    wait(lambda: time.monotonic() > deadline)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="use the tiny random test model")
@@ -192,15 +224,8 @@ def main() -> int:
     args = parser.parse_args()
     wanted = set(args.only)
     data = Path(tempfile.mkdtemp(prefix="cachet-shots-"))
-    # A throwaway data folder chosen as a user would (so the settings show it as changeable),
-    # with the choice itself kept in a throwaway config folder, never the user's.
-    os.environ.pop("CACHET_DATA_DIR", None)
-    os.environ["CACHET_CONFIG_DIR"] = str(data / "config")
-    from engine import paths
+    use_throwaway_folders(data, "data")
 
-    paths.set_data_dir(data / "data")
-
-    from PySide6.QtCore import QEventLoop, QTimer
     from PySide6.QtWidgets import QApplication
 
     from app.config import AppConfig
@@ -225,24 +250,6 @@ def main() -> int:
                      save_settings=False)
     win.resize(1280, 800)
     win.show()
-
-    def wait(done: Callable[[], bool], timeout: float = 300.0) -> None:
-        """Run the event loop (sleeping between events, as the app does) until `done()`."""
-        end = time.monotonic() + timeout
-        loop = QEventLoop()
-        timer = QTimer()
-        timer.timeout.connect(lambda: loop.quit() if done() or time.monotonic() > end else None)
-        timer.start(50)
-        if not done():
-            loop.exec()
-        timer.stop()
-        if not done():
-            raise TimeoutError("the window did not get there in time")
-
-    def settle() -> None:
-        # a few rounds of layout: word-wrapped labels settle their height after their width
-        deadline = time.monotonic() + 0.4
-        wait(lambda: time.monotonic() > deadline)
 
     def idle(chat_id: int) -> bool:
         return not win.controller.runtime(chat_id).busy
