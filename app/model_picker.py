@@ -12,6 +12,7 @@ Cachet can open, and `ModelScanner`, which the window's first-run hint uses too.
 
 from __future__ import annotations
 
+import html
 import threading
 from collections.abc import Sequence
 from contextlib import suppress
@@ -178,8 +179,9 @@ FIT_TIPS = {"yes": "fits with its whole context", "sink": "fits only with attent
 class ModelPicker(QDialog):
     """Choose one of the models on this computer.
 
-    `chosen_path` is the chosen model's file or folder once accepted; `folders` the added folders
-    (the caller keeps them in AppConfig.model_folders, whether or not a model was chosen).
+    `chosen_path` is the chosen model's file or folder once accepted; `folders` the added folders, as
+    added and removed here (the caller keeps them in AppConfig.model_folders, whether or not a model
+    was chosen).
 
     Signals:
         scanned(ScanResult): the table shows a new scan.
@@ -214,6 +216,13 @@ class ModelPicker(QDialog):
         top.addWidget(self.add_folder_button)
         top.addWidget(self.rescan_button)
         layout.addLayout(top)
+        # The added folders, each with a link that stops searching it; it wraps however many there are.
+        self.folders_label = QLabel()
+        self.folders_label.setWordWrap(True)
+        self.folders_label.setTextFormat(Qt.TextFormat.RichText)
+        self.folders_label.setTextInteractionFlags(Qt.TextInteractionFlag.LinksAccessibleByMouse
+                                                   | Qt.TextInteractionFlag.LinksAccessibleByKeyboard)
+        layout.addWidget(self.folders_label)
 
         self.model = QStandardItemModel(0, 0, self)
         self.proxy = QSortFilterProxyModel(self)
@@ -256,8 +265,10 @@ class ModelPicker(QDialog):
         self.filter.textChanged.connect(self._filter_changed)
         self.add_folder_button.clicked.connect(self._choose_folder)
         self.rescan_button.clicked.connect(self.rescan)
+        self.folders_label.linkActivated.connect(self._folder_link)
         self.table.selectionModel().selectionChanged.connect(self._selection_changed)
         self.table.doubleClicked.connect(lambda _index: self.accept() if self.selected_path() else None)
+        self._show_folders()
         self.rescan()
 
     # ----- scanning ---------------------------------------------------------------------------------------
@@ -271,6 +282,7 @@ class ModelPicker(QDialog):
                            + (" and your folders" if self.folders else "") + "…")
         self.add_folder_button.setEnabled(False)
         self.rescan_button.setEnabled(False)
+        self.folders_label.setEnabled(False)
         self._update_ok()
         self.scanner.start(self.folders, device=self.config.device)
 
@@ -285,6 +297,7 @@ class ModelPicker(QDialog):
         self.result_ = result
         self.add_folder_button.setEnabled(True)
         self.rescan_button.setEnabled(True)
+        self.folders_label.setEnabled(True)
         self._fill(result)
         usable = len(result.usable)
         if result.error and not result.models:
@@ -461,5 +474,30 @@ class ModelPicker(QDialog):
             self.error.show()
             return False
         self.folders = list(self.config.model_folders)
+        self._show_folders()
         self.rescan()
         return True
+
+    def remove_folder(self, folder: str) -> bool:
+        """Stop searching `folder`, one the user added, and scan again; False when it is not one of them."""
+        self.error.hide()
+        if folder not in self.folders:
+            return False
+        self.config = self.config.with_changes(model_folders=[f for f in self.folders if f != folder])
+        self.folders = list(self.config.model_folders)
+        self._show_folders()
+        self.rescan()
+        return True
+
+    def _folder_link(self, link: str) -> None:
+        kind, _, number = link.partition(":")
+        if kind == "remove" and number.isdigit() and int(number) < len(self.folders):
+            self.remove_folder(self.folders[int(number)])
+
+    def _show_folders(self) -> None:
+        """List the added folders above the table, each with its "Remove" link (hidden when there are none)."""
+        self.folders_label.setVisible(bool(self.folders))
+        items = [f"{html.escape(folder)} (<a href=\"remove:{n}\">Remove</a>)" for n, folder in enumerate(self.folders)]
+        self.folders_label.setText("Your folders: " + ", ".join(items))
+        self.folders_label.setToolTip("Models in these folders are listed too; “Remove” stops looking in one "
+                                      "(the folder and its files stay where they are).")

@@ -169,6 +169,40 @@ def test_an_added_folder_is_searched_kept_in_the_settings_and_its_model_chosen(
     assert again.result_config().model_folders == [str(mine)]
 
 
+def test_an_added_folder_can_be_removed_and_the_settings_keep_that(
+        qtbot: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_window: Any) -> None:
+    look_in(monkeypatch, tmp_path / "empty-home")
+    mine, empty = tmp_path / "my <models>", tmp_path / "nothing here"
+    write_hf_folder(mine / "my-model")
+    empty.mkdir()
+    win = make_window(model_hint_dismissed=True, model_folders=[str(mine), str(empty)])
+    win.save_settings = True
+    picker = win.browse_models()
+    with qtbot.waitSignal(picker.scanned, timeout=SCAN_MS):
+        pass
+    label = picker.folders_label
+    assert label.isVisible() and label.isEnabled()
+    assert label.text() == (f'Your folders: {tmp_path}/my &lt;models&gt; (<a href="remove:0">Remove</a>), '
+                            f'{empty} (<a href="remove:1">Remove</a>)')
+    assert [r["Name"] for r in picker.rows()] == ["my-model"]
+    assert picker.select_name("my-model")
+
+    with qtbot.waitSignal(picker.scanned, timeout=SCAN_MS):
+        label.linkActivated.emit("remove:0")  # as a click on the first folder's "Remove" does
+        assert not label.isEnabled() and "Scanning" in picker.state.text()
+    assert picker.folders == [str(empty)] and picker.rows() == [] and picker.selected_path() is None
+    assert not picker.buttons.button(picker.buttons.StandardButton.Ok).isEnabled()
+    assert label.text() == f'Your folders: {empty} (<a href="remove:0">Remove</a>)'
+    assert mine.is_dir()  # only no longer searched: the folder stays on disk
+    assert not picker.remove_folder(str(mine))  # not one of the added folders (any more)
+
+    with qtbot.waitSignal(picker.scanned, timeout=SCAN_MS):
+        assert picker.remove_folder(str(empty))
+    assert picker.folders == [] and label.isHidden()
+    picker.reject()
+    assert win.config.model_folders == [] and load_config().model_folders == []  # kept as adding is
+
+
 def test_model_folders_are_validated_like_every_setting() -> None:
     assert AppConfig().model_folders == [] and AppConfig().model_hint_dismissed is False
     for bad in (["relative/folder"], [""], "/one/folder", [3], ["/a", "/a"]):
