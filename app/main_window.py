@@ -369,10 +369,14 @@ class MainWindow(QMainWindow):
 
     def consent_to_conversion(self, config: AppConfig) -> AppConfig | None:
         """`config` with the user's answer remembered when its model is a large GGUF without a converted copy
-        (app/conversion_consent.py); `config` itself when there is nothing to ask; None when cancelled."""
+        (app/conversion_consent.py); `config` itself when there is nothing to ask; None when cancelled (the
+        question, or the check before it)."""
         from app import conversion_consent
 
-        question = conversion_consent.question_for(config)
+        try:
+            question = conversion_consent.find_question(self, config)  # in a thread: hashing may take seconds
+        except conversion_consent.CheckCancelled:
+            return None
         if question is None:
             return config
         answer = conversion_consent.ask(self, question)

@@ -1,9 +1,11 @@
 """Before a large GGUF without a converted copy is loaded, the window says how much disk the copy takes and
 offers converting at every start instead; the answer is remembered per model, Cancel keeps the model in
-use, and a disk too full for a copy is said (issue 15 §2). A real GGUF header, a lowered threshold."""
+use, and a disk too full for a copy is said (issue 15 §2); the file is hashed off the GUI thread, and a long
+check says so and can be cancelled. A real GGUF header, a lowered threshold."""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -161,3 +163,78 @@ def test_at_start_the_configured_gguf_is_asked_about_before_it_loads(
     with qtbot.waitSignal(small.engine.model_ready, timeout=LOAD_MS):
         small.start_engine()
     assert len(answers) == 2
+
+
+def test_the_gguf_is_hashed_off_the_gui_thread_while_the_window_keeps_running(
+        qtbot: Any, big_gguf: Path, answers: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        make_window: Any) -> None:
+    from PySide6.QtCore import QTimer
+
+    from engine import conversion
+
+    plan = answers.pop(0)["plan"]
+    _loaded_configs(monkeypatch)
+    real_sha256 = conversion.file_sha256
+    hashed_in: list[threading.Thread] = []
+    gui_ran = threading.Event()
+
+    def sha256_needing_the_gui(path: Path) -> str:
+        hashed_in.append(threading.current_thread())
+        # on the GUI thread (as before) this would wait in vain: the timer below could never fire
+        assert gui_ran.wait(10), "the window handled no event while the file was hashed"
+        return real_sha256(path)
+
+    monkeypatch.setattr(conversion, "file_sha256", sha256_needing_the_gui)
+    win = make_window()
+    QTimer.singleShot(0, gui_ran.set)
+    plan.append("Cancel")
+    win.open_model(big_gguf)
+    assert hashed_in and threading.main_thread() not in hashed_in
+    assert answers[0]["text"].startswith("Opening Big-F32.gguf converts it once into a copy of 305.2 KiB")
+    assert win.config.model == "default"
+
+
+def test_a_long_check_says_so_and_can_be_cancelled(
+        qtbot: Any, big_gguf: Path, answers: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        make_window: Any) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QProgressDialog, QPushButton
+
+    from engine import conversion
+
+    plan = answers.pop(0)["plan"]
+    loaded = _loaded_configs(monkeypatch)
+    real_sha256 = conversion.file_sha256
+    release, hashed = threading.Event(), threading.Event()
+
+    def slow_sha256(path: Path) -> str:  # a file of many GB on a slow disk
+        release.wait(30)
+        digest = real_sha256(path)
+        hashed.set()
+        return digest
+
+    monkeypatch.setattr(conversion, "file_sha256", slow_sha256)
+    win = make_window()
+    shown: list[str] = []
+
+    def cancel_when_shown() -> None:
+        for dialog in win.findChildren(QProgressDialog):
+            if dialog.isVisible() and not shown:
+                shown.append(dialog.labelText())
+                next(b for b in dialog.findChildren(QPushButton) if b.text() == "Cancel").click()
+
+    watch = QTimer()
+    watch.timeout.connect(cancel_when_shown)
+    watch.start(20)
+    win.open_model(big_gguf)
+    assert shown == ["Checking whether Big-F32.gguf was converted before…\n\nThe first time, Cachet reads the whole "
+                     "file once to recognise it, which takes a few seconds for each GB."]
+    assert answers == [] and loaded == [] and win.config.model == "default"  # cancelled: nothing asked or loaded
+    assert win.statusBar().currentMessage() == "Big-F32.gguf was not opened; the model in use stays."
+
+    release.set()  # the hashing ends in the background and is remembered: the next try asks at once
+    qtbot.waitUntil(hashed.is_set)
+    plan.append("Cancel")
+    win.open_model(big_gguf)
+    watch.stop()
+    assert len(shown) == 1 and answers[0]["text"].startswith("Opening Big-F32.gguf converts it once")
