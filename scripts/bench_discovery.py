@@ -25,42 +25,12 @@ VOCAB, MERGES = 128_256, 280_147
 
 
 def write_llama_header(path: Path) -> None:
-    import numpy as np
-    from gguf import GGUFWriter
-    from gguf.constants import GGMLQuantizationType, LlamaFileType
+    """A Llama-3.1-8B-shaped Q4_K_M GGUF with a Llama-3-sized tokenizer; its tensor data is a sparse hole."""
+    from tests.gguf_files import write_gguf
 
-    writer = GGUFWriter(str(path), "llama")
-    writer.add_name("Bench-8B")
-    writer.add_context_length(131072)
-    writer.add_block_count(32)
-    writer.add_embedding_length(4096)
-    writer.add_feed_forward_length(14336)
-    writer.add_head_count(32)
-    writer.add_head_count_kv(8)
-    writer.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"tok{i}" + "x" * (i % 9) for i in range(VOCAB)])
-    writer.add_token_merges([f"a{i} b{i}" for i in range(MERGES)])
-    writer.add_token_types([1] * VOCAB)
-    writer.add_chat_template("{{ messages }}")
-    shapes = [("token_embd.weight", (VOCAB, 4096))]
-    for i in range(32):
-        shapes += [(f"blk.{i}.attn_q.weight", (4096, 4096)), (f"blk.{i}.attn_k.weight", (1024, 4096)),
-                   (f"blk.{i}.attn_v.weight", (1024, 4096)), (f"blk.{i}.attn_output.weight", (4096, 4096)),
-                   (f"blk.{i}.ffn_gate.weight", (14336, 4096)), (f"blk.{i}.ffn_up.weight", (14336, 4096)),
-                   (f"blk.{i}.ffn_down.weight", (4096, 14336)), (f"blk.{i}.attn_norm.weight", (4096,)),
-                   (f"blk.{i}.ffn_norm.weight", (4096,))]
-    shapes += [("output_norm.weight", (4096,)), ("output.weight", (VOCAB, 4096))]
-    for name, shape in shapes:  # tensor infos only: the data is a sparse hole below
-        quantized = len(shape) == 2
-        raw_dtype = GGMLQuantizationType.Q4_K if quantized else GGMLQuantizationType.F32
-        byte_shape = (*shape[:-1], shape[-1] // 256 * 144) if quantized else shape
-        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8 if quantized else np.float32),
-                               int(np.prod(byte_shape)) * (1 if quantized else 4), raw_dtype=raw_dtype)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
+    write_gguf(path, name="Bench-8B", layers=32, hidden=4096, heads=32, kv_heads=8, ff=14336, vocab=VOCAB,
+               context=131072, quant="Q4_K_M", tokens=[f"tok{i}" + "x" * (i % 9) for i in range(VOCAB)],
+               merges=[f"a{i} b{i}" for i in range(MERGES)])
 
 
 def main() -> None:
@@ -77,7 +47,7 @@ def main() -> None:
         folder.mkdir()
         path = folder / "Bench-8B-Q4_K_M.gguf"
         write_llama_header(path)
-        header_size = path.stat().st_size
+        header_size = read_header(path).data_offset
         with path.open("r+b") as fh:
             fh.truncate(int(args.size_gib * 1024**3))
         ours = []

@@ -44,63 +44,7 @@ def is_palindrome(word: str) -> bool:
 For example, `is_palindrome("Level")` returns `True`.'''
 CHAT_SHOTS = ("main-light", "main-dark", "chat-settings", "streaming")
 SHOTS = (*CHAT_SHOTS, "settings-dialog", "model-picker")
-# (file type, tensor type, block size, bytes per block) of the fake GGUF files
-QUANTS = {"Q4_K_M": ("MOSTLY_Q4_K_M", "Q4_K", 256, 144), "Q8_0": ("MOSTLY_Q8_0", "Q8_0", 32, 34),
-          "Q4_0": ("MOSTLY_Q4_0", "Q4_0", 32, 18)}
-
-
-def write_gguf_header(path: Path, arch: str, name: str, *, layers: int, hidden: int, heads: int, kv_heads: int,
-                      ff: int, vocab: int, context: int, quant: str, tied: bool = False) -> Path:
-    """A GGUF file with the header of a real model of this shape and a sparse hole for its tensor data."""
-    import numpy as np
-    from gguf import GGUFWriter
-    from gguf.constants import GGMLQuantizationType, LlamaFileType
-
-    file_type, tensor_type, block, block_bytes = QUANTS[quant]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    writer = GGUFWriter(str(path), arch)
-    writer.add_name(name)
-    writer.add_context_length(context)
-    writer.add_block_count(layers)
-    writer.add_embedding_length(hidden)
-    writer.add_feed_forward_length(ff)
-    writer.add_head_count(heads)
-    writer.add_head_count_kv(kv_heads)
-    writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_file_type(LlamaFileType[file_type])
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list([f"t{i}" for i in range(256)])  # a stand-in vocabulary; the tensors have the real one
-    writer.add_chat_template("{% for m in messages %}{{ m['content'] }}{% endfor %}")
-    head_dim = hidden // heads
-    shapes = [("token_embd.weight", (vocab, hidden))]
-    for i in range(layers):
-        shapes += [(f"blk.{i}.attn_norm.weight", (hidden,)), (f"blk.{i}.ffn_norm.weight", (hidden,)),
-                   (f"blk.{i}.attn_q.weight", (heads * head_dim, hidden)),
-                   (f"blk.{i}.attn_k.weight", (kv_heads * head_dim, hidden)),
-                   (f"blk.{i}.attn_v.weight", (kv_heads * head_dim, hidden)),
-                   (f"blk.{i}.attn_output.weight", (hidden, heads * head_dim)),
-                   (f"blk.{i}.ffn_gate.weight", (ff, hidden)), (f"blk.{i}.ffn_up.weight", (ff, hidden)),
-                   (f"blk.{i}.ffn_down.weight", (hidden, ff))]
-    shapes.append(("output_norm.weight", (hidden,)))
-    if not tied:
-        shapes.append(("output.weight", (vocab, hidden)))
-    for tensor, shape in shapes:
-        if len(shape) == 2:
-            byte_shape = (shape[0], shape[1] // block * block_bytes)
-            raw, dtype, nbytes = GGMLQuantizationType[tensor_type], np.dtype(np.uint8), byte_shape[0] * byte_shape[1]
-        else:
-            byte_shape, raw, dtype, nbytes = shape, GGMLQuantizationType.F32, np.dtype(np.float32), shape[0] * 4
-        writer.add_tensor_info(tensor, byte_shape, dtype, nbytes, raw_dtype=raw)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    from engine.gguf_header import read_header
-
-    expected = read_header(path).expected_size  # where the data starts (aligned) plus the tensors' bytes
-    with path.open("r+b") as fh:
-        fh.truncate(expected)
-    return path
+STAND_IN_VOCAB = [f"t{i}" for i in range(256)]  # the fake GGUF files' vocabulary; their tensors have the real size
 
 
 def write_safetensors_folder(folder: Path, *, layers: int, hidden: int, heads: int, kv_heads: int, ff: int,
@@ -146,23 +90,25 @@ def write_demo_disk(root: Path) -> Path:
     import hashlib
     import json
 
+    from tests.gguf_files import write_gguf
+
     home = root / "home"
     llama8b = dict(layers=32, hidden=4096, heads=32, kv_heads=8, ff=14336, vocab=128256)
     lms = home / ".lmstudio" / "models"
-    write_gguf_header(lms / "lmstudio-community" / "Qwen2.5-7B-Instruct-GGUF" / "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
-                      "qwen2", "Qwen2.5 7B Instruct", layers=28, hidden=3584, heads=28, kv_heads=4, ff=18944,
-                      vocab=152064, context=32768, quant="Q4_K_M")
-    write_gguf_header(lms / "bartowski" / "Llama-3.2-3B-Instruct-GGUF" / "Llama-3.2-3B-Instruct-Q8_0.gguf",
-                      "llama", "Llama 3.2 3B Instruct", layers=28, hidden=3072, heads=24, kv_heads=8, ff=8192,
-                      vocab=128256, context=131072, quant="Q8_0", tied=True)
+    write_gguf(lms / "lmstudio-community" / "Qwen2.5-7B-Instruct-GGUF" / "Qwen2.5-7B-Instruct-Q4_K_M.gguf",
+               arch="qwen2", name="Qwen2.5 7B Instruct", layers=28, hidden=3584, heads=28, kv_heads=4, ff=18944,
+               vocab=152064, context=32768, quant="Q4_K_M", tokens=STAND_IN_VOCAB)
+    write_gguf(lms / "bartowski" / "Llama-3.2-3B-Instruct-GGUF" / "Llama-3.2-3B-Instruct-Q8_0.gguf",
+               name="Llama 3.2 3B Instruct", layers=28, hidden=3072, heads=24, kv_heads=8, ff=8192, vocab=128256,
+               context=131072, quant="Q8_0", tied=True, tokens=STAND_IN_VOCAB)
     mistral = lms / "bartowski" / "Mistral-7B-Instruct-v0.3-GGUF" / "Mistral-7B-Instruct-v0.3-Q4_K_M.gguf"
-    cut = write_gguf_header(mistral, "llama", "Mistral 7B Instruct v0.3", layers=32, hidden=4096, heads=32, kv_heads=8,
-                            ff=14336, vocab=32768, context=32768, quant="Q4_K_M")
+    cut = write_gguf(mistral, name="Mistral 7B Instruct v0.3", layers=32, hidden=4096, heads=32, kv_heads=8,
+                     ff=14336, vocab=32768, context=32768, quant="Q4_K_M", tokens=STAND_IN_VOCAB)
     with cut.open("r+b") as fh:  # an interrupted download
         fh.truncate(cut.stat().st_size * 2 // 5)
     ollama = home / ".ollama" / "models"
-    blob = write_gguf_header(root / "blob.gguf", "llama", "Meta Llama 3.1 8B Instruct", context=131072,
-                             quant="Q4_K_M", **llama8b)
+    blob = write_gguf(root / "blob.gguf", name="Meta Llama 3.1 8B Instruct", context=131072, quant="Q4_K_M",
+                      tokens=STAND_IN_VOCAB, **llama8b)
     for name, tag, path in (("llama3.1", "8b", blob), ("mistral-nemo", "12b", None)):
         if path is not None:
             with path.open("rb") as fh:  # (a stand-in digest: Ollama's is of the whole file)
@@ -175,8 +121,8 @@ def write_demo_disk(root: Path) -> Path:
         manifest.parent.mkdir(parents=True, exist_ok=True)
         manifest.write_text(json.dumps({"schemaVersion": 2, "layers": [
             {"mediaType": "application/vnd.ollama.image.model", "digest": digest, "size": 1}]}))
-    write_gguf_header(home / ".local" / "share" / "nomic.ai" / "GPT4All" / "Meta-Llama-3-8B-Instruct.Q4_0.gguf",
-                      "llama", "Meta Llama 3 8B Instruct", context=8192, quant="Q4_0", **llama8b)
+    write_gguf(home / ".local" / "share" / "nomic.ai" / "GPT4All" / "Meta-Llama-3-8B-Instruct.Q4_0.gguf",
+               name="Meta Llama 3 8B Instruct", context=8192, quant="Q4_0", tokens=STAND_IN_VOCAB, **llama8b)
     write_safetensors_folder(home / ".cache" / "huggingface" / "hub" / "models--HuggingFaceTB--SmolLM2-360M-Instruct"
                              / "snapshots" / "a1b2c3", layers=32, hidden=960, heads=15, kv_heads=5, ff=2560,
                              vocab=49152, context=8192)

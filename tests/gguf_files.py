@@ -1,15 +1,26 @@
 """Real GGUF files for tests, written with the `gguf` package's writer: llama.cpp's tensor names and
-metadata keys, tiny tensors, and a real (byte-level) vocabulary when a test needs one."""
+metadata keys, tiny tensors, and a real (byte-level) vocabulary when a test needs one.
+
+Also the one GGUF writer of the scripts (scripts/screenshots.py's fake home folder, scripts/bench_discovery.py):
+with `quant`, a file has the header of a real model's shape and quantization and a sparse hole in place
+of its tensor data, so that a "4.7 GiB" model takes no disk.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from gguf import GGUFWriter
-from gguf.constants import LlamaFileType
+from gguf.constants import GGMLQuantizationType, LlamaFileType
 
 CHAT_TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}<|assistant|>"
+# A header-only file's quantization: its file type, the type of its matrices (vectors stay F32), and that
+# type's block (elements, bytes).
+QUANTS = {"Q4_K_M": (LlamaFileType.MOSTLY_Q4_K_M, GGMLQuantizationType.Q4_K, 256, 144),
+          "Q8_0": (LlamaFileType.MOSTLY_Q8_0, GGMLQuantizationType.Q8_0, 32, 34),
+          "Q4_0": (LlamaFileType.MOSTLY_Q4_0, GGMLQuantizationType.Q4_0, 32, 18)}
 
 
 # The families whose GGUF files transformers' loader reads, as llama.cpp's converter writes each of them:
@@ -29,13 +40,20 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
                heads: int = 4, kv_heads: int = 2, ff: int = 128, vocab: int = 32, context: int = 2048,
                tied: bool = False, chat_template: bool = True, file_type: LlamaFileType | None = LlamaFileType.ALL_F32,
                dtype: type = np.float32, extra: dict[str, object] | None = None, loadable: bool = False,
-               head_dim: int | None = None, sliding_window: int | None = None) -> Path:
+               head_dim: int | None = None, sliding_window: int | None = None, quant: str | None = None,
+               tokens: Sequence[str] | None = None, merges: Sequence[str] = ()) -> Path:
     """A llama.cpp-style decoder-only GGUF of `layers` blocks; returns `path`. `loadable`: with the token
     scores, types and merges transformers' GGUF tokenizer reads, so that models.load opens it.
 
     `arch`: a GGUF architecture with llama.cpp's tensors for it — llama, qwen2 (q/k/v biases), qwen3 (q/k
     norms), phi3 (fused qkv and gate+up), gemma2 (norms after attention and MLP), gemma3 (both). `head_dim`
-    (default hidden // heads) is written as attention.key_length (read by transformers for gemma)."""
+    (default hidden // heads) is written as attention.key_length (read by transformers for gemma).
+
+    `quant` (a key of QUANTS): the header only, of a model with its matrices in that quantization (and the
+    file type that says so), then a sparse hole as long as their data; the file reads as that model but
+    cannot be loaded. `tokens`: the vocabulary written, when not t0…t{vocab-1} (a short stand-in for a large
+    vocabulary, whose size the tensors still give; or a long one for timing); `merges`: BPE merges written
+    with it, and a type for each token."""
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(str(path), arch)
     writer.add_name(name)
@@ -47,11 +65,15 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
     writer.add_head_count_kv(kv_heads)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_freq_base(10000.0)
+    if quant is not None:
+        file_type = QUANTS[quant][0]
     if file_type is not None:
         writer.add_file_type(file_type)
     writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(["t", "0", "1", "t1", "t10"] + [f"t{i}" for i in range(5, vocab)] if loadable
-                          else [f"t{i}" for i in range(vocab)])
+    if tokens is None:
+        tokens = (["t", "0", "1", "t1", "t10"] + [f"t{i}" for i in range(5, vocab)] if loadable
+                  else [f"t{i}" for i in range(vocab)])
+    writer.add_token_list(list(tokens))
     if loadable:
         writer.add_token_scores([0.0] * vocab)
         writer.add_token_types([1] * vocab)
@@ -62,6 +84,9 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
             writer.add_pad_token_id(1)
         if arch in ("gemma2", "gemma3"):  # transformers builds Gemma's tokenizer with an unknown token
             writer.add_unk_token_id(vocab - 1)
+    elif merges:
+        writer.add_token_merges(list(merges))
+        writer.add_token_types([1] * len(tokens))
     if chat_template:
         writer.add_chat_template(CHAT_TEMPLATE)
     for key, value in (extra or {}).items():
@@ -79,7 +104,15 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
     q_out, kv_out = heads * head_dim, kv_heads * head_dim
 
     def tensor(name: str, *shape: int) -> None:  # numpy (out, in) order, as llama.cpp's converter writes
-        writer.add_tensor(name, rng.standard_normal(shape).astype(dtype if len(shape) == 2 else np.float32))
+        if quant is None:
+            writer.add_tensor(name, rng.standard_normal(shape).astype(dtype if len(shape) == 2 else np.float32))
+        elif len(shape) == 2:  # a matrix: its rows in blocks of the quantized type, as bytes
+            _, raw_dtype, block, block_bytes = QUANTS[quant]
+            byte_shape = (shape[0], shape[1] // block * block_bytes)
+            writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), byte_shape[0] * byte_shape[1],
+                                   raw_dtype=raw_dtype)
+        else:
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), shape[0] * 4, raw_dtype=GGMLQuantizationType.F32)
 
     tensor("token_embd.weight", vocab, hidden)
     for i in range(layers):
@@ -113,8 +146,17 @@ def write_gguf(path: Path, *, arch: str = "llama", name: str = "Tiny Llama", lay
         tensor("output.weight", vocab, hidden)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
+    if quant is None:
+        writer.write_tensors_to_file()
+        writer.close()
+        return path
+    writer.write_ti_data_to_file()
     writer.close()
+    from engine.gguf_header import read_header
+
+    expected = read_header(path).expected_size  # where the data starts (aligned) plus the tensors' bytes
+    with path.open("r+b") as fh:
+        fh.truncate(expected)
     return path
 
 

@@ -114,6 +114,24 @@ def test_a_multi_gigabyte_file_is_listed_from_its_first_megabyte(tmp_path) -> No
     assert model.status == USABLE and model.size_bytes == 6 * GIB
 
 
+def test_a_header_only_gguf_is_described_as_the_real_model_of_its_shape(tmp_path) -> None:
+    """The tests' writer with `quant` (what scripts/screenshots.py and bench_discovery.py use): a Qwen2.5-7B-shaped
+    Q4_K_M header with a stand-in vocabulary reads as that model, its file as long as the real one."""
+    path = write_gguf(tmp_path / "Qwen2.5-7B-Instruct-Q4_K_M.gguf", arch="qwen2", name="Qwen2.5 7B Instruct",
+                      layers=28, hidden=3584, heads=28, kv_heads=4, ff=18944, vocab=152064, context=32768,
+                      quant="Q4_K_M", tokens=[f"t{i}" for i in range(256)])
+    header = read_header(path)
+    assert header.expected_size == path.stat().st_size
+    assert {t.type_name for t in header.tensors} == {"Q4_K", "F32"}  # matrices quantized, vectors (biases) not
+    model = discovery.describe_gguf(path)
+    assert (model.architecture, model.quantization, model.context_length, model.status) == \
+        ("qwen2", "Q4_K_M", 32768, USABLE)
+    assert model.params is not None and round(model.params / 1e9, 2) == 7.62  # as Qwen2.5 7B's model card says
+    assert 3.9 * GIB < model.size_bytes < 4.1 * GIB
+    if hasattr(os.stat_result, "st_blocks"):  # (not on Windows) the data is a hole: nearly no disk is used
+        assert path.stat().st_blocks * 512 < 2**20
+
+
 def test_a_long_vocabulary_is_skipped_by_length(tmp_path) -> None:
     path = write_gguf(tmp_path / "vocab.gguf", vocab=50_000)
     header = read_header(path)
