@@ -31,7 +31,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -43,9 +43,11 @@ from engine import paths
 TYPICAL_PROMPT = 64  # new tokens of a follow-up (the user's message and the template around it)
 TYPICAL_REPLY = 256  # tokens of a reply
 STEP_SIZES = (1, 2, 4, 8)
-PROBE_VERSION = 4
+PROBE_VERSION = 5  # 5: candidates timed in turns, a busy machine's probe taken again
 FP32, BF16, HALF_WEIGHTS = "float32", "bfloat16", "bf16-weights"
 CANDIDATES = (FP32, BF16, HALF_WEIGHTS)
+STEADY_SPREAD = 1.3  # a probe's typical timing within this factor of its fastest (see _steady)
+UNSTEADY_TRIES = 3  # probes kept from a busy machine are taken again at the next starts, this many times in all
 PROBE_STREAM_BYTES = 96 << 20  # fp32 weights the probe streams per step: more than a CPU's last-level cache
 NEVER = 1 << 30  # kernel_max_tokens meaning "always the bf16 kernel" (engine.half_weights.NEVER)
 
@@ -58,6 +60,8 @@ class PrecisionProbe:
     step_s: dict[str, dict[int, float]]  # candidate -> tokens per step -> seconds
     prefill_s: dict[str, float]  # candidate -> seconds for a TYPICAL_PROMPT-token chunk
     kernel_max_tokens: int = 0  # bf16-weights: the most rows a product runs in bf16's own kernel
+    steady: bool = True  # False: the machine was busy while measuring (timings disagreed)
+    tries: int = 1  # probes taken so far on this machine for this model (see measured_probe)
 
     def turn_seconds(self, dtype: str) -> float:
         """A typical turn's estimated time in `dtype`."""
@@ -78,8 +82,10 @@ class PrecisionProbe:
         decode = self.step_s[other][1] / self.step_s[dtype][1]
         prefill = self.prefill_s[other] / self.prefill_s[dtype]
         label = "float32 with bf16 weights for decoding" if dtype == HALF_WEIGHTS else dtype
+        busy = ("; the machine was busy while measuring, so it is measured again at the next start"
+                if not self.steady and self.tries < UNSTEADY_TRIES else "")
         return (f"{label}: measured fastest on this CPU (a typical turn {speed:.2f}× {other}'s speed; "
-                f"decoding {decode:.2f}×, prefill {prefill:.2f}×)")
+                f"decoding {decode:.2f}×, prefill {prefill:.2f}×{busy})")
 
 
 @dataclass
@@ -101,14 +107,29 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _median_seconds(fn: Callable[[], Any], runs: int) -> float:
-    fn()  # warm-up: first calls allocate and pick kernels
-    times = []
-    for _ in range(runs):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def _interleaved_seconds(fns: dict[str, dict[Any, Callable[[], None]]], runs: int) -> dict[str, dict[Any, list[float]]]:
+    """Each candidate's functions timed `runs` times, the candidates taking turns (in a rotating order) in
+    every round, so that a burst of other work on the machine slows each of them alike instead of
+    deciding the comparison; the first call of each is a warm-up (allocation, kernel choice)."""
+    names = list(fns)
+    for timed in fns.values():
+        for fn in timed.values():
+            fn()
+    samples: dict[str, dict[Any, list[float]]] = {name: {label: [] for label in fns[name]} for name in names}
+    for round_ in range(runs):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            for label, fn in fns[name].items():
+                started = time.perf_counter()
+                fn()
+                samples[name][label].append(time.perf_counter() - started)
+    return samples
+
+
+def _steady(times: list[float]) -> bool:
+    """Whether repeated timings of the same work agree well enough to keep: the typical one (the median)
+    within `STEADY_SPREAD` of the fastest. On a quiet machine they are within 2–10% (one slow run is
+    normal); on one busy with other work most runs are slowed, and by different amounts."""
+    return len(times) < 2 or statistics.median(times) <= STEADY_SPREAD * min(times)
 
 
 @torch.inference_mode()
@@ -142,8 +163,9 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     layer_bytes = sum(p.numel() * 4 for p in layer0.parameters())
     copies = max(1, min(layers, -(-PROBE_STREAM_BYTES // max(layer_bytes, 1))))
 
-    def measure(dtype: torch.dtype, kernel_max_tokens: int | None) -> tuple[dict[int, float], float]:
-        """(seconds per step of n tokens, seconds per prefill chunk) for the whole model, estimated."""
+    def timers(dtype: torch.dtype, kernel_max_tokens: int | None) -> dict[Any, Callable[[], None]]:
+        """What to time for one candidate: ("step", n) a step of n tokens through the layer copies, ("head", n)
+        the head scoring n tokens, "prefill" a TYPICAL_PROMPT-token chunk through the copies."""
         stack = [copy.deepcopy(layer0) for _ in range(copies)]
         lm_head = torch.nn.Sequential(copy.deepcopy(head_module))
         if kernel_max_tokens is None:
@@ -173,26 +195,31 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
             for past in pasts:
                 past.crop(-n)
 
-        # The whole model: every layer, and the head scoring every token a step feeds (a verifying step
-        # scores them all) but only the last of a prefill chunk.
-        per_layer = layers / copies
-        head = {n: _median_seconds(partial(score, n), runs) for n in STEP_SIZES}
-        steps = {n: per_layer * _median_seconds(partial(step, n), runs) + head[n] for n in STEP_SIZES}
-        prefill = per_layer * _median_seconds(lambda: feed([DynamicCache() for _ in stack], 0, TYPICAL_PROMPT),
-                                              runs) + head[1]
-        return steps, prefill
+        fns: dict[Any, Callable[[], None]] = {("head", n): partial(score, n) for n in STEP_SIZES}
+        fns.update({("step", n): partial(step, n) for n in STEP_SIZES})
+        fns["prefill"] = lambda: feed([DynamicCache() for _ in stack], 0, TYPICAL_PROMPT)
+        return fns
 
-    step_s: dict[str, dict[int, float]] = {}
-    prefill_s: dict[str, float] = {}
-    step_s[FP32], prefill_s[FP32] = measure(torch.float32, None)
-    step_s[BF16], prefill_s[BF16] = measure(torch.bfloat16, None)
     # bf16 copies of the weights: bf16's kernel serves every decoding pass (one token, or one and the guesses
     # speculation checks: `half_weights.DECODE_ROWS` rows at most), and prefill too where it is faster there.
-    kernel_steps, kernel_prefill = measure(torch.float32, NEVER)
+    candidates = {FP32: (torch.float32, None), BF16: (torch.bfloat16, None), HALF_WEIGHTS: (torch.float32, NEVER)}
+    fns = {name: timers(dtype, kmt) for name, (dtype, kmt) in candidates.items()}
+    samples = _interleaved_seconds(fns, runs)
+
+    # The whole model: every layer, and the head scoring every token a step feeds (a verifying step
+    # scores them all) but only the last of a prefill chunk.
+    per_layer = layers / copies
+    step_s: dict[str, dict[int, float]] = {}
+    prefill_s: dict[str, float] = {}
+    for name, timed in samples.items():
+        median = {label: statistics.median(times) for label, times in timed.items()}
+        step_s[name] = {n: per_layer * median[("step", n)] + median[("head", n)] for n in STEP_SIZES}
+        prefill_s[name] = per_layer * median["prefill"] + median[("head", 1)]
+    kernel_prefill = prefill_s[HALF_WEIGHTS]
     kernel_max = NEVER if kernel_prefill <= prefill_s[FP32] else half_weights.DECODE_ROWS
-    step_s[HALF_WEIGHTS] = kernel_steps
     prefill_s[HALF_WEIGHTS] = min(kernel_prefill, prefill_s[FP32])
-    return PrecisionProbe(step_s, prefill_s, kernel_max)
+    steady = all(_steady(timed[("step", 1)]) for timed in samples.values())
+    return PrecisionProbe(step_s, prefill_s, kernel_max, steady=steady)
 
 
 def _machine_key(identity: str) -> str:
@@ -239,20 +266,31 @@ def _recall(key: str) -> PrecisionProbe | None:
             step_s={d: {int(n): float(s) for n, s in v.items()} for d, v in entry["step_s"].items()},
             prefill_s={d: float(s) for d, s in entry["prefill_s"].items()},
             kernel_max_tokens=int(entry.get("kernel_max_tokens", 0)),
+            steady=bool(entry.get("steady", True)),
+            tries=int(entry.get("tries", 1)),
         )
         return found if set(found.prefill_s) == set(CANDIDATES) else None
     except (KeyError, TypeError, ValueError, AttributeError):
         return None
 
 
+_probed_here: set[str] = set()  # keys measured by this process (a busy machine's probe is retaken at the next start)
+
+
 def measured_probe(model: Any, identity: str, report: Callable[[str], None] | None = None) -> PrecisionProbe:
-    """The probe for this machine and model: remembered, or measured now (about a second) and kept."""
+    """The probe for this machine and model: remembered, or measured now (a few seconds) and kept.
+
+    A probe taken while the machine was busy (`PrecisionProbe.steady` False) is used, and taken again at
+    the next start, up to `UNSTEADY_TRIES` times in all; a steady one is kept for good."""
     key = _machine_key(identity)
     found = _recall(key)
-    if found is None:
+    retake = (found is not None and not found.steady and found.tries < UNSTEADY_TRIES and key not in _probed_here)
+    if found is None or retake:
         if report is not None:
             report("Measuring which precision is fastest on this CPU (once per model)…")
-        found = probe(model)
+        tries = found.tries + 1 if found is not None else 1
+        found = replace(probe(model), tries=tries)
+        _probed_here.add(key)
         _remember(key, found)
     return found
 

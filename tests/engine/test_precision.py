@@ -117,3 +117,52 @@ def test_a_step_reads_the_bf16_copies_not_the_fp32_weights() -> None:
     linear = sum(m.weight.numel() for m in plain.model.modules() if type(m) is torch.nn.Linear)
     assert half_weights.decode_bytes(halved.model) < half_weights.decode_bytes(plain.model)
     assert half_weights.decode_bytes(halved.model) >= linear * 2  # the copies, at 2 bytes a weight
+
+
+def test_the_candidates_take_turns_so_a_burst_of_other_work_slows_each_alike() -> None:
+    order: list[str] = []
+    fns = {name: {"step": (lambda name=name: order.append(name))} for name in CANDIDATES}
+    samples = precision._interleaved_seconds(fns, runs=3)
+    timed = order[len(CANDIDATES):]  # after one warm-up call each
+    rounds = [timed[i:i + len(CANDIDATES)] for i in range(0, len(timed), len(CANDIDATES))]
+    assert all(sorted(r) == sorted(CANDIDATES) for r in rounds)  # every round times every candidate once
+    assert len({r[0] for r in rounds}) == 3  # each round starts with another one
+    assert all(len(samples[name]["step"]) == 3 for name in CANDIDATES)
+
+
+def test_timings_that_disagree_mark_the_probe_unsteady() -> None:
+    assert precision._steady([0.010, 0.011, 0.012, 0.010, 0.030])  # one slow run is normal
+    assert not precision._steady([0.010, 0.019, 0.030, 0.014, 0.050])  # most runs slowed: something else ran
+
+
+def test_a_probe_from_a_busy_machine_is_taken_again_at_later_starts(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dataclasses import replace
+
+    calls = []
+
+    def busy_probe(model, runs=5):  # noqa: ANN001, ANN202
+        calls.append(model)
+        return replace(_probe(1.7, 0.9), steady=False)
+
+    monkeypatch.setattr(precision, "probe", busy_probe)
+    monkeypatch.setattr(precision, "_probed_here", set())
+    folder = save_tiny_folder(tmp_path / "tiny")
+    lm = models.load(str(folder), device="cpu")
+    assert len(calls) == 1 and "measured again at the next start" in lm.precision_note
+    models.load(str(folder), device="cpu")
+    assert len(calls) == 1  # not again in the same process
+    for start in range(2, precision.UNSTEADY_TRIES + 2):  # later starts: a new process each
+        monkeypatch.setattr(precision, "_probed_here", set())
+        lm = models.load(str(folder), device="cpu")
+        assert len(calls) == min(start, precision.UNSTEADY_TRIES)
+    assert "measured again" not in lm.precision_note  # after the last try it is kept as it is
+    # a steady probe is kept for good
+    monkeypatch.setattr(precision, "probe", lambda model, runs=5: _probe(1.7, 0.9))
+    precision._table_path().unlink()
+    monkeypatch.setattr(precision, "_probed_here", set())
+    models.load(str(folder), device="cpu")
+    monkeypatch.setattr(precision, "_probed_here", set())
+    monkeypatch.setattr(precision, "probe", busy_probe)
+    models.load(str(folder), device="cpu")
+    assert len(calls) == precision.UNSTEADY_TRIES
