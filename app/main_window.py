@@ -697,6 +697,15 @@ class MainWindow(QMainWindow):
         model = self.engine.model
         here = "gpu" if model is not None and model.on_gpu else "ram"
         held = [rt.cache for rt in self.controller.runtimes.values() if rt.cache is not None and rt.cache.bytes]
+        if model is not None and model.gpu_layers is not None:  # split between GPU and CPU: KV on both
+            ready = [c for c in held if c.where == "gpu"]
+            moved = [c for c in held if c.where == "ram"]
+            free = self.meters.refresh_split_memory(
+                sum(c.gpu_bytes for c in ready), len(ready),
+                sum(c.bytes - c.gpu_bytes for c in ready) + sum(c.bytes for c in moved), len(moved))
+            if free:
+                self.settings_panel.set_free_memory(free)
+            return
         warm = [c for c in held if c.where == here]
         idle = [c for c in held if c.where == "ram" and here != "ram"]  # with a GPU: moved to RAM
         free = self.meters.refresh_memory(sum(c.bytes for c in warm), len(warm), sum(c.bytes for c in idle), len(idle))

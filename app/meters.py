@@ -48,8 +48,8 @@ class Meters:
         self.server_label = QLabel()
         self.server_label.hide()
         self.server: ServerState = ServerState(False)
-        self.memory_label.setToolTip("Memory held by the model's weights and by the KV caches of all chats, "
-                                     "and what is still free")
+        self.memory_tip = "Memory held by the model's weights and by the KV caches of all chats, and what is still free"
+        self.memory_label.setToolTip(self.memory_tip)
         self.turn_tip = ("The last reply: prompt tokens reused from the cache vs. computed, time to first token, "
                          "decoding speed")
         self.turn_label.setToolTip(self.turn_tip)
@@ -123,6 +123,7 @@ class Meters:
             self.memory_label.setText("")
             return 0
         self.free = free_bytes(self.model.device)
+        self.memory_label.setToolTip(self.memory_tip)
         on_gpu = self.model.on_gpu
         text = (f"{'VRAM' if on_gpu else 'RAM'}: weights {human_bytes(self.model.weights_bytes)} · "
                 f"KV {human_bytes(kv_bytes)} ({warm_chats} chat{'s' if warm_chats != 1 else ''}) · "
@@ -131,6 +132,25 @@ class Meters:
             text += (f"  |  RAM: KV {human_bytes(ram_kv_bytes)} ({ram_chats} idle chat{'s' if ram_chats != 1 else ''})"
                      f" · free {human_bytes(free_bytes('cpu'))}")
         self.memory_label.setText(text)
+        return self.free
+
+    def refresh_split_memory(self, gpu_kv: int, ready_chats: int, ram_kv: int, idle_chats: int) -> int:
+        """The memory meter of a model split between GPU and CPU, each layer's KV where the layer runs: the GPU's
+        weights and KV, then RAM's (the ready chats' layers in RAM and the idle chats moved there); returns the
+        GPU's free bytes."""
+        if self.model is None:
+            return 0
+        model = self.model
+        self.free = free_bytes(model.gpu_device or "cuda")
+        idle = f", {idle_chats} idle chat{'s' if idle_chats != 1 else ''}" if idle_chats else ""
+        self.memory_label.setText(
+            f"VRAM: weights {human_bytes(model.gpu_weights_bytes)} · KV {human_bytes(gpu_kv)} ({ready_chats} "
+            f"chat{'s' if ready_chats != 1 else ''}) · free {human_bytes(self.free)}  |  RAM: weights "
+            f"{human_bytes(model.weights_bytes - model.gpu_weights_bytes)} · KV {human_bytes(ram_kv)}{idle} · "
+            f"free {human_bytes(free_bytes('cpu'))}")
+        self.memory_label.setToolTip(
+            f"{self.memory_tip}.\n{model.split}: each layer keeps its KV cache where it runs, so a chat's cache is "
+            "partly in VRAM and partly in RAM; idle chats' caches move to RAM whole, then to disk.")
         return self.free
 
     def turn(self, stats: dict[str, object] | None) -> None:

@@ -117,3 +117,25 @@ def dispatch(model: Any, device_map: dict[str, str]) -> Any:
         return dispatch_model(model, device_map=device_map, main_device=CPU, skip_keys=skip, force_hooks=True)
     finally:
         logger.setLevel(level)
+
+
+def gpu_placement(model: Any, layers: int) -> tuple[str, frozenset[int]]:
+    """For a split model: the GPU's device name and the indices of the decoder layers that run there (and keep
+    their KV cache there); ("", empty) when no layer is on a GPU."""
+    try:
+        blocks = model.get_submodule(decoder_layers_name(model, layers))
+    except SplitError:
+        return "", frozenset()
+    on_gpu: dict[int, str] = {}
+    for i, block in enumerate(blocks):
+        device = next((p.device for p in block.parameters()), torch.device(CPU))
+        if device.type != CPU:
+            on_gpu[i] = str(device)
+    return (next(iter(on_gpu.values()), ""), frozenset(on_gpu))
+
+
+def bytes_on_gpu(cache: Any, gpu_layers: frozenset[int]) -> int:
+    """Bytes of `cache` held by the layers in `gpu_layers` (where a split model runs them: on the GPU)."""
+    if cache is None or not gpu_layers:
+        return 0
+    return sum(layer.nbytes() for i, layer in enumerate(cache.layers) if i in gpu_layers)

@@ -8,6 +8,10 @@ Switching back restores the cache from wherever it is and reports where it came 
 
 On a CPU-only machine the device and host RAM are the same memory; the two budgets are
 then two shares of it.
+
+A model whose layers are split between a GPU and the CPU (engine/layer_split.py) keeps each layer's KV
+where the layer runs: an active ("device") cache then holds its GPU layers' bytes against the device
+(GPU) budget and its other layers' bytes against the host budget; moving it to RAM frees only the first.
 """
 
 from __future__ import annotations
@@ -57,6 +61,13 @@ class CachePool:
         self._mutex = threading.RLock()
         self._mover = ThreadPoolExecutor(max_workers=1, thread_name_prefix="cachet-cache-mover")
         self.host = torch.device("cpu")
+        # The decoder layers that run on a GPU when the model is split (their KV lives there); empty otherwise.
+        self.gpu_layers: frozenset[int] = frozenset()
+        self.gpu_device = ""  # the GPU those layers run on ("cuda:0")
+        if lm.gpu_layers is not None:
+            from engine.layer_split import gpu_placement
+
+            self.gpu_device, self.gpu_layers = gpu_placement(lm.model, lm.layers)
 
     def close(self) -> None:
         self._mover.shutdown(wait=True)
@@ -98,8 +109,42 @@ class CachePool:
     def bytes_in(self, tier: str) -> int:
         """Bytes the caches in `tier` hold (content; a cache growing in place may hold up to 25% more spare)."""
         with self._mutex:
-            return sum(caches.cache_bytes(e.session.cache) + e.session.draft_cache_bytes()
-                       for e in self.entries.values() if e.tier == tier)  # a draft model's cache moves with its chat
+            return sum(self._bytes(e) for e in self.entries.values() if e.tier == tier)
+
+    def held_bytes(self) -> tuple[int, int]:
+        """(device, host): the bytes the device budget and the host budget hold now (see `_placement`)."""
+        with self._mutex:
+            placed = [self._placement(e, e.tier) for e in self.entries.values()]
+        return sum(d for d, _ in placed), sum(h for _, h in placed)
+
+    def gpu_bytes(self, key: int) -> int:
+        """Bytes of `key`'s cache on the GPU when the model is split between GPU and CPU (0 otherwise)."""
+        from engine.layer_split import bytes_on_gpu
+
+        entry = self.entries.get(key)
+        if entry is None or entry.tier != "device":
+            return 0
+        return bytes_on_gpu(entry.session.cache, self.gpu_layers)
+
+    @staticmethod
+    def _bytes(entry: _Entry) -> int:
+        # a draft model's cache moves with its chat
+        return caches.cache_bytes(entry.session.cache) + entry.session.draft_cache_bytes()
+
+    def _placement(self, entry: _Entry, tier: str) -> tuple[int, int]:
+        """(device bytes, host bytes) of `entry` when in `tier`: all on the device, or all in RAM, except a split
+        model's active cache, whose layers in RAM (and its draft model's cache) count against the host."""
+        total = self._bytes(entry)
+        if tier == "ram":
+            return 0, total
+        if tier != "device":
+            return 0, 0
+        if not self.gpu_layers:
+            return total, 0
+        from engine.layer_split import bytes_on_gpu
+
+        on_gpu = bytes_on_gpu(entry.session.cache, self.gpu_layers)
+        return on_gpu, total - on_gpu
 
     # ----- activation --------------------------------------------------------------------------
     def activate(self, key: int, warm: bool = True) -> CacheRestored:
@@ -175,26 +220,30 @@ class CachePool:
         holds the most recently used idle chats.
         """
         with self._mutex:
-            device = self.bytes_in("device")
-            host = self.bytes_in("ram")
-            idle = [(key, entry, caches.cache_bytes(entry.session.cache) + entry.session.draft_cache_bytes(),
-                     caches.cache_bytes(entry.session.cache) + entry.session.draft_cache_bytes())
-                    for key, entry in self.entries.items()
+            device, host = self.held_bytes()
+            idle = [(key, entry, *self._placement(entry, entry.tier)) for key, entry in self.entries.items()
                     if key != self.active and entry.session.cache is not None]  # least recently used first
             target = {key: entry.tier for key, entry, _, _ in idle}
-            for key, entry, reserved, content in idle:
+            for key, entry, on_device, _ in idle:
                 if device <= self.device_budget:
                     break
-                if entry.tier == "device":
+                if entry.tier == "device" and on_device:
                     target[key] = "ram"
-                    device -= reserved
-                    host += content
-            for key, entry, reserved, content in idle:
+                    device -= on_device
+                    host += on_device  # the rest of a split model's cache was in RAM already
+            for key, entry, on_device, in_host in idle:
                 if host <= self.host_budget:
                     break
+                # to disk: those in RAM (moved there just now or before), and a split model's idle caches that
+                # still hold layers in RAM
                 if target[key] == "ram":
-                    target[key] = "disk" if self.snapshots else "none"
-                    host -= content if entry.tier == "device" else reserved
+                    host -= in_host + (on_device if entry.tier == "device" else 0)
+                elif target[key] == "device" and self.gpu_layers and in_host:
+                    host -= in_host
+                    device -= on_device
+                else:
+                    continue
+                target[key] = "disk" if self.snapshots else "none"
             plan = [(key, target[key]) for key, entry, _, _ in idle if target[key] != entry.tier]
             for key, tier in plan:
                 entry = self.entries[key]

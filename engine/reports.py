@@ -101,13 +101,15 @@ class CacheRestored:
 
 @dataclass(frozen=True)
 class CacheState:
-    """Where a chat's KV cache is and how big. where: "gpu" | "ram" | "disk" | "none"."""
+    """Where a chat's KV cache is and how big. where: "gpu" | "ram" | "disk" | "none". A model split between GPU
+    and CPU keeps a ready ("gpu") cache's layers where they run: `gpu_bytes` of its `bytes` on the GPU."""
 
     chat_id: int
     where: str
     tokens: int
     bytes: int
     strategy: str
+    gpu_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,8 @@ class ModelInfo:
     attention: str = ""  # the attention kernel (cachet_sdpa, flash_attention_2, ...): engine/kernels.py
     attention_note: str = ""  # why that kernel ("SDPA: flash-attn is not installed ...")
     remote: str = ""  # the server's address when a remote engine answers (app/worker.py), else ""
+    gpu_device: str = ""  # split between GPU and CPU: the GPU the last layers run on ("cuda:0"); `device` is the CPU
+    gpu_weights_bytes: int = 0  # split: the weights on that GPU (the rest of `weights_bytes` is in RAM)
 
     @property
     def on_gpu(self) -> bool:

@@ -400,6 +400,9 @@ class ChatService:
             tokens = before.tokens if before is not None and where == "disk" else 0
             return CacheState(chat_id, where, tokens, 0, strategy)
         cache = session.cache  # the pool's mover may drop it meanwhile: read it once
+        if self.pool.gpu_layers and tier == "device":  # split between GPU and CPU: ready, partly on the GPU
+            return CacheState(chat_id, "gpu", len(session.cached_ids), caches.cache_bytes(cache), strategy,
+                              gpu_bytes=self.pool.gpu_bytes(chat_id))
         return CacheState(chat_id, where, len(session.cached_ids), caches.cache_bytes(cache), strategy)
 
     # ----- inside ------------------------------------------------------------------------------------
@@ -563,6 +566,12 @@ class ChatService:
 
     def _model_info(self, lm: LoadedModel) -> ModelInfo:
         self._auto, reason, advice = _advise(lm)
+        gpu_device, gpu_weights = "", 0
+        if lm.gpu_layers is not None:  # split between GPU and CPU: what the GPU holds of the weights
+            from engine.layer_split import gpu_placement
+
+            gpu_device = gpu_placement(lm.model, lm.layers)[0]
+            gpu_weights = sum(p.nbytes for p in lm.model.parameters() if p.device.type != "cpu")
         self._advised_kv = advice.kv_budget if advice is not None else None
         self._hardware = advice.hardware if advice is not None else None
         return ModelInfo(
@@ -573,12 +582,17 @@ class ChatService:
             precision_note=lm.precision_note, weights=lm.weights, weights_note=lm.weights_note,
             gpu_layers=lm.gpu_layers, layers=lm.layers, split=lm.split_label,
             attention=lm.attention, attention_note=lm.attention_note,
+            gpu_device=gpu_device, gpu_weights_bytes=gpu_weights,
         )
 
     def _resolved_budgets(self) -> tuple[int, int]:
         assert self.lm is not None
         if self._hardware is None:
-            self._hardware = memory.read_hardware(self.lm.device)
+            # a model split between GPU and CPU takes its inputs on the CPU, but its device budget is the GPU's
+            import torch
+
+            gpu = self.pool.gpu_device if self.pool is not None and self.pool.gpu_layers else ""
+            self._hardware = memory.read_hardware(torch.device(gpu) if gpu else self.lm.device)
         return resolve_budgets(self.budgets, self._hardware, self._advised_kv)
 
     def _snapshot_store(self) -> SnapshotStore | None:

@@ -570,6 +570,33 @@ def test_with_a_gpu_the_meter_also_counts_idle_caches_moved_to_ram(qtbot: Any, m
     assert "RAM: KV 12.0 MiB (2 idle chats) · free 1.0 GiB" in text
 
 
+def test_a_model_split_between_gpu_and_cpu_meters_the_kv_on_both(qtbot: Any, make_window: MakeWindow,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: the window is told its model runs 20 of 30 layers on a GPU, and where each chat's cache is
+    (a ready chat's GPU layers' KV in VRAM, its other layers' in RAM; an idle chat's, moved, all in RAM)."""
+    from dataclasses import replace
+
+    from app import meters
+    from app.protocol import CacheState
+
+    win = make_window()
+    model = win.engine.model
+    assert model is not None
+    win.engine.model = replace(model, device="cpu", gpu_layers=20, layers=30, gpu_device="cuda:0",
+                               split="20 of 30 layers on cuda:0, 10 in RAM", weights_bytes=12 * 2**30,
+                               gpu_weights_bytes=8 * 2**30)
+    win.meters.model = win.engine.model
+    monkeypatch.setattr(meters, "free_bytes", lambda device: 2 * 2**30 if device.startswith("cuda") else 5 * 2**30)
+    a, b = win.new_chat(), win.new_chat()
+    win.controller.runtime(a).cache = CacheState(a, "gpu", 100, 30 * 2**20, "dynamic", gpu_bytes=20 * 2**20)
+    win.controller.runtime(b).cache = CacheState(b, "ram", 100, 6 * 2**20, "dynamic")
+    win.refresh_memory()
+    text = win.meters.memory_label.text()
+    assert text == ("VRAM: weights 8.0 GiB · KV 20.0 MiB (1 chat) · free 2.0 GiB  |  "
+                    "RAM: weights 4.0 GiB · KV 16.0 MiB, 1 idle chat · free 5.0 GiB")
+    assert "20 of 30 layers on cuda:0" in win.meters.memory_label.toolTip()
+
+
 def test_the_window_redraws_a_streaming_chat_from_memory(
         qtbot: Any, make_window: MakeWindow, monkeypatch: pytest.MonkeyPatch, send_and_wait: SendAndWait) -> None:
     """While a reply streams (a cache report every half second, a token every step), nothing re-reads

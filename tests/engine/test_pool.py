@@ -163,3 +163,70 @@ def test_warming_that_fails_still_counts_the_cache_on_the_device(tiny_lm) -> Non
         assert pool.entries["a"].tier == "device"
     finally:
         pool.close()
+
+
+def test_a_split_model_counts_each_layer_where_it_runs(tiny_lm, tmp_path) -> None:
+    """Layers split between GPU and CPU (engine/layer_split.py) keep their KV where they run: an active cache's
+    GPU layers count against the device (GPU) budget, its other layers against the host budget, and only
+    the GPU part leaves when an idle chat moves to RAM. (Simulated here: which layers 'run on the GPU' is
+    the pool's `gpu_layers`, the accounting does not depend on where the tensors are.)"""
+    from engine.layer_split import bytes_on_gpu
+
+    layers = len(new_chat(tiny_lm, 0).cache.layers)
+    assert layers >= 2
+    gpu = frozenset(range(layers // 2, layers))  # the last layers on the GPU, as a split places them
+    pool = CachePool(tiny_lm, device_budget=1 << 40, host_budget=1 << 40, snapshots=SnapshotStore(tmp_path))
+    pool.gpu_layers = gpu
+    try:
+        chats = {}
+        for i in range(3):
+            chats[i] = new_chat(tiny_lm, i)
+            pool.add(i, chats[i])
+            pool.activate(i)
+        pool.rebalance(wait=True)
+        totals = {i: caches.cache_bytes(s.cache) for i, s in chats.items()}
+        on_gpu = {i: bytes_on_gpu(s.cache, gpu) for i, s in chats.items()}
+        assert all(0 < on_gpu[i] < totals[i] for i in chats)
+        device, host = pool.held_bytes()
+        assert device == sum(on_gpu.values()) and host == sum(totals.values()) - device
+        assert pool.gpu_bytes(0) == on_gpu[0]
+
+        # The GPU holds two chats' GPU layers: the least recently used idle chat leaves for RAM, whole.
+        pool.device_budget = on_gpu[1] + on_gpu[2]
+        pool.rebalance(wait=True)
+        assert [pool.tier(i) for i in chats] == ["ram", "device", "device"]
+        device, host = pool.held_bytes()
+        assert device == on_gpu[1] + on_gpu[2]
+        assert host == totals[0] + (totals[1] - on_gpu[1]) + (totals[2] - on_gpu[2])
+        assert pool.gpu_bytes(0) == 0
+
+        # RAM holds only the active chat's CPU layers: the chat in RAM, and the idle chat still holding CPU
+        # layers, go to disk; the active one stays.
+        pool.host_budget = totals[2] - on_gpu[2]
+        pool.rebalance(wait=True)
+        assert [pool.tier(i) for i in chats] == ["disk", "disk", "device"]
+        assert pool.held_bytes() == (on_gpu[2], totals[2] - on_gpu[2])
+
+        # and each comes back to answer as a fresh run would
+        for key in (0, 1):
+            pool.activate(key)
+            reused = len(chats[key].cached_ids)
+            result = chats[key].send("and a follow-up")
+            assert result.stats.reused_tokens == reused > 0
+            fresh = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY))
+            fresh.messages = copy.deepcopy(chats[key].messages[:-1])
+            assert fresh.generate().reply == result.reply
+    finally:
+        pool.close()
+
+
+def test_a_model_that_is_not_split_counts_a_cache_on_the_device_whole(tiny_lm) -> None:
+    pool = CachePool(tiny_lm, device_budget=1 << 40, host_budget=1 << 40)
+    try:
+        session = new_chat(tiny_lm, 0)
+        pool.add(0, session)
+        pool.activate(0)
+        assert pool.gpu_layers == frozenset()
+        assert pool.held_bytes() == (caches.cache_bytes(session.cache), 0) and pool.gpu_bytes(0) == 0
+    finally:
+        pool.close()

@@ -198,3 +198,24 @@ def test_a_new_chats_first_reply_prefills_its_whole_prompt_and_restores_nothing(
     done = front.say(chat_id, PROMPT)
     assert done.restore.source == "empty"
     assert done.stats.reused_tokens == 0 and done.stats.prefilled_tokens == done.stats.prompt_tokens
+
+
+def test_a_split_models_ready_chat_reports_the_kv_it_holds_on_the_gpu(make_front: MakeFront) -> None:
+    """A model split between GPU and CPU (simulated: the pool is told which layers run on the GPU) reports a
+    ready chat as on the GPU with the bytes of its GPU layers, and a chat moved to RAM with none there."""
+    front = make_front()
+    pool = front.service.pool
+    assert pool is not None
+    first = front.new_chat()
+    front.say(first, PROMPT)
+    layers = len(pool.session(first).cache.layers)  # type: ignore[union-attr]
+    pool.gpu_layers = frozenset(range(layers // 2, layers))
+    state = front.service.cache_state(first)
+    assert state.where == "gpu" and 0 < state.gpu_bytes < state.bytes
+    front.service.set_budgets(Budgets(device=state.gpu_bytes * 3 // 2, host=64 * MIB, disk=64 * MIB))
+    second = front.new_chat()
+    front.say(second, f"Another. {PROMPT}")
+    pool.rebalance(wait=True)
+    moved = front.service.cache_state(first)
+    assert moved.where == "ram" and moved.gpu_bytes == 0 and moved.bytes == state.bytes
+    assert front.service.cache_state(second).where == "gpu"
