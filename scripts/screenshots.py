@@ -126,7 +126,14 @@ def write_demo_disk(root: Path) -> Path:
     write_safetensors_folder(home / ".cache" / "huggingface" / "hub" / "models--HuggingFaceTB--SmolLM2-360M-Instruct"
                              / "snapshots" / "a1b2c3", layers=32, hidden=960, heads=15, kv_heads=5, ff=2560,
                              vocab=49152, context=8192)
+    # a folder of the user's own, added in the picker (ADDED_FOLDER)
+    write_gguf(home / ADDED_FOLDER / "gemma-2-2b-it-Q8_0.gguf", arch="gemma2", name="Gemma 2 2B IT", layers=26,
+               hidden=2304, heads=8, kv_heads=4, ff=9216, vocab=256000, context=8192, quant="Q8_0", tied=True,
+               head_dim=256, sliding_window=4096, tokens=STAND_IN_VOCAB)
     return home
+
+
+ADDED_FOLDER = "Models"  # under the demo home: listed above the picker's table with its Remove link
 
 
 def use_throwaway_folders(data: Path, name: str) -> None:
@@ -232,7 +239,7 @@ def main() -> int:
     if "model-picker" in wanted:
         from app.model_picker import ModelPicker
 
-        picker = ModelPicker(win.config, win)
+        picker = ModelPicker(win.config.with_changes(model_folders=[str(fake_home / ADDED_FOLDER)]), win)
         picker.show()
         wait(lambda: not picker.scanning)
         picker.select_name("Qwen2.5-7B-Instruct-Q4_K_M")
