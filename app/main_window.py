@@ -697,7 +697,7 @@ class MainWindow(QMainWindow):
         model = self.engine.model
         here = "gpu" if model is not None and model.on_gpu else "ram"
         held = [rt.cache for rt in self.controller.runtimes.values() if rt.cache is not None and rt.cache.bytes]
-        if model is not None and model.gpu_layers is not None:  # split between GPU and CPU: KV on both
+        if model is not None and model.gpu_layers is not None and model.gpu_device:  # split: KV on GPU and in RAM
             ready = [c for c in held if c.where == "gpu"]
             moved = [c for c in held if c.where == "ram"]
             free = self.meters.refresh_split_memory(

@@ -141,7 +141,7 @@ class Meters:
         if self.model is None:
             return 0
         model = self.model
-        self.free = free_bytes(model.gpu_device or "cuda")
+        self.free = free_bytes(model.gpu_device)
         idle = f", {idle_chats} idle chat{'s' if idle_chats != 1 else ''}" if idle_chats else ""
         self.memory_label.setText(
             f"VRAM: weights {human_bytes(model.gpu_weights_bytes)} · KV {human_bytes(gpu_kv)} ({ready_chats} "
