@@ -639,7 +639,11 @@ def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_
     """The model with int8/int4 weights: from its quantized copy when that is sound, else quantized now and kept.
 
     On `device`, in the layout of its kernels; with a layer split (`plan.gpu_layers`), on the CPU in quanto's
-    device-independent packing, for `quantized_weights.relayout` once each layer is where it runs."""
+    device-independent packing, for `quantized_weights.relayout` once each layer is where it runs.
+
+    The first time, the float model is quantized in RAM, never on the GPU: int8/int4 are planned exactly when
+    the float weights do not fit there (an 8B model is 16 GB in bf16, against 8–12 GB of VRAM); the quantized
+    weights then move to the GPU in quanto's portable packing and are laid out for its kernels there."""
     split = plan.gpu_layers is not None
     target = torch.device("cpu") if split else device
     from transformers import AutoModelForCausalLM
@@ -660,7 +664,7 @@ def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_
     model = AutoModelForCausalLM.from_pretrained(load_from, dtype=plan.dtype, trust_remote_code=trust_remote_code,
                                                  **extra)
     report(f"Quantizing the weights to {plan.precision} (first load only)…")
-    qw.quantize(model.to(target), plan.precision)  # type: ignore[arg-type]  # on the device that runs them: quanto picks its kernel's layout
+    qw.quantize(model.to("cpu"), plan.precision)  # type: ignore[arg-type]  # in RAM (see above)
     report(f"Saving the {plan.precision} copy…")
     try:
         qw.save(model, folder, {"source": identity, "precision": plan.precision,
@@ -668,7 +672,12 @@ def _load_quantized(load_from: str, identity: str, plan: LoadPlan, trust_remote_
                 lambda tmp: _record_files(tmp, qw.RECORD))
     except OSError as exc:  # a full disk: run with what was quantized, quantize again next time
         report(f"Could not keep the {plan.precision} copy ({exc}); it will be quantized again next time.")
-    return qw.to_plain(model) if split else model
+    if split:
+        return qw.to_plain(model)
+    if target.type != "cpu":
+        report(f"Moving the {plan.precision} weights to {target}…")
+        return qw.relayout(qw.to_plain(model).to(target))
+    return model
 
 
 def _folder_fingerprint(folder: Path) -> str:

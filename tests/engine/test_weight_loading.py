@@ -344,3 +344,42 @@ def test_the_loader_follows_the_advisors_plan_on_a_cpu() -> None:
         assert plan.precision == expected.precision == precision and plan.gpu_layers is None
         assert plan.probe == (precision == "fp32")
     assert models.plan_weights(config, cpu, torch.float32, None, None, None) is None  # weights=None: as dtype says
+
+
+@pytest.mark.parametrize("precision", QUANTIZED)
+def test_the_first_quantizing_load_for_a_gpu_quantizes_in_ram_then_moves_the_quantized_weights(
+        tiny_folder, fresh_cache, monkeypatch, precision) -> None:
+    """int8/int4 are planned when the float weights do not fit on the GPU, so the first load must not put them
+    there: it quantizes in RAM, keeps the copy, and moves only the quantized weights (in quanto's portable
+    packing, laid out for the GPU's kernels where they land). No GPU here: the move is recorded, not made."""
+    seen: dict[str, object] = {}
+    real_quantize, real_to_plain = qw.quantize, qw.to_plain
+
+    def quantize(model, p):  # noqa: ANN001, ANN202
+        seen["quantized on"] = {t.device.type for t in model.parameters()}
+        return real_quantize(model, p)
+
+    class Moved:
+        def __init__(self, model) -> None:  # noqa: ANN001
+            self.model = model
+
+        def to(self, device):  # noqa: ANN001, ANN202
+            seen["moved to"] = str(device)
+            return self.model
+
+    def to_plain(model):  # noqa: ANN001, ANN202
+        seen["plain before the move"] = True
+        return Moved(real_to_plain(model))
+
+    monkeypatch.setattr(qw, "quantize", quantize)
+    monkeypatch.setattr(qw, "to_plain", to_plain)
+    monkeypatch.setattr(qw, "relayout", lambda model: seen.setdefault("relaid", model))
+    plan = models.LoadPlan(precision, torch.float32, None, "test")
+    messages: list[str] = []
+    model = models._load_quantized(str(tiny_folder), "tiny-test", plan, False, {}, messages.append,
+                                   torch.device("cuda:0"))
+    assert seen["quantized on"] == {"cpu"}
+    assert seen["plain before the move"] and seen["moved to"] == "cuda:0" and seen["relaid"] is model
+    assert qw.is_quantized(model)
+    assert any("Moving the" in m for m in messages)
+    assert (models._quantized_folder("tiny-test", plan) / qw.RECORD).is_file()  # the copy was kept
