@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.abc
 import importlib.util
 import sys
+import threading
 from types import ModuleType
 from typing import Any
 
@@ -56,10 +57,20 @@ class _CacheUtilsLoader(importlib.abc.Loader):
         from transformers import utils
 
         real = utils.is_hqq_available
-        utils.is_hqq_available = lambda *args, **kwargs: False
+        importing, running = threading.get_ident(), [True]
+
+        def is_hqq_available(*args: Any, **kwargs: Any) -> bool:
+            # False only to this import, while it runs: another thread importing a module that takes this name
+            # meanwhile gets the real answer from it, then and later
+            if running[0] and threading.get_ident() == importing:
+                return False
+            return bool(real(*args, **kwargs))
+
+        utils.is_hqq_available = is_hqq_available
         try:
             self.inner.exec_module(module)
         finally:
+            running[0] = False
             utils.is_hqq_available = real
         module.is_hqq_available = real  # type: ignore[attr-defined]
         module.HQQQuantizer = _LazyHQQQuantizer()  # type: ignore[attr-defined]

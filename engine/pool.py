@@ -166,12 +166,14 @@ class CachePool:
             if source in ("device", "ram") and session.cache is None:
                 source = "none"
             if source == "ram" and session.cache is not None:
-                session.cache.to(self.lm.device)
+                self._to_device(session.cache)
                 if session.draft is not None and session.draft.session.cache is not None:
                     session.draft.session.cache.to(self.lm.device)
             elif source == "disk":
                 loaded = self.snapshots.load(key, session) if self.snapshots else None
                 source = "disk" if loaded is not None and loaded.ok else "none"
+                if source == "disk" and session.cache is not None:
+                    self._to_device(session.cache)
             if source == "none":
                 source = "recomputed" if session.messages and warm else "empty"
                 session.reset_cache()
@@ -183,6 +185,18 @@ class CachePool:
                                 on_gpu=self.lm.device.type in ("cuda", "mps"))
         self.rebalance()
         return restore
+
+    def _to_device(self, cache: KVCache) -> None:
+        """Put a cache back where its layers run: the device, or for a split model each layer on its own device
+        (the GPU layers' on the GPU, the others in RAM) — state-space layers too, which their layers read before
+        they write (`KVCache.update` moves attention layers back by itself, not those)."""
+        if not self.gpu_layers:
+            cache.to(self.lm.device)
+            return
+        gpu = torch.device(self.gpu_device)
+        for i, layer in enumerate(cache.layers):
+            if hasattr(layer, "to"):
+                layer.to(gpu if i in self.gpu_layers else self.host)
 
     # ----- sharing -----------------------------------------------------------------------------
     def copy_prefix(self, key: int, length: int, spec: CacheSpec) -> KVCache | None:

@@ -136,10 +136,14 @@ def _steady(times: list[float]) -> bool:
 def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     """Time one decoder layer and the output head of `model` (an fp32 model on the CPU) as each candidate.
 
-    Copies of one layer and of the head are timed, never the model itself, so the probe needs a few
-    MB and the model is untouched. A step of n tokens attends over 256 cached tokens and scores all
-    n (as a step checking guesses does); a prefill chunk scores its last token only.
+    Copies of a layer (enough to outgrow the CPU's cache, `PROBE_STREAM_BYTES`) and of the head are timed,
+    never the model itself, so the model is untouched. The three candidates' copies take about three times
+    those fp32 bytes (~0.4 GB for SmolLM2-135M, ~9 GB for an 8B model's 2 GB head); they are held at once,
+    and timed in turns, when that is within a quarter of the free RAM, else built and timed one candidate
+    at a time. A step of n tokens attends over 256 cached tokens and scores all n (as a step checking
+    guesses does); a prefill chunk scores its last token only.
     """
+    import psutil
     from transformers.cache_utils import DynamicCache
 
     from engine import half_weights
@@ -203,8 +207,14 @@ def probe(model: Any, runs: int = 5) -> PrecisionProbe:
     # bf16 copies of the weights: bf16's kernel serves every decoding pass (one token, or one and the guesses
     # speculation checks: `half_weights.DECODE_ROWS` rows at most), and prefill too where it is faster there.
     candidates = {FP32: (torch.float32, None), BF16: (torch.bfloat16, None), HALF_WEIGHTS: (torch.float32, NEVER)}
-    fns = {name: timers(dtype, kmt) for name, (dtype, kmt) in candidates.items()}
-    samples = _interleaved_seconds(fns, runs)
+    head_bytes = sum(p.numel() * 4 for p in head_module.parameters())
+    at_once = 3 * (layer_bytes * copies + head_bytes)  # fp32, bf16 (half) and fp32 with bf16 copies (1.5×)
+    if at_once <= psutil.virtual_memory().available // 4:
+        samples = _interleaved_seconds({name: timers(dtype, kmt) for name, (dtype, kmt) in candidates.items()}, runs)
+    else:  # one candidate's copies at a time (each freed before the next); a busy machine shows as unsteady
+        samples = {}
+        for name, (dtype, kmt) in candidates.items():
+            samples.update(_interleaved_seconds({name: timers(dtype, kmt)}, runs))
 
     # The whole model: every layer, and the head scoring every token a step feeds (a verifying step
     # scores them all) but only the last of a prefill chunk.

@@ -151,12 +151,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def model_bytes(model: Any) -> int:
-    """Every parameter (tied ones once) and buffer of `model`, quantized ones at their real size."""
-    total = 0
-    for p in model.parameters():
-        total += tensor_bytes(p.data if type(p) is torch.nn.Parameter else p)
-    return total + sum(tensor_bytes(b) for b in model.buffers())
+def model_bytes(model: Any, *, off_cpu: bool = False) -> int:
+    """Every parameter (tied ones once) and buffer of `model`, quantized ones at their real size; with `off_cpu`,
+    only those on another device than the CPU (a model split between GPU and CPU: what the GPU holds)."""
+    tensors = [p.data if type(p) is torch.nn.Parameter else p for p in model.parameters()] + list(model.buffers())
+    return sum(tensor_bytes(t) for t in tensors if not off_cpu or t.device.type != "cpu")
 
 
 def _state_to_save(model: Any) -> dict[str, torch.Tensor]:

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from engine import caches, memory, paths
 from engine.graphs import validate_graphs
@@ -401,8 +401,10 @@ class ChatService:
             return CacheState(chat_id, where, tokens, 0, strategy)
         cache = session.cache  # the pool's mover may drop it meanwhile: read it once
         if self.pool.gpu_layers and tier == "device":  # split between GPU and CPU: ready, partly on the GPU
+            from engine.layer_split import bytes_on_gpu
+
             return CacheState(chat_id, "gpu", len(session.cached_ids), caches.cache_bytes(cache), strategy,
-                              gpu_bytes=self.pool.gpu_bytes(chat_id))
+                              gpu_bytes=bytes_on_gpu(cache, self.pool.gpu_layers))
         return CacheState(chat_id, where, len(session.cached_ids), caches.cache_bytes(cache), strategy)
 
     # ----- inside ------------------------------------------------------------------------------------
@@ -565,13 +567,14 @@ class ChatService:
             self.on_status(f"Quantization library ready ({seconds:.1f} s, once per run).")
 
     def _model_info(self, lm: LoadedModel) -> ModelInfo:
-        self._auto, reason, advice = _advise(lm)
         gpu_device, gpu_weights = "", 0
-        if lm.gpu_layers is not None:  # split between GPU and CPU: what the GPU holds of the weights
+        if lm.gpu_layers is not None:  # split between GPU and CPU: the GPU, and what it holds of the weights
             from engine.layer_split import gpu_placement
+            from engine.quantized_weights import model_bytes
 
             gpu_device = gpu_placement(lm.model, lm.layers)[0]
-            gpu_weights = sum(p.nbytes for p in lm.model.parameters() if p.device.type != "cpu")
+            gpu_weights = model_bytes(lm.model, off_cpu=True)
+        self._auto, reason, advice = _advise(lm, gpu_device)
         self._advised_kv = advice.kv_budget if advice is not None else None
         self._hardware = advice.hardware if advice is not None else None
         return ModelInfo(
@@ -588,11 +591,7 @@ class ChatService:
     def _resolved_budgets(self) -> tuple[int, int]:
         assert self.lm is not None
         if self._hardware is None:
-            # a model split between GPU and CPU takes its inputs on the CPU, but its device budget is the GPU's
-            import torch
-
-            gpu = self.pool.gpu_device if self.pool is not None and self.pool.gpu_layers else ""
-            self._hardware = memory.read_hardware(torch.device(gpu) if gpu else self.lm.device)
+            self._hardware = memory.read_hardware(_budget_device(self.lm, self.model.gpu_device if self.model else ""))
         return resolve_budgets(self.budgets, self._hardware, self._advised_kv)
 
     def _snapshot_store(self) -> SnapshotStore | None:
@@ -673,10 +672,20 @@ def _save_snapshots(pool: CachePool) -> None:
             os.utime(path)
 
 
-def _advise(lm: LoadedModel) -> tuple[CacheSpec, str, memory.Advice | None]:
-    """What "auto" means for this model here, and the advice itself (None when there is none)."""
+def _budget_device(lm: LoadedModel, gpu_device: str) -> Any:
+    """The device whose free memory bounds the KV caches: the model's, or for a model split between GPU and CPU
+    (which takes its inputs on the CPU) the GPU its last layers run on."""
+    import torch
+
+    return torch.device(gpu_device) if gpu_device else lm.device
+
+
+def _advise(lm: LoadedModel, gpu_device: str = "") -> tuple[CacheSpec, str, memory.Advice | None]:
+    """What "auto" means for this model here, and the advice itself (None when there is none). For a split model
+    the advice is on the GPU's memory, counting every layer's KV there (on the safe side: only the GPU layers'
+    KV lives there)."""
     try:
-        advice = memory.advise(lm.config, memory.read_hardware(lm.device), dtype=lm.dtype,
+        advice = memory.advise(lm.config, memory.read_hardware(_budget_device(lm, gpu_device)), dtype=lm.dtype,
                                weights_bytes=lm.weights_bytes, weights_loaded=True)
     except Exception as exc:  # the hardware could not be read: the full cache
         return CacheSpec(), f"auto means dynamic (no advice: {type(exc).__name__}).", None

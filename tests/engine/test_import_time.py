@@ -32,3 +32,35 @@ def test_transformers_cache_utils_no_longer_imports_hqq_at_start() -> None:
     )
     assert out.splitlines() == ["False", "False", "True True"]
 
+
+
+def test_only_the_cache_utils_import_itself_is_told_hqq_is_missing() -> None:
+    """While cache_utils runs, another thread importing a module that takes `is_hqq_available` gets the real answer,
+    then and afterwards; so does any later call through the name cache_utils' import saw."""
+    import threading
+    import types
+
+    pytest.importorskip("hqq")
+    from transformers import utils
+
+    import engine
+
+    seen: dict[str, object] = {}
+
+    class Inner:
+        def create_module(self, spec: object) -> None:
+            return None
+
+        def exec_module(self, module: object) -> None:
+            stub = utils.is_hqq_available
+            seen["this import"] = stub()
+            other = threading.Thread(target=lambda: seen.__setitem__("another thread", stub()))
+            other.start()
+            other.join()
+            seen["stub"] = stub
+
+    module = types.ModuleType("fake_cache_utils")
+    engine._CacheUtilsLoader(Inner()).exec_module(module)
+    assert seen["this import"] is False and seen["another thread"] is True
+    assert seen["stub"]() is True  # type: ignore[operator]  # after the import: the real answer
+    assert utils.is_hqq_available is module.is_hqq_available  # type: ignore[attr-defined]  # the real one is back

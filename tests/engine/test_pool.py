@@ -176,7 +176,7 @@ def test_a_split_model_counts_each_layer_where_it_runs(tiny_lm, tmp_path) -> Non
     assert layers >= 2
     gpu = frozenset(range(layers // 2, layers))  # the last layers on the GPU, as a split places them
     pool = CachePool(tiny_lm, device_budget=1 << 40, host_budget=1 << 40, snapshots=SnapshotStore(tmp_path))
-    pool.gpu_layers = gpu
+    pool.gpu_layers, pool.gpu_device = gpu, "cpu"  # the "GPU" layers' tensors stay on the CPU here
     try:
         chats = {}
         for i in range(3):
@@ -199,6 +199,23 @@ def test_a_split_model_counts_each_layer_where_it_runs(tiny_lm, tmp_path) -> Non
         assert device == on_gpu[1] + on_gpu[2]
         assert host == totals[0] + (totals[1] - on_gpu[1]) + (totals[2] - on_gpu[2])
         assert pool.gpu_bytes(0) == 0
+
+        # Back from RAM, each layer goes to the device it runs on (state-space layers too, which read their state
+        # before writing it): recorded, not moved, with the "GPU" named meta.
+        moved: dict[int, str] = {}
+        for i, layer in enumerate(chats[0].cache.layers):
+            layer.to = lambda device, pin_memory=False, i=i: moved.__setitem__(i, str(device))
+        pool.gpu_device = "meta"
+        pool.activate(0)
+        pool.gpu_device = "cpu"
+        assert moved == {i: "meta" if i in gpu else "cpu" for i in range(layers)}
+        for layer in chats[0].cache.layers:
+            del layer.to
+        for key in (0, 1, 2):  # as it was: least recently used first, chat 2 active
+            pool.activate(key)
+        pool.device_budget = on_gpu[1] + on_gpu[2]
+        pool.rebalance(wait=True)
+        assert [pool.tier(i) for i in chats] == ["ram", "device", "device"]
 
         # RAM holds only the active chat's CPU layers: the chat in RAM, and the idle chat still holding CPU
         # layers, go to disk; the active one stays.

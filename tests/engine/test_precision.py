@@ -166,3 +166,29 @@ def test_a_probe_from_a_busy_machine_is_taken_again_at_later_starts(tmp_path: Pa
     monkeypatch.setattr(precision, "probe", busy_probe)
     models.load(str(folder), device="cpu")
     assert len(calls) == precision.UNSTEADY_TRIES
+
+
+def test_with_little_free_ram_the_candidates_are_built_and_timed_one_at_a_time(tiny_lm, monkeypatch) -> None:
+    """The three candidates' layer and head copies are held at once only where they take at most a quarter of
+    the free RAM (an 8B model's would take ~9 GB); otherwise each is built, timed and freed before the next."""
+    import psutil
+
+    calls: list[list[str]] = []
+    real = precision._interleaved_seconds
+
+    def spy(fns, runs):  # noqa: ANN001, ANN202
+        calls.append(list(fns))
+        return real(fns, runs)
+
+    monkeypatch.setattr(precision, "_interleaved_seconds", spy)
+    precision.probe(tiny_lm.model, runs=1)
+    assert calls == [list(CANDIDATES)]  # a tiny model: all at once, in turns
+
+    class Little:
+        available = 1024
+
+    calls.clear()
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: Little())
+    found = precision.probe(tiny_lm.model, runs=1)
+    assert calls == [[name] for name in CANDIDATES]
+    assert set(found.step_s) == set(CANDIDATES) and all(s > 0 for s in found.prefill_s.values())

@@ -209,7 +209,7 @@ def test_a_split_models_ready_chat_reports_the_kv_it_holds_on_the_gpu(make_front
     first = front.new_chat()
     front.say(first, PROMPT)
     layers = len(pool.session(first).cache.layers)  # type: ignore[union-attr]
-    pool.gpu_layers = frozenset(range(layers // 2, layers))
+    pool.gpu_layers, pool.gpu_device = frozenset(range(layers // 2, layers)), "cpu"  # tensors stay on the CPU
     state = front.service.cache_state(first)
     assert state.where == "gpu" and 0 < state.gpu_bytes < state.bytes
     front.service.set_budgets(Budgets(device=state.gpu_bytes * 3 // 2, host=64 * MIB, disk=64 * MIB))
@@ -219,3 +219,36 @@ def test_a_split_models_ready_chat_reports_the_kv_it_holds_on_the_gpu(make_front
     moved = front.service.cache_state(first)
     assert moved.where == "ram" and moved.gpu_bytes == 0 and moved.bytes == state.bytes
     assert front.service.cache_state(second).where == "gpu"
+
+
+def test_a_split_models_advice_and_budgets_come_from_the_gpu_not_the_cpu(
+        tiny_lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A split model takes its inputs on the CPU (`lm.device`), but its KV budget is the GPU's memory: the advisor
+    and the budgets read the GPU's (simulated here: 8 GiB of VRAM, 32 GiB of RAM) and the status bar gets what the
+    GPU holds of the weights."""
+    import dataclasses
+
+    from engine import layer_split, memory
+    from engine.memory import simulated_hardware
+
+    asked: list[str] = []
+
+    def read_hardware(device=None):  # noqa: ANN001, ANN202
+        asked.append(str(device))
+        return simulated_hardware(vram_gib=8, ram_gib=32) if str(device).startswith("cuda") else \
+            simulated_hardware(vram_gib=None, ram_gib=32)
+
+    monkeypatch.setattr(memory, "read_hardware", read_hardware)
+    monkeypatch.setattr(layer_split, "gpu_placement", lambda model, layers: ("cuda:0", frozenset({layers - 1})))
+    split = dataclasses.replace(tiny_lm, gpu_layers=1, layers=2)
+    service = ChatService(budgets=Budgets(disk=0))
+    try:
+        info = service.load_model(lambda: split)
+        assert asked and all(d == "cuda:0" for d in asked)
+        assert info.gpu_device == "cuda:0" and info.gpu_weights_bytes == 0  # no tensor is really on a GPU here
+        pool = service.pool
+        assert pool is not None and pool.gpu_layers == frozenset({1})
+        assert 0 < pool.device_budget <= 8 * GIB  # the advisor's KV room on the GPU
+        assert pool.host_budget == 8 * GIB  # a quarter of the RAM next to a GPU, not a CPU machine's small share
+    finally:
+        service.close(save=False)
