@@ -333,6 +333,7 @@ def advise(
     safety_fraction: float = 0.10,
     weights: str | None = None,
     inventory: WeightInventory | None = None,
+    gpu_layers: int | None = None,
 ) -> Advice:
     """Compare the strategies for `config` on `hardware` and recommend one for `context` tokens.
 
@@ -349,6 +350,8 @@ def advise(
             "auto" or a precision (bf16, fp16, fp32, int8, int4) — choose the weight precision (auto),
             the layers on the GPU and the KV strategy together (see `recommend_weights`).
         inventory: the model's weights (default: `inventory_of(config)`), e.g. read from a GGUF header.
+        gpu_layers: a loaded model split between GPU and CPU: the decoder layers on the GPU, whose KV counts
+            against the GPU's free memory; the other layers' KV against RAM's (None: every layer on the device).
     """
     if weights is not None:
         return recommend_weights(config, hardware, weights, context=context, dtype=dtype,
@@ -361,7 +364,8 @@ def advise(
     budget = int(free - safety_fraction * hardware.accelerator_total)
     host_budget = int(hardware.ram_free * (1 - safety_fraction))
     reasons = caches.availability(torch.device(hardware.device))
-    estimates = [_estimate(label, spec, config, dt, ctx, reasons.get(spec.strategy), budget, host_budget)
+    estimates = [_estimate(label, spec, config, dt, ctx, reasons.get(spec.strategy), budget, host_budget,
+                           gpu_layers=gpu_layers)
                  for label, spec in candidate_specs(config, ctx)]
     recommended, why = _choose(estimates, ctx, budget, weights_bytes, hardware)
     return Advice(hardware, weights_bytes, budget, ctx, estimates, recommended, why)

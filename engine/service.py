@@ -681,12 +681,12 @@ def _budget_device(lm: LoadedModel, gpu_device: str) -> Any:
 
 
 def _advise(lm: LoadedModel, gpu_device: str = "") -> tuple[CacheSpec, str, memory.Advice | None]:
-    """What "auto" means for this model here, and the advice itself (None when there is none). For a split model
-    the advice is on the GPU's memory, counting every layer's KV there (on the safe side: only the GPU layers'
-    KV lives there)."""
+    """What "auto" means for this model here, and the advice itself (None when there is none). For a model split
+    between GPU and CPU the advice is on the GPU's memory for the GPU layers' KV and on RAM for the others'."""
     try:
         advice = memory.advise(lm.config, memory.read_hardware(_budget_device(lm, gpu_device)), dtype=lm.dtype,
-                               weights_bytes=lm.weights_bytes, weights_loaded=True)
+                               weights_bytes=lm.weights_bytes, weights_loaded=True,
+                               gpu_layers=lm.gpu_layers if gpu_device else None)
     except Exception as exc:  # the hardware could not be read: the full cache
         return CacheSpec(), f"auto means dynamic (no advice: {type(exc).__name__}).", None
     if advice.recommended is None:

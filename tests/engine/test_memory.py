@@ -105,3 +105,18 @@ def test_advise_command_prints_json(tmp_path, capsys) -> None:
     data = json.loads(capsys.readouterr().out)
     assert data["recommended"]["strategy"] == "quantized"
     assert data["simulated"] is True
+
+
+def test_a_loaded_split_model_counts_the_gpu_layers_kv_on_the_gpu_and_the_rest_in_ram() -> None:
+    """A loaded Llama-3.1-8B with 16 of its 32 layers on an 8 GiB GPU: the GPU holds half of each token's KV, so
+    twice the tokens fit there than if every layer's KV were on the GPU; RAM (64 GiB) holds the other half."""
+    hardware = memory.simulated_hardware(8, 64)
+    weights = 6 * GIB  # the GPU's half of the weights, already loaded (not in its free figure): as a running app
+    whole = memory.advise(LLAMA_8B, hardware, dtype=BF16, weights_bytes=weights, weights_loaded=True)
+    split = memory.advise(LLAMA_8B, hardware, dtype=BF16, weights_bytes=weights, weights_loaded=True, gpu_layers=16)
+    dyn_whole, dyn_split = (next(e for e in a.estimates if e.spec.strategy == "dynamic") for a in (whole, split))
+    per_token = 32 * 2 * 8 * 128 * 2  # layers × (K, V) × KV heads × head dim × bf16 bytes: 128 KiB
+    assert dyn_whole.tokens_fit == whole.kv_budget // per_token
+    assert dyn_split.tokens_fit == whole.kv_budget * 32 // 16 // per_token  # half of each token on the GPU
+    off = next(e for e in split.estimates if e.spec.strategy == "offloaded")
+    assert off.tokens_fit == 0  # the offloaded cache streams every layer through the GPU: not with a split
