@@ -106,6 +106,10 @@ def _relay() -> _Relay:
     return _Relay()  # made on the GUI thread, by the first `find_question`
 
 
+# The check of each file still under way or ended unseen (GUI thread only): its outcome list, empty while it runs.
+_under_way: dict[Path, list[tuple[ConversionQuestion | None, Exception | None]]] = {}
+
+
 def find_question(parent: QWidget | None, config: AppConfig) -> ConversionQuestion | None:
     """`question_for(config)`, its slow part worked out in a thread, so that hashing a multi-GB file never
     freezes the window.
@@ -117,10 +121,15 @@ def find_question(parent: QWidget | None, config: AppConfig) -> ConversionQuesti
     if gguf is None:
         return None
     relay = _relay()
-    outcome: list[tuple[ConversionQuestion | None, Exception | None]] = []
     loop = QEventLoop()
+    # A check cancelled a moment ago may still be hashing this file: wait for it rather than read the file twice.
+    outcome = _under_way.get(gguf[1])
+    fresh = outcome is None or bool(outcome)
+    if outcome is None or outcome:
+        outcome = []
+        _under_way[gguf[1]] = outcome
 
-    def work() -> None:
+    def work(outcome: list[tuple[ConversionQuestion | None, Exception | None]]) -> None:
         try:
             outcome.append((_question_about(*gguf), None))
         except Exception as exc:  # raised again on the GUI thread, as if it had run there
@@ -137,7 +146,8 @@ def find_question(parent: QWidget | None, config: AppConfig) -> ConversionQuesti
     timer.setSingleShot(True)
     timer.timeout.connect(loop.quit)
     try:
-        threading.Thread(target=work, name="cachet-conversion-check", daemon=True).start()
+        if fresh:
+            threading.Thread(target=work, args=(outcome,), name="cachet-conversion-check", daemon=True).start()
         timer.start(CHECKING_SHOWN_AFTER_MS)
         if not outcome:
             loop.exec(QEventLoop.ProcessEventsFlag.ExcludeUserInputEvents)
@@ -148,6 +158,8 @@ def find_question(parent: QWidget | None, config: AppConfig) -> ConversionQuesti
         relay.done.disconnect(finished)
     if not outcome:
         raise CheckCancelled(f"checking {config.model.strip()} was cancelled")
+    if _under_way.get(gguf[1]) is outcome:
+        del _under_way[gguf[1]]
     question, error = outcome[0]
     if error is not None:
         raise error

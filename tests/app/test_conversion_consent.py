@@ -238,3 +238,48 @@ def test_a_long_check_says_so_and_can_be_cancelled(
     win.open_model(big_gguf)
     watch.stop()
     assert len(shown) == 1 and answers[0]["text"].startswith("Opening Big-F32.gguf converts it once")
+
+
+def test_trying_again_while_a_cancelled_check_still_hashes_waits_for_it_instead_of_reading_the_file_twice(
+        qtbot: Any, big_gguf: Path, answers: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        make_window: Any) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QProgressDialog, QPushButton
+
+    from engine import conversion
+
+    plan = answers.pop(0)["plan"]
+    _loaded_configs(monkeypatch)
+    real_sha256 = conversion.file_sha256
+    release = threading.Event()
+    hashes: list[Path] = []
+
+    def slow_sha256(path: Path) -> str:
+        hashes.append(path)
+        release.wait(30)
+        return real_sha256(path)
+
+    monkeypatch.setattr(conversion, "file_sha256", slow_sha256)
+    win = make_window()
+    dialogs: list[str] = []  # the "Checking…" dialogs seen (each marked, as a new one may reuse a freed one's id)
+
+    def on_dialog() -> None:  # the first check: cancel it; the second: let the hashing end
+        for dialog in win.findChildren(QProgressDialog):
+            if dialog.isVisible() and not dialog.property("seen"):
+                dialog.setProperty("seen", True)
+                dialogs.append(dialog.labelText())
+                if len(dialogs) == 1:
+                    next(b for b in dialog.findChildren(QPushButton) if b.text() == "Cancel").click()
+                else:
+                    release.set()
+
+    watch = QTimer()
+    watch.timeout.connect(on_dialog)
+    watch.start(20)
+    win.open_model(big_gguf)
+    assert len(dialogs) == 1 and not release.is_set()  # cancelled while the first hashing still runs
+    plan.append("Cancel")
+    win.open_model(big_gguf)  # waits for the hashing under way
+    watch.stop()
+    assert len(dialogs) == 2 and len(hashes) == 1  # the second try waited for the first hashing: the file was read once
+    assert answers[0]["text"].startswith("Opening Big-F32.gguf converts it once")
