@@ -339,8 +339,12 @@ class MainWindow(QMainWindow):
         if self.config.serve:
             self.engine.set_server(self.config.serve_port)
         self._update_chat_chrome()
-        if self._wants_model_hint():
-            # In a thread: the window is up and the model loads meanwhile; the hint comes when it is done.
+
+    def _start_model_hint(self) -> None:
+        """The first-run hint's scan of the disk, once the first model load has ended (loaded or not): started
+        beside the load, it competed with it for the CPU and disturbed the precision probe's timings (a probe
+        taken then was found unsteady and measured again at the next start)."""
+        if self.hint_scanner is None and self._wants_model_hint():
             from app.model_picker import ModelScanner
 
             self.hint_scanner = ModelScanner(self)
@@ -425,6 +429,7 @@ class MainWindow(QMainWindow):
 
     def _model_ready(self, model: ModelInfo) -> None:
         self.meters.ready(model)
+        self._start_model_hint()
         if self.current_chat is not None:
             self._restore_notices(self.current_chat)  # the context length is known now
         self.settings_panel.set_model(model)
@@ -449,6 +454,7 @@ class MainWindow(QMainWindow):
     def _model_failed(self, message: str) -> None:
         self.meters.failed(message)
         self._update_chat_chrome()
+        self._start_model_hint()
         QMessageBox.warning(self, "The model could not be loaded",
                             f"{message}\n\nChoose another model in Settings (Ctrl+,).")
 

@@ -315,3 +315,26 @@ def test_a_model_chosen_from_the_menu_is_opened_and_added_folders_are_kept(
         picker.accept()
     assert asked == [str(mine / "my-model")] and win.config.model == str(mine / "my-model")
     assert load_config().model_folders == [str(mine)] and load_config().model == str(mine / "my-model")
+
+
+def test_the_first_run_scan_waits_until_the_model_has_loaded(
+        qtbot: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, make_window: Any) -> None:
+    """The hint's scan of the disk starts once the first load has ended, so that it does not compete with the
+    load (and with the CPU precision probe's timings, which a busy machine makes unsteady)."""
+    import threading
+
+    look_in(monkeypatch, fake_disk(tmp_path))
+    release = threading.Event()
+
+    def slow_loader(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)
+        return tiny_loaded_model()
+
+    win = make_window(loader=slow_loader, wait_ready=False)
+    win.start_engine()
+    qtbot.wait(200)
+    assert win.hint_scanner is None and win.engine.loading  # nothing scanned while the model loads
+    with qtbot.waitSignal(win.engine.model_ready, timeout=LOAD_MS):
+        release.set()
+    assert win.hint_scanner is not None
+    qtbot.waitUntil(lambda: win.banner_text("models-found") is not None, timeout=SCAN_MS)
