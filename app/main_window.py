@@ -193,6 +193,7 @@ class MainWindow(QMainWindow):
         self.setAcceptDrops(True)  # a .gguf file or a model folder dropped anywhere on the window opens it
         self.picker: ModelPicker | None = None
         self.hint_scanner: ModelScanner | None = None  # the first-run hint's background scan, once started
+        self._consent_cancelled = "converting it"  # what a cancelled consent_to_conversion cancelled, in words
 
         # ----- wiring ---------------------------------------------------------------------------------
         self.sidebar.chat_selected.connect(self.select_chat)
@@ -360,8 +361,10 @@ class MainWindow(QMainWindow):
         if consented is None:
             name = Path(self.config.model.strip()).name
 
+            what = self._consent_cancelled
+
             def cancelled(progress: Any = None) -> Any:
-                raise ModelLoadError(f"{name} was not opened: converting it was cancelled. Open it again to convert "
+                raise ModelLoadError(f"{name} was not opened: {what} was cancelled. Open it again to convert "
                                      "it, or choose another model.")
 
             self.engine.loader = cancelled
@@ -380,11 +383,13 @@ class MainWindow(QMainWindow):
         try:
             question = conversion_consent.find_question(self, config)  # in a thread: hashing may take seconds
         except conversion_consent.CheckCancelled:
+            self._consent_cancelled = "checking whether it was converted before"
             return None
         if question is None:
             return config
         answer = conversion_consent.ask(self, question)
         if answer is None:
+            self._consent_cancelled = "converting it"
             return None
         return config.with_changes(gguf_conversion={**config.gguf_conversion, config.model.strip(): answer})
 

@@ -283,3 +283,24 @@ def test_trying_again_while_a_cancelled_check_still_hashes_waits_for_it_instead_
     watch.stop()
     assert len(dialogs) == 2 and len(hashes) == 1  # the second try waited for the first hashing: the file was read once
     assert answers[0]["text"].startswith("Opening Big-F32.gguf converts it once")
+
+
+def test_at_start_a_cancelled_check_is_told_as_such(
+        qtbot: Any, big_gguf: Path, monkeypatch: pytest.MonkeyPatch, make_window: Any) -> None:
+    from PySide6.QtWidgets import QMessageBox
+
+    from app import conversion_consent
+
+    def cancelled_check(parent: Any, config: Any) -> None:
+        raise conversion_consent.CheckCancelled("checking was cancelled")
+
+    monkeypatch.setattr(conversion_consent, "find_question", cancelled_check)
+    loaded = _loaded_configs(monkeypatch)
+    warnings: list[str] = []
+    monkeypatch.setattr(QMessageBox, "warning", lambda _parent, _title, text: warnings.append(text))
+    win = make_window(model=str(big_gguf), wait_ready=False)
+    win.consent_at_start = True
+    with qtbot.waitSignal(win.engine.model_failed, timeout=LOAD_MS):
+        win.start_engine()
+    assert "Big-F32.gguf was not opened: checking whether it was converted before was cancelled" in warnings[0]
+    assert loaded == [] and win.config.model == str(big_gguf)
