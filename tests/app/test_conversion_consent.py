@@ -194,26 +194,42 @@ def test_the_gguf_is_hashed_off_the_gui_thread_while_the_window_keeps_running(
     assert win.config.model == "default"
 
 
-def test_a_long_check_says_so_and_can_be_cancelled(
-        qtbot: Any, big_gguf: Path, answers: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
-        make_window: Any) -> None:
-    from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QProgressDialog, QPushButton
-
+def _slow_hashing(monkeypatch: pytest.MonkeyPatch) -> tuple[threading.Event, threading.Event, list[Path]]:
+    """Hashing as of a file of many GB on a slow disk: each hash waits for `release` (the first Event), then
+    sets `hashed` (the second); the list gets every file a hash was started for."""
     from engine import conversion
 
-    plan = answers.pop(0)["plan"]
-    loaded = _loaded_configs(monkeypatch)
     real_sha256 = conversion.file_sha256
     release, hashed = threading.Event(), threading.Event()
+    hashes: list[Path] = []
 
-    def slow_sha256(path: Path) -> str:  # a file of many GB on a slow disk
+    def slow_sha256(path: Path) -> str:
+        hashes.append(path)
         release.wait(30)
         digest = real_sha256(path)
         hashed.set()
         return digest
 
     monkeypatch.setattr(conversion, "file_sha256", slow_sha256)
+    return release, hashed, hashes
+
+
+def _click_cancel(dialog: Any) -> None:
+    from PySide6.QtWidgets import QPushButton
+
+    next(b for b in dialog.findChildren(QPushButton) if b.text() == "Cancel").click()
+
+
+def test_a_long_check_says_so_and_can_be_cancelled(
+        qtbot: Any, big_gguf: Path, answers: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
+        make_window: Any) -> None:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QProgressDialog
+
+
+    plan = answers.pop(0)["plan"]
+    loaded = _loaded_configs(monkeypatch)
+    release, hashed, _ = _slow_hashing(monkeypatch)
     win = make_window()
     shown: list[str] = []
 
@@ -221,7 +237,7 @@ def test_a_long_check_says_so_and_can_be_cancelled(
         for dialog in win.findChildren(QProgressDialog):
             if dialog.isVisible() and not shown:
                 shown.append(dialog.labelText())
-                next(b for b in dialog.findChildren(QPushButton) if b.text() == "Cancel").click()
+                _click_cancel(dialog)
 
     watch = QTimer()
     watch.timeout.connect(cancel_when_shown)
@@ -244,22 +260,12 @@ def test_trying_again_while_a_cancelled_check_still_hashes_waits_for_it_instead_
         qtbot: Any, big_gguf: Path, answers: list[dict[str, Any]], monkeypatch: pytest.MonkeyPatch,
         make_window: Any) -> None:
     from PySide6.QtCore import QTimer
-    from PySide6.QtWidgets import QProgressDialog, QPushButton
+    from PySide6.QtWidgets import QProgressDialog
 
-    from engine import conversion
 
     plan = answers.pop(0)["plan"]
     _loaded_configs(monkeypatch)
-    real_sha256 = conversion.file_sha256
-    release = threading.Event()
-    hashes: list[Path] = []
-
-    def slow_sha256(path: Path) -> str:
-        hashes.append(path)
-        release.wait(30)
-        return real_sha256(path)
-
-    monkeypatch.setattr(conversion, "file_sha256", slow_sha256)
+    release, _, hashes = _slow_hashing(monkeypatch)
     win = make_window()
     dialogs: list[str] = []  # the "Checking…" dialogs seen (each marked, as a new one may reuse a freed one's id)
 
@@ -269,7 +275,7 @@ def test_trying_again_while_a_cancelled_check_still_hashes_waits_for_it_instead_
                 dialog.setProperty("seen", True)
                 dialogs.append(dialog.labelText())
                 if len(dialogs) == 1:
-                    next(b for b in dialog.findChildren(QPushButton) if b.text() == "Cancel").click()
+                    _click_cancel(dialog)
                 else:
                     release.set()
 
