@@ -117,15 +117,6 @@ class CachePool:
             placed = [self._placement(e, e.tier) for e in self.entries.values()]
         return sum(d for d, _ in placed), sum(h for _, h in placed)
 
-    def gpu_bytes(self, key: int) -> int:
-        """Bytes of `key`'s cache on the GPU when the model is split between GPU and CPU (0 otherwise)."""
-        from engine.layer_split import bytes_on_gpu
-
-        entry = self.entries.get(key)
-        if entry is None or entry.tier != "device":
-            return 0
-        return bytes_on_gpu(entry.session.cache, self.gpu_layers)
-
     @staticmethod
     def _bytes(entry: _Entry) -> int:
         # a draft model's cache moves with its chat
