@@ -256,6 +256,34 @@ def tokens_that_fit(spec: CacheSpec, config: Any, dtype: torch.dtype, budget: in
     return lo
 
 
+@dataclass(frozen=True)
+class LadderRung:
+    """One step of `auto`'s KV ladder: a `candidate_specs` name, how much it costs in quality, and why it is chosen."""
+
+    name: str
+    tier: str  # lossless (exact, or +0.2% perplexity for 4-bit) | lossy (+18% at 2-bit) | bounded (forgets the middle)
+    note: str
+
+    @property
+    def bounded(self) -> bool:
+        return self.tier == "bounded"
+
+
+# What `auto` means for the KV cache: the first rung that holds the planned chat, quality first. The one
+# ladder: the live advisor of a loaded model (`advise`: the app's and the service's `auto`) walks it as it
+# stands; the load-time plan (`recommend_weights`) walks the lossless rungs for each weight precision, then
+# splits the layers between GPU and RAM (a CUDA GPU), then the lossy and bounded rungs. So lossless offloading
+# always comes before 2-bit KV, and 2-bit before attention sinks.
+AUTO_KV_LADDER = (
+    LadderRung("dynamic", "lossless", "the full cache fits"),
+    LadderRung("quantized-4", "lossless", "the full cache does not fit, 4-bit KV does (+0.2% perplexity)"),
+    LadderRung("offloaded", "lossless", "the KV cache fits in RAM and is streamed to the GPU"),
+    LadderRung("quantized-2", "lossy", "only 2-bit KV fits (it costs some accuracy)"),
+    LadderRung("sink", "bounded", "no cache holds the whole chat: attention sinks keep it going"),
+    LadderRung("sink-quantized", "bounded", "no cache holds the whole chat: 4-bit attention sinks keep it going"),
+)
+
+
 def candidate_specs(config: Any, context: int) -> list[tuple[str, CacheSpec]]:
     """The strategies the advisor compares, each with its measured default parameters."""
     q4 = CacheSpec(strategy="quantized", **caches.quantization_defaults(4))
@@ -373,33 +401,32 @@ def advise(
 
 def _choose(estimates: list[StrategyEstimate], ctx: int, budget: int, weights: int,
             hw: HardwareProfile) -> tuple[StrategyEstimate | None, str]:
-    """auto: dynamic while it fits, then quantized (4-bit, then 2-bit), then offloaded, then sink."""
+    """auto for a loaded model (its weights fixed): the first rung of `AUTO_KV_LADDER` that holds `ctx` tokens."""
     where = "GPU memory" if hw.has_gpu else "RAM"
     if budget <= 0:
         return None, (f"The model's weights ({weights / GIB:.1f} GiB) leave no room for a KV cache in "
                       f"{hw.accelerator_total / GIB:.0f} GiB of {where}: choose a smaller model or quantized weights.")
     by_label = {e.label.split(" ")[0]: e for e in estimates}
-    ladder = (("dynamic", "the full cache fits"),
-              ("quantized-4", "the full cache does not fit, 4-bit KV does"),
-              ("quantized-2", "only 2-bit KV fits (it costs some accuracy)"),
-              ("offloaded", "the KV cache fits in RAM and is streamed to the GPU"))
-    for name, note in ladder:
-        e = by_label.get(name)
-        if e is not None and e.available and e.tokens_fit is not None and e.tokens_fit >= ctx:
-            return e, f"{name}: {note} — {_tokens(ctx)} tokens need {e.bytes_at_context / GIB:.2f} GiB of " \
-                      f"{max(budget, 0) / GIB:.1f} GiB free for KV."
-    for e in estimates:
-        if e.spec.bounded_length and e.available and e.tokens_fit is None:
+    for rung in AUTO_KV_LADDER:
+        e = by_label.get(rung.name)
+        if e is None or not e.available:
+            continue
+        if rung.bounded and e.tokens_fit is None:
             return e, (f"{e.label}: no full cache fits {_tokens(ctx)} tokens in {max(budget, 0) / GIB:.1f} GiB; "
                        f"attention sinks keep the chat going at a constant {e.bytes_at_context / GIB:.2f} GiB.")
+        if not rung.bounded and e.tokens_fit is not None and e.tokens_fit >= ctx:
+            return e, f"{rung.name}: {rung.note} — {_tokens(ctx)} tokens need {e.bytes_at_context / GIB:.2f} GiB of " \
+                      f"{max(budget, 0) / GIB:.1f} GiB free for KV."
     return None, f"No strategy fits in {max(budget, 0) / GIB:.2f} GiB free for KV."
 
 
 # --- weights × layers on the GPU × KV strategy ---------------------------------------------------
 
 WEIGHT_CHOICES = ("auto", *PRECISIONS)
-LOSSLESS_KV = ("dynamic", "quantized-4", "offloaded")  # quantized-4 costs +0.2% perplexity (README)
-SPLIT_KV = ("dynamic", "quantized-4")
+LOSSLESS_KV = tuple(r.name for r in AUTO_KV_LADDER if r.tier == "lossless")
+LOSSY_KV = tuple(r.name for r in AUTO_KV_LADDER if r.tier == "lossy")
+BOUNDED_KV = tuple(r.name for r in AUTO_KV_LADDER if r.bounded)
+SPLIT_KV = ("dynamic", "quantized-4")  # a split's layers keep their KV where they run: offloading has no place there
 
 
 def precision_ladder(weights: str, hardware: HardwareProfile,
@@ -494,13 +521,14 @@ def recommend_weights(config: Any, hardware: HardwareProfile, weights: str = "au
                         f"({_tokens(tokens)} tokens fit).")
     for p, _base in ladder:  # 3. 2-bit KV
         plan = full(p)
-        tokens = fit(plan, "quantized-2")
-        if tokens is not None and tokens >= ctx:
-            return done(plan, "quantized-2", tokens, f"{plan.describe()}; only 2-bit KV holds {_tokens(ctx)} tokens "
-                        f"(it costs some accuracy; {_tokens(tokens)} fit).")
+        for name in LOSSY_KV:
+            tokens = fit(plan, name)
+            if tokens is not None and tokens >= ctx:
+                return done(plan, name, tokens, f"{plan.describe()}; only 2-bit KV holds {_tokens(ctx)} tokens "
+                            f"(it costs some accuracy; {_tokens(tokens)} fit).")
     for p, _base in ladder:  # 4. a bounded cache
         plan = full(p)
-        for name in ("sink", "sink-quantized"):
+        for name in BOUNDED_KV:
             if fit(plan, name) is None:
                 label, spec = specs[name]
                 held = caches.bytes_for(spec, ctx, config, plan.torch_dtype)

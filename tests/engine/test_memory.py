@@ -120,3 +120,37 @@ def test_a_loaded_split_model_counts_the_gpu_layers_kv_on_the_gpu_and_the_rest_i
     assert dyn_split.tokens_fit == whole.kv_budget * 32 // 16 // per_token  # half of each token on the GPU
     off = next(e for e in split.estimates if e.spec.strategy == "offloaded")
     assert off.tokens_fit == 0  # the offloaded cache streams every layer through the GPU: not with a split
+
+
+def _rung(spec: CacheSpec) -> str:
+    if spec.strategy == "quantized":
+        return f"quantized-{spec.nbits}"
+    return spec.strategy
+
+
+@pytest.mark.parametrize("context", [8_192, 40_000, 100_000, 250_000, 420_000, 2_000_000])
+def test_one_auto_ladder_for_a_loaded_model_and_for_the_load_time_plan(context: int) -> None:
+    """The app's `auto` (a loaded model: `advise` with its weights) and the load-time plan (`advise(weights=...)`)
+    walk one ladder: dynamic → 4-bit → offloaded → 2-bit → sinks. With the weights fixed to bf16 on a 24 GiB GPU
+    (no split possible: the plan's only precision), both choose the same rung at every length; at 250k tokens
+    neither the full nor the 4-bit cache fits, and lossless offloading comes before 2-bit KV (+18% perplexity)."""
+    hardware = memory.simulated_hardware(24, 64)
+    loaded = memory.advise(LLAMA_8B, hardware, context=context, dtype=BF16)
+    planned = memory.advise(LLAMA_8B, hardware, context=context, dtype=BF16, weights="bf16")
+    assert planned.weight_plan is not None and not planned.weight_plan.split
+    assert loaded.recommended is not None and planned.recommended is not None
+    assert _rung(loaded.recommended.spec) == _rung(planned.recommended.spec), (loaded.explanation,
+                                                                               planned.explanation)
+    expected = {8_192: "dynamic", 40_000: "dynamic", 100_000: "quantized-4", 250_000: "offloaded",
+                420_000: "offloaded", 2_000_000: "sink"}[context]
+    assert _rung(loaded.recommended.spec) == expected, loaded.explanation
+
+
+def test_two_bit_kv_only_where_nothing_lossless_fits() -> None:
+    """On a CPU (no offloading) the ladder goes from 4-bit straight to 2-bit, then sinks."""
+    hardware = memory.simulated_hardware(None, 24)
+    names = [_rung(memory.advise(LLAMA_8B, hardware, context=c, dtype=BF16).recommended.spec)  # type: ignore[union-attr]
+             for c in (8_192, 100_000, 250_000, 5_000_000)]
+    assert names == ["dynamic", "quantized-4", "quantized-2", "sink"]
+    assert [r.name for r in memory.AUTO_KV_LADDER] == ["dynamic", "quantized-4", "offloaded", "quantized-2", "sink",
+                                                       "sink-quantized"]
