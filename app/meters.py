@@ -81,7 +81,7 @@ class Meters:
         split = f" · {model.gpu_layers}/{model.layers} layers on GPU" if model.split else ""
         self.model_label.setText(f"{model.name} · {model.device} · {model.dtype}{split}")
         tip = (f"{model.name}\nloaded in {model.load_seconds:.1f} s\ncontext: {model.context_length:,} tokens\n"
-               f"precision: {model.precision_note or model.dtype}")
+               f"precision: {model.precision_note or model.dtype}\n{model.exactness_note}")
         if model.weights:
             tip += f"\nweights: {model.weights}" + (f" ({model.weights_note})" if model.weights_note else "")
         if model.split:

@@ -14,6 +14,7 @@ from pathlib import Path
 from PySide6.QtCore import QObject, Qt, QUrl, Signal
 from PySide6.QtGui import QDesktopServices
 from PySide6.QtWidgets import (
+    QApplication,
     QButtonGroup,
     QCheckBox,
     QComboBox,
@@ -28,6 +29,7 @@ from PySide6.QtWidgets import (
     QPlainTextEdit,
     QPushButton,
     QRadioButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
@@ -68,7 +70,18 @@ class SettingsDialog(QDialog):
         self.model_folders = list(config.model_folders)  # the picker's added folders, saved on OK
         self.picker: ModelPicker | None = None
         self.key_changed = False  # the remote server's API key was changed (the connection is made again)
-        layout = QVBoxLayout(self)
+        outer = QVBoxLayout(self)
+        # the settings scroll: with the notes under Precision and Weights the dialog is taller than a laptop's
+        # screen, and Qt then squeezes the wrapped notes until their lines are cut
+        self.scroll = QScrollArea()
+        self.scroll.setWidgetResizable(True)
+        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        content = QWidget()
+        layout = QVBoxLayout(content)
+        layout.setContentsMargins(0, 0, 0, 0)
+        self.scroll.setWidget(content)
+        outer.addWidget(self.scroll, 1)
 
         model_box = QGroupBox("Model")
         ml = QVBoxLayout(model_box)
@@ -151,7 +164,13 @@ class SettingsDialog(QDialog):
         self.device.setToolTip("auto: a CUDA GPU if present, else Apple's MPS, else the CPU")
         self.dtype = QComboBox()
         self.dtype.addItems(list(DTYPES))
-        self.dtype.setToolTip("auto: bf16 on GPUs that support it, fp16 on other GPUs, fp32 on the CPU")
+        self.dtype.setToolTip("auto: bf16 on GPUs that support it, fp16 on other GPUs; on the CPU the fastest of "
+                              "float32, bfloat16 and float32 with bf16 weight copies, measured once on this "
+                              "machine. Only float32 is exact: a kept cache then answers as recomputing would.")
+        self.precision_now = QLabel()
+        self.precision_now.setWordWrap(True)
+        self.precision_now.setText(describe_precision(model))
+        self.precision_now.setVisible(bool(self.precision_now.text()))
         self.kv_budget = _budget_box(0, "automatic",
                                      "GPU memory (RAM without a GPU) for the KV caches of all chats together. "
                                      "Beyond it, the caches of the chats used longest ago move to RAM, then to "
@@ -189,6 +208,7 @@ class SettingsDialog(QDialog):
         self.weights_now.setVisible(bool(self.weights_now.text()))
         form.addRow("Device", self.device)
         form.addRow("Precision", self.dtype)
+        form.addRow(self.precision_now)
         form.addRow("Weights", self.weights)
         form.addRow("Layers on the GPU", self.gpu_layers)
         form.addRow(self.weights_now)
@@ -253,9 +273,9 @@ class SettingsDialog(QDialog):
         self.error.setStyleSheet("color: #d9534f;")
         self.error.setWordWrap(True)
         self.error.hide()
-        layout.addWidget(self.error)
+        outer.addWidget(self.error)
         self.buttons = QDialogButtonBox(QDialogButtonBox.StandardButton.Ok | QDialogButtonBox.StandardButton.Cancel)
-        layout.addWidget(self.buttons)
+        outer.addWidget(self.buttons)
 
         self.buttons.accepted.connect(self.accept)
         self.buttons.rejected.connect(self.reject)
@@ -273,6 +293,16 @@ class SettingsDialog(QDialog):
         self.serve.toggled.connect(self._update_serve_fields)
         self.serve_port.valueChanged.connect(self._update_serve_fields)
         self._fill(config)
+        self.fit_to_screen()
+
+    def fit_to_screen(self) -> None:
+        """As tall as the settings need, up to 90% of the screen's height (the rest scrolls)."""
+        content = self.scroll.widget()
+        content.adjustSize()
+        screen = self.screen() or QApplication.primaryScreen()
+        room = int(screen.availableGeometry().height() * 0.9) if screen is not None else 800
+        chrome = self.sizeHint().height() - self.scroll.sizeHint().height()
+        self.resize(max(self.width(), self.minimumWidth()), min(content.sizeHint().height() + chrome, room))
 
     def _fill(self, c: AppConfig) -> None:
         model = c.model.strip()
@@ -418,10 +448,7 @@ class SettingsDialog(QDialog):
             "them over while Cachet is closed to take them along."
         )
         self.data_dir_note.show()
-        layout = self.layout()
-        if layout is not None:
-            layout.activate()
-        self.adjustSize()
+        self.fit_to_screen()
 
     def result_config(self) -> AppConfig:
         """The edited copy; raises ConfigError when a value is invalid."""
@@ -494,6 +521,16 @@ class SettingsDialog(QDialog):
             return False
         api_keys.save(url, key)
         return True
+
+
+def describe_precision(model: ModelInfo | None) -> str:
+    """"Now: bfloat16 — measured fastest on this CPU (…). bfloat16: replies can differ …", for the loaded model."""
+    if model is None or model.remote:
+        return ""
+    note = model.precision_note if model.precision_note != "chosen" else ""
+    # the probe's note starts with the precision's own name ("bfloat16: measured fastest …"): said once
+    why = f", {note.split(': ', 1)[-1]}" if note else ""
+    return f"Now: {model.dtype}{why}. {model.exactness_note}"
 
 
 def describe_weights(model: ModelInfo | None) -> str:

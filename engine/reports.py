@@ -144,6 +144,23 @@ class ModelInfo:
     def on_gpu(self) -> bool:
         return self.device.startswith(("cuda", "mps"))
 
+    @property
+    def exact(self) -> bool:
+        """Whether a kept cache answers token for token as recomputing the chat would: only in float32
+        throughout. In bf16/fp16, or with bf16 weight copies for decoding, a token decoded one at a time and
+        the same token prefilled in a batch are rounded differently, so greedy replies can part ways."""
+        return self.dtype == "float32" and not self.remote
+
+    @property
+    def exactness_note(self) -> str:
+        """One sentence for the settings: what this precision means for reproducible replies."""
+        if self.remote:
+            return ""
+        if self.exact:
+            return "Exact: a kept cache gives the same reply, token for token, as recomputing the chat."
+        return ("Not exact: replies can differ slightly from float32's, and a kept cache's from a recompute's "
+                "(they round differently). Choose float32 where every reply must be reproducible exactly.")
+
 
 @dataclass(frozen=True)
 class TurnDone:

@@ -124,5 +124,36 @@ def test_a_weight_change_reloads_and_the_status_bar_shows_the_split(
     assert "weights: bf16 (bf16 weights: 1 of 2 layers fit on the GPU)" in label.toolTip()
     assert "layers: 1 of 2 layers on the GPU, 1 in RAM" in label.toolTip()
     assert "attention: SDPA: flash-attn is not installed" in label.toolTip()
+    assert "Exact: a kept cache gives the same reply" in label.toolTip()  # the tiny model runs in float32
     win.apply_config(win.config.with_changes(theme="dark"))  # not a model setting: no reload
     assert asked == [("bf16", 1)]
+
+
+def test_the_dialog_says_what_auto_chose_and_that_only_float32_is_exact(qtbot: Any) -> None:
+    """On a CPU with native bf16, auto may choose bf16: the settings say so, and that a kept cache and a
+    recompute (and float32) can then give other replies; in float32 they say the replies are exact."""
+    import app.settings_dialog as sd
+    from app.protocol import ModelInfo
+
+    def info(dtype: str, note: str) -> ModelInfo:
+        return ModelInfo(name="tiny", device="cpu", dtype=dtype, context_length=2048, weights_bytes=1,
+                         load_seconds=0.1, availability={}, backend_availability={}, auto_cache=None, auto_reason="",
+                         config=None, torch_dtype=None, precision_note=note, weights="fp32")
+
+    bf16 = info("bfloat16", "bfloat16: measured fastest on this CPU (a typical turn 1.87× float32's speed; "
+                            "decoding 2.10×, prefill 1.20×)")
+    dialog = sd.SettingsDialog(AppConfig(), model=bf16)
+    qtbot.addWidget(dialog)
+    text = dialog.precision_now.text()
+    assert text.startswith("Now: bfloat16, measured fastest on this CPU (a typical turn 1.87× float32's")
+    assert "Not exact: replies can differ slightly from float32's, and a kept cache's from a recompute's" in text
+    assert "Choose float32 where every reply must be reproducible exactly" in text
+    assert not bf16.exact and not info("float32 + bf16 weights", "").exact
+
+    fp32 = sd.SettingsDialog(AppConfig(dtype="float32"), model=info("float32", "chosen"))
+    qtbot.addWidget(fp32)
+    assert fp32.precision_now.text() == ("Now: float32. Exact: a kept cache gives the same reply, token for token, "
+                                         "as recomputing the chat.")
+    none = sd.SettingsDialog(AppConfig())
+    qtbot.addWidget(none)
+    assert none.precision_now.text() == "" and not none.precision_now.isVisibleTo(none)
