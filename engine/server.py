@@ -15,14 +15,15 @@ Generation runs on one worker thread that owns the service (`GenerationWorker`);
 a bounded queue (503 when full). A client that disconnects sets its turn's stop event, which the
 session checks before every token. The HTTP layer is Starlette on uvicorn; this module builds the
 app around an already-opened `ChatService`, so whoever opens the data folder (and holds its lock)
-stays its owner.
+stays its owner. What may reach the endpoints at all (where it listens, the `Host` and `Origin` a
+request carries, the API key, a JSON body and its bounds) is `engine/server_http.py`'s, enforced
+here whoever starts the server.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import itertools
 import json
 import logging
@@ -42,6 +43,17 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from engine.reports import TurnDone
+from engine.server_http import (
+    ApiError,
+    ClientGone,
+    EdgeGuard,
+    EdgePolicy,
+    check_bind,
+    is_loopback,
+    normalize_origin,
+    read_json_body,
+    url_host,
+)
 from engine.service import ChatService
 from engine.session import ChatSession, Message, common_prefix_length
 from engine.specs import (
@@ -65,19 +77,6 @@ CACHE_FIELDS = ("cache", "sink_tokens", "window", "nbits", "residual", "q_group_
                 "backend", "max_cache_len", "overflow", "top_k", "repetition_penalty")
 
 
-class ApiError(Exception):
-    """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None,
-                 kind: str = "invalid_request_error") -> None:
-        super().__init__(message)
-        self.status, self.message, self.code, self.param, self.kind = status, message, code, param, kind
-
-    def response(self, headers: dict[str, str] | None = None) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": self.code}}, status_code=self.status, headers=headers)
-
-
 @dataclass(frozen=True)
 class ServerConfig:
     """What one server allows and assumes.
@@ -90,10 +89,19 @@ class ServerConfig:
     max_tokens_limit: the most tokens one reply may ask for.
     max_slots: conversations whose caches the server keeps (the least recently used beyond that is dropped;
         within it the pool's memory budgets decide where each cache lives).
+    no_auth: listening beyond loopback without a key is allowed (the user asked for it: `--no-auth`);
+        otherwise `BackgroundServer` refuses such an address.
+    allowed_hosts: `Host` names accepted besides localhost, 127.0.0.1 and [::1] ("*": any); a keyed server
+        listening beyond loopback accepts any name (see `engine.server_http.EdgePolicy`).
+    cors_origins: web origins whose pages may call the server ("*": any); empty keeps CORS closed, and a
+        request that carries any other `Origin` is refused.
     """
 
     model_id: str
     api_key: str | None = None
+    no_auth: bool = False
+    allowed_hosts: tuple[str, ...] = ()
+    cors_origins: tuple[str, ...] = ()
     defaults: ChatSettings = field(default_factory=lambda: ChatSettings(cache=CacheSpec("dynamic")))
     max_queue: int = 16
     max_body_bytes: int = 4 * 2**20
@@ -427,6 +435,38 @@ def parse_messages(body: dict[str, Any]) -> tuple[str, list[Message]]:
     return system, messages
 
 
+# What a request may ask for that this server does not do, and the values that ask for nothing: anything
+# else is refused (400) rather than ignored, so a client never mistakes a plain reply for what it asked.
+UNSUPPORTED: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "logprobs": ("log probabilities are not supported by this server", (None, False)),
+    "top_logprobs": ("log probabilities are not supported by this server", (None, 0)),
+    "tools": ("tools (function calling) are not supported by this server", (None, [])),
+    "tool_choice": ("tools (function calling) are not supported by this server", (None, "auto", "none")),
+    "functions": ("function calling is not supported by this server", (None, [])),
+    "function_call": ("function calling is not supported by this server", (None, "auto", "none")),
+    "response_format": ("structured replies (JSON modes) are not supported by this server", (None, {"type": "text"})),
+    "logit_bias": ("logit_bias is not supported by this server", (None, {})),
+}
+UNSUPPORTED_RAW: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "logprobs": ("log probabilities are not supported by this server", (None, False)),
+    "echo": ("echo is not supported by this server", (None, False)),
+    "suffix": ("suffix (insertion) is not supported by this server", (None, "")),
+    "best_of": ("best_of is not supported by this server (only 1)", (None, 1)),
+    "logit_bias": ("logit_bias is not supported by this server", (None, {})),
+}
+
+
+def refuse_unsupported(body: dict[str, Any], raw: bool) -> None:
+    """Raise ApiError (400) for a field that asks for what this server does not do (`logprobs: true`, a
+    non-empty `tools`, ...); the values that ask for nothing (`tools: []`, `tool_choice: "none"`) pass."""
+    for name, (why, fine) in (UNSUPPORTED_RAW if raw else UNSUPPORTED).items():
+        value = body.get(name)
+        # `0 == False` in Python: compare types too, so that `logprobs: 0` is judged as the number it is
+        if not any(value == ok and type(value) is type(ok) for ok in fine):
+            raise ApiError(400, f"'{name}': {why}; send {name}={json.dumps(fine[-1])} or leave it out "
+                                f"(got {json.dumps(value)[:80]}).", code="unsupported_parameter", param=name)
+
+
 def parse_stops(body: dict[str, Any]) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
@@ -483,19 +523,33 @@ async def _watch_disconnect(request: Request, job: Job) -> None:
 class CachetServer:
     """The Starlette app and its worker, around an already-opened ChatService with a model loaded.
 
-    `start()` starts the worker thread (call it before serving), `stop()` ends it; `app` is the ASGI app.
+    `start()` starts the worker thread (call it before serving), `stop()` ends it; `app` is the ASGI app,
+    behind an `EdgeGuard` (Host, Origin, API key, JSON content type) for every request. `bind(host)` says
+    where it listens (BackgroundServer calls it), which decides whether any `Host` name is accepted.
     """
 
     def __init__(self, service: ChatService, config: ServerConfig) -> None:
         self.service, self.config = service, config
         self.stats = ServerStats()
         self.worker = GenerationWorker(service, config, self.stats)
-        self.app = Starlette(routes=[
+        self.policy = EdgePolicy.for_bind(None, config.api_key, config.allowed_hosts, config.cors_origins)
+        routes = Starlette(routes=[
             Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             Route("/v1/completions", self.completions, methods=["POST"]),
             Route("/v1/models", self.models, methods=["GET"]),
             Route("/health", self.health, methods=["GET"]),
         ], exception_handlers={404: self._not_found, 405: self._not_allowed})
+        self.app = EdgeGuard(routes, lambda: self.policy)
+
+    def bind(self, host: str) -> None:
+        """Check that this server may listen on `host`, and accept the `Host` names that go with it.
+
+        Raises:
+            UnsafeBindError: `host` reaches other machines and no API key guards the server.
+        """
+        check_bind(host, self.config.api_key, self.config.no_auth)
+        self.policy = EdgePolicy.for_bind(host, self.config.api_key, self.config.allowed_hosts,
+                                          self.config.cors_origins)
 
     def start(self) -> None:
         self.worker.start()
@@ -512,8 +566,6 @@ class CachetServer:
                              "queued": self.worker.jobs.qsize()})
 
     async def models(self, request: Request) -> Response:
-        if (denied := self._check_auth(request)) is not None:
-            return denied
         return JSONResponse({"object": "list", "data": [
             {"id": self.config.model_id, "object": "model", "created": 0, "owned_by": "cachet"}]})
 
@@ -525,15 +577,18 @@ class CachetServer:
 
     async def _complete(self, request: Request, raw: bool) -> Response:
         try:
-            if (denied := self._check_auth(request)) is not None:
-                return denied
-            body = await self._body(request)
-            if body.get("model") != self.config.model_id:
-                raise ApiError(404, f"The model {body.get('model')!r} does not exist here; this server serves "
+            body = await read_json_body(request, self.config.max_body_bytes)
+            model = body.get("model")
+            if model is None:
+                raise ApiError(400, f"'model' is required: this server serves {self.config.model_id!r} "
+                                    "(see /v1/models).", code="missing_model", param="model")
+            if model != self.config.model_id:
+                raise ApiError(404, f"The model {model!r} does not exist here; this server serves "
                                     f"{self.config.model_id!r} (see /v1/models).", code="model_not_found",
                                param="model")
             if body.get("n", 1) != 1:
                 raise ApiError(400, "Only n=1 is supported.", param="n")
+            refuse_unsupported(body, raw)
             settings = parse_settings(body, self.config)
             if raw:
                 prompt = body.get("prompt")
@@ -548,6 +603,8 @@ class CachetServer:
             stops = parse_stops(body)
         except ApiError as exc:
             return exc.response()
+        except ClientGone:  # nobody is left to read an answer; nothing was queued
+            return Response(status_code=499)
         stream = bool(body.get("stream"))
         options = body.get("stream_options")
         include_usage = stream and isinstance(options, dict) and bool(options.get("include_usage"))
@@ -633,38 +690,7 @@ class CachetServer:
             watcher.cancel()
             job.stop.set()  # the stream ended, or was abandoned: stop before the next token
 
-    # ----- guards ------------------------------------------------------------------------------------
-    def _check_auth(self, request: Request) -> Response | None:
-        key = self.config.api_key
-        if key is None:
-            return None
-        given = request.headers.get("authorization", "")
-        scheme, _, token = given.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-            return ApiError(401, "Missing or wrong API key (send 'Authorization: Bearer KEY').",
-                            code="invalid_api_key").response()
-        return None
-
-    async def _body(self, request: Request) -> dict[str, Any]:
-        limit = self.config.max_body_bytes
-        declared = request.headers.get("content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"The request body is larger than this server's limit of {limit:,} bytes.",
-                           code="request_too_large")
-        data = bytearray()
-        async for part in request.stream():
-            data += part
-            if len(data) > limit:
-                raise ApiError(413, f"The request body is larger than this server's limit of {limit:,} bytes.",
-                               code="request_too_large")
-        try:
-            body = json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ApiError(400, f"The request body is not valid JSON ({exc}).", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise ApiError(400, "The request body must be a JSON object.", code="invalid_json")
-        return body
-
+    # ----- errors ------------------------------------------------------------------------------------
     async def _not_found(self, request: Request, exc: Exception) -> Response:
         return ApiError(404, f"No such endpoint: {request.method} {request.url.path}.", code="not_found").response()
 
@@ -676,22 +702,29 @@ class CachetServer:
 class BackgroundServer:
     """A CachetServer served by uvicorn on its own thread (the app's toggle, the tests, the scripts).
 
-    `port=0` picks a free port; `port` holds the one bound once `start()` returns.
+    `port=0` picks a free port; `port` holds the one bound once `start()` returns. `sock`: a socket
+    already bound to host:port by `listen_socket` (`python -m engine serve` claims its port before it
+    loads the model, so a port in use is said at once). An address beyond loopback is refused here,
+    before anything listens, unless the server has an API key or its config says `no_auth`
+    (`UnsafeBindError`, a ValueError with the sentence for the user).
     """
 
-    def __init__(self, server: CachetServer, host: str = "127.0.0.1", port: int = DEFAULT_PORT) -> None:
+    def __init__(self, server: CachetServer, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
+                 sock: socket.socket | None = None) -> None:
         import uvicorn
 
+        server.bind(host)
         self.server, self.host = server, host
         self._uvicorn = uvicorn.Server(uvicorn.Config(server.app, host=host, port=port, log_level="warning",
                                                       lifespan="off", timeout_graceful_shutdown=2))
         self._thread: threading.Thread | None = None
+        self._sock = sock
         self.port = port
 
     def start(self, timeout: float = 20.0) -> None:
         """Listen and serve; raises OSError with the reason when the address cannot be had (the socket
         is bound here, in the caller's thread, so a port in use is an error here, not in uvicorn's thread)."""
-        sock = _listen_socket(self.host, self.port)
+        sock, self._sock = self._sock or listen_socket(self.host, self.port), None
         self.port = int(sock.getsockname()[1])
         self.server.start()
         self._thread = threading.Thread(target=self._run, args=(sock,), name="cachet-server-http", daemon=True)
@@ -715,7 +748,7 @@ class BackgroundServer:
 
     @property
     def base_url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return f"http://{url_host(self.host)}:{self.port}/v1"
 
     def stop(self) -> None:
         self.server.worker.cancel_all()  # open streams end at once instead of holding the shutdown
@@ -725,7 +758,7 @@ class BackgroundServer:
         self.server.stop()
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
+def listen_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to host:port (port 0: a free one), as uvicorn would bind it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -739,9 +772,6 @@ def _listen_socket(host: str, port: int) -> socket.socket:
 
 
 # ----- the command ------------------------------------------------------------------------------------
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def add_serve_arguments(p: Any) -> None:
     """The `serve` subcommand's flags (engine/cli.py adds the subcommand)."""
     from engine.cli import _add_cache_args, _add_model_args
@@ -753,6 +783,13 @@ def add_serve_arguments(p: Any) -> None:
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (needed off loopback)")
     p.add_argument("--no-auth", action="store_true", help="listen off loopback without a key (prints a warning)")
+    p.add_argument("--allowed-hosts", nargs="+", action="extend", default=[], metavar="NAME",
+                   help="Host names accepted besides localhost, 127.0.0.1 and [::1] ('*': any); a server with "
+                        "--api-key off loopback accepts any (against DNS rebinding: a web page's own name "
+                        "pointed at this server)")
+    p.add_argument("--cors-origins", nargs="+", action="extend", default=[], metavar="ORIGIN",
+                   help="web pages that may call the server, e.g. http://localhost:3000 ('*': any page); "
+                        "default: none (requests from web pages are refused)")
     p.add_argument("--model-name", default=None, help="the model id clients ask for (default: the model's name)")
     p.add_argument("--overflow", default="stop", choices=OVERFLOW_POLICIES,
                    help="when a conversation outgrows the context: stop (400), truncate-middle, or switch to sink")
@@ -776,9 +813,10 @@ def config_from_args(args: Any, display_name: str) -> ServerConfig:
     """The ServerConfig the flags ask for; raises ValueError with the message for the user."""
     from engine.cli import cache_spec_from_args
 
-    if args.host not in LOOPBACK and not args.api_key and not args.no_auth:
+    if not is_loopback(args.host) and not args.api_key and not args.no_auth:
         raise ValueError(f"--host {args.host} makes the server reachable from other machines: give --api-key KEY "
                          "(or --no-auth to serve without one).")
+    origins = tuple(normalize_origin(o) for o in args.cors_origins)  # ValueError says what an origin looks like
     for name in ("max_tokens_limit", "max_queue", "max_slots"):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1.")
@@ -787,6 +825,7 @@ def config_from_args(args: Any, display_name: str) -> ServerConfig:
                                 max_new_tokens=args.max_new_tokens).validate()
     defaults = ChatSettings(sampling=sampling, cache=cache_spec_from_args(args).validate(), overflow=args.overflow)
     return ServerConfig(model_id=args.model_name or model_id(display_name), api_key=args.api_key or None,
+                        no_auth=args.no_auth, allowed_hosts=tuple(args.allowed_hosts), cors_origins=origins,
                         defaults=defaults, max_queue=args.max_queue, max_body_bytes=int(args.max_body_mib * 2**20),
                         max_tokens_limit=args.max_tokens_limit, max_slots=args.max_slots)
 
@@ -803,26 +842,36 @@ def cmd_serve(args: Any) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.host not in LOOPBACK and args.no_auth and not args.api_key:
-        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use it.",
-              file=sys.stderr)
+    if not is_loopback(args.host) and args.no_auth and not args.api_key:
+        print(f"warning: serving on {args.host} without an API key: anyone who reaches this port can use it "
+              "(requests must still name an allowed host: see --allowed-hosts).", file=sys.stderr)
+    try:
+        sock = listen_socket(args.host, args.port)  # the port is claimed before the model loads (seconds)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     service = ChatService(budgets=Budgets(disk=0))  # a server's slots are not kept across restarts
-    service.load_model(lambda progress: models.load(
-        args.model, device=args.device, dtype=args.dtype, weights=args.weights, gpu_layers=args.gpu_layers,
-        offline=not args.online, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
-        progress=progress),
-        progress=lambda text: print(text, file=sys.stderr, flush=True))
+    try:
+        service.load_model(lambda progress: models.load(
+            args.model, device=args.device, dtype=args.dtype, weights=args.weights, gpu_layers=args.gpu_layers,
+            offline=not args.online, trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle,
+            progress=progress),
+            progress=lambda text: print(text, file=sys.stderr, flush=True))
+    except BaseException:  # the caller says why; the port is given back now
+        sock.close()
+        raise
     assert service.lm is not None
     config = config_from_args(args, service.lm.source.display_name)
     server = CachetServer(service, config)
-    http = BackgroundServer(server, args.host, args.port)
     try:
+        http = BackgroundServer(server, args.host, args.port, sock=sock)
         http.start()
-    except OSError as exc:
+    except (OSError, ValueError) as exc:  # the server could not start on its socket
         print(f"error: {exc}", file=sys.stderr)
+        sock.close()
         service.close(save=False)
         return 1
-    print(f"Cachet serves {config.model_id!r} at http://{args.host}:{http.port}/v1 "
+    print(f"Cachet serves {config.model_id!r} at {http.base_url} "
           f"({'API key required' if config.api_key else 'no API key'}); Ctrl+C stops.", file=sys.stderr, flush=True)
     try:
         while True:

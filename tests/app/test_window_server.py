@@ -60,8 +60,26 @@ def _refused(url: str) -> bool:
     return False
 
 
+def _post(url: str, headers: dict[str, str]) -> tuple[int, str]:
+    """A chat request with exactly these headers, as a web page's fetch() could send it: (status, error code)."""
+    import http.client
+    import json
+    from urllib.parse import urlsplit
+
+    where = urlsplit(url)
+    conn = http.client.HTTPConnection(where.hostname or "", where.port, timeout=60)
+    body = json.dumps({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+    try:
+        conn.request("POST", "/v1/chat/completions", body=body, headers=headers)
+        resp = conn.getresponse()
+        answer = json.loads(resp.read())
+    finally:
+        conn.close()
+    return resp.status, answer["error"]["code"] if "error" in answer else ""
+
+
 def test_the_window_serves_its_model_to_other_apps_while_its_own_chats_go_on(
-        qtbot: Any, make_window: Any) -> None:
+        qtbot: Any, make_window: Any, tiny_server: Callable[..., BackgroundServer]) -> None:
     win = make_window(sampling=SHORT)
     with qtbot.waitSignal(win.engine.server_state, timeout=TURN_TIMEOUT_MS) as started:
         win.engine.set_server(0)  # a free port (Settings takes 1024–65535)
@@ -69,9 +87,21 @@ def test_the_window_serves_its_model_to_other_apps_while_its_own_chats_go_on(
     assert state.running and state.url.startswith("http://127.0.0.1:") and state.error is None
     assert win.meters.server_label.isVisibleTo(win) and "Serving on 127.0.0.1:" in win.meters.server_label.text()
 
-    alone, _ = _ask(state.url, "Tell me about the sea")
+    served, _ = _ask(state.url, "Tell me about the sea")
+    window_config = win.engine._worker._server.server.config  # the window's server, as the worker made it
+    fresh = tiny_server(window_config.model_id, window_config.defaults)  # the same model, served alone
+    alone, _ = _ask(fresh.base_url, "Tell me about the sea")
+    assert served == alone and served  # greedy: the window's server answers as a server of its own would
     again, cached = _ask(state.url, "Tell me about the sea")  # the same prompt: its cache is reused
     assert again == alone and cached > 0
+
+    # A web page in the user's browser cannot use it: neither a simple cross-origin request nor one
+    # through a name of its own pointed at 127.0.0.1 (DNS rebinding) reaches the model.
+    assert _post(state.url, {"Content-Type": "text/plain", "Origin": "http://evil.example"}) == (
+        403, "origin_not_allowed")
+    assert _post(state.url, {"Content-Type": "text/plain"}) == (415, "unsupported_media_type")
+    assert _post(state.url, {"Content-Type": "application/json", "Host": "evil.example:8471"}) == (
+        400, "host_not_allowed")
 
     # A request of another app and a message in the window at the same time: both answered, neither
     # with the other's cache (the window's turn waits for the service while the request runs).

@@ -6,6 +6,7 @@ errors a client meets (auth, malformed JSON, unknown model, oversized body, cont
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 import urllib.error
@@ -18,14 +19,17 @@ import openai
 import pytest
 
 from engine.models import LoadedModel
-from engine.server import BackgroundServer, StopMatcher
+from engine.server import BackgroundServer, Job, StopMatcher
+from engine.session import common_prefix_length
 from engine.specs import CacheSpec, SamplingSettings
 from engine.store import ChatSettings
 
 MODEL = "tiny-llama"
+# Speculative decoding is not what these tests are about: one token per step keeps counts exact.
 GREEDY = ChatSettings(sampling=SamplingSettings(temperature=0.0, repetition_penalty=1.0, max_new_tokens=16),
-                      cache=CacheSpec("dynamic"))
+                      cache=CacheSpec("dynamic"), speculative="off")
 Serve = Callable[..., BackgroundServer]
+HELD = 5  # tokens a held reply has produced when its client goes away
 
 
 @pytest.fixture
@@ -104,6 +108,12 @@ def test_two_interleaved_conversations_each_keep_their_cache_and_match_a_lone_ru
                  "b": ["Explain rivers.", "Where do they end?", "Name a long one."]}
     replies: dict[str, list[str]] = {"a": [], "b": []}
     previous: dict[str, int] = {}
+    tokenizer = http.server.service.lm.tokenizer  # type: ignore[union-attr]
+
+    def prompt_ids(name: str) -> list[int]:  # the first prompt as the server renders it (ChatML)
+        text = tokenizer.apply_chat_template(talks[name][:2], tokenize=False, add_generation_prompt=True)
+        return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
     for i in range(3):
         for name in ("a", "b"):
             talks[name].append({"role": "user", "content": questions[name][i]})
@@ -112,8 +122,8 @@ def test_two_interleaved_conversations_each_keep_their_cache_and_match_a_lone_ru
             cached = r.usage.prompt_tokens_details.cached_tokens  # type: ignore[union-attr]
             if i:  # the conversation's own earlier turns came from its own cache
                 assert cached >= 0.9 * previous[name], (name, i, cached)
-            elif name == "b":  # its first turn started from a copy of the shared system prompt
-                assert cached >= len(system["content"])
+            elif name == "b":  # its first turn started from a copy of what it shares with a's first prompt
+                assert cached == common_prefix_length(prompt_ids("a"), prompt_ids("b")), cached
             previous[name] = r.usage.prompt_tokens  # type: ignore[union-attr]
             replies[name].append(text)
             talks[name].append({"role": "assistant", "content": text})
@@ -127,27 +137,47 @@ def test_two_interleaved_conversations_each_keep_their_cache_and_match_a_lone_ru
         talk.append({"role": "assistant", "content": text.message.content or ""})
 
 
-def test_a_dropped_stream_stops_generation_within_a_token(serve: Serve) -> None:
+def test_a_dropped_stream_stops_generation_within_a_token(serve: Serve, tiny_lm: LoadedModel) -> None:
+    """The client reads the first chunk and closes its socket while the reply is held after HELD tokens; once
+    the server has seen the disconnect, the turn ends with the token whose forward pass was running then."""
     http = serve(max_tokens_limit=100_000)
-    c = client(http)
     worker = http.server.worker
-    stream = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Go on forever."}],
-                                       temperature=0.8, max_tokens=900, stream=True, seed=1,
-                                       extra_body={"min_tokens": 900})  # no end-of-turn before 900 tokens
-    got = 0
-    for chunk in stream:
-        if chunk.choices and chunk.choices[0].delta.content:
-            got += 1
-            if got == 3:
-                break
-    stream.close()  # the client goes away mid-reply
-    deadline = time.monotonic() + 30
-    while not worker.turns and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert worker.turns, "the turn never ended"
-    done = worker.turns[-1]
-    assert done.finish_reason == "cancelled" and done.stats is not None
-    assert done.stats.generated_tokens < 900
+    held, release = threading.Event(), threading.Event()
+    decodes = 0
+
+    def hold(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        nonlocal decodes
+        if kwargs["input_ids"].shape[-1] == 1:  # a decode step (the prompt is prefilled in one pass)
+            decodes += 1
+            if decodes == HELD:
+                held.set()
+                release.wait(30)
+
+    body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Go on forever."}], "stream": True,
+                       "max_tokens": 900, "min_tokens": 900}).encode()  # no end-of-turn before 900 tokens
+    handle = tiny_lm.model.register_forward_pre_hook(hold, with_kwargs=True)
+    try:
+        sock = socket.create_connection(("127.0.0.1", http.port), timeout=30)
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        first = b""
+        while b"data:" not in first:  # the response's head and its first chunk
+            first += sock.recv(4096)
+        assert held.wait(30), "the reply never reached its held token"
+        job = worker.current
+        assert job is not None and not job.stop.is_set()
+        sock.close()  # the client goes away mid-reply
+        assert job.stop.wait(30), "the server never noticed the disconnect"
+    finally:
+        release.set()
+        handle.remove()
+    # The worker answers one request at a time: once the next one is answered, the dropped one has ended.
+    status, after = post(http, "/v1/chat/completions", json.dumps(
+        {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode())
+    assert status == 200 and after["usage"]["completion_tokens"] == 4
+    dropped = worker.turns[-2]
+    assert dropped.finish_reason == "cancelled" and dropped.stats is not None
+    assert dropped.stats.generated_tokens == HELD + 1  # HELD before the disconnect, one in flight when it came
     assert http.server.stats.cancelled == 1
 
 
@@ -196,25 +226,48 @@ def test_a_context_overflow_is_a_400_with_the_policy_message_and_sink_continues(
     assert reply.choices[0].finish_reason in ("stop", "length")
 
 
-def test_a_full_queue_answers_503(serve: Serve) -> None:
-    http = serve(max_queue=1, max_tokens_limit=100_000)
+def test_a_full_queue_answers_503_with_retry_after(serve: Serve) -> None:
+    """One request runs (held), one waits in the queue of one: a third is answered 503 at once, with
+    `Retry-After`, and the two others are answered once the first is let go."""
+    http = serve(max_queue=1)
     worker = http.server.worker
-    gate = threading.Event()
-    run = worker.run
-    worker.run = lambda job: (gate.wait(30), run(job))[1]  # type: ignore[method-assign]
+    running, queued, gate = threading.Event(), threading.Event(), threading.Event()
+    run, submit = worker.run, worker.submit
+
+    def held_run(job: Job) -> Any:
+        running.set()
+        gate.wait(30)
+        return run(job)
+
+    def noted_submit(job: Job) -> None:
+        submit(job)
+        if running.is_set():
+            queued.set()
+
+    worker.run, worker.submit = held_run, noted_submit  # type: ignore[method-assign]
     body = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}).encode()
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(post(http, "/v1/chat/completions", body)[0]))
-               for _ in range(2)]
-    for t in threads:  # one runs (held at the gate), one waits in the queue
-        t.start()
-        time.sleep(0.3)
-    status, err = post(http, "/v1/chat/completions", body)
-    assert status == 503 and err["error"]["code"] == "server_busy"
-    gate.set()
-    for t in threads:
-        t.join(30)
-    assert results == [200, 200]
+
+    def ask() -> None:
+        results.append(post(http, "/v1/chat/completions", body)[0])
+
+    first, second = threading.Thread(target=ask), threading.Thread(target=ask)
+    try:
+        first.start()
+        assert running.wait(30)  # the worker holds the first request
+        second.start()
+        assert queued.wait(30)  # the second waits in the queue
+        req = urllib.request.Request(f"http://127.0.0.1:{http.port}/v1/chat/completions", data=body, method="POST",
+                                     headers={"content-type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as busy:
+            urllib.request.urlopen(req, timeout=60)
+        assert busy.value.code == 503 and busy.value.headers["retry-after"] == "1"
+        assert json.loads(busy.value.read())["error"]["code"] == "server_busy"
+    finally:
+        gate.set()
+        first.join(30)
+        second.join(30)
+    assert results == [200, 200] and http.server.stats.rejected_busy == 1
 
 
 def test_stop_strings_are_never_sent() -> None:
