@@ -91,11 +91,9 @@ def test_a_gguf_size_too_small_for_its_tensors_is_refused_with_the_size_needed(t
 
 @pytest.mark.real_model
 def test_the_weights_bench_keeps_each_precisions_figures(tmp_path: Path) -> None:
-    from tests.conftest import kept_cache_dir
-
-    out = tmp_path / "weights"
+    out = tmp_path / "weights"  # the bundled model's converted copy: the tests' kept cache folder (conftest.py)
     run = run_script("scripts/bench_weights.py", "--precisions", "fp32", "--rounds", "1", "--tokens", "2",
-                     "--out", str(out), env={"CACHET_CACHE_DIR": str(kept_cache_dir())})
+                     "--out", str(out))
     assert run.returncode == 0, run.stdout + run.stderr
     record = json.loads((out / "bench-weights.json").read_text(encoding="utf-8"))
     fp32 = record["figures"]["fp32"]
