@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_load.py            # uses the normal cache folder
     .venv/bin/python scripts/bench_load.py --fresh    # a throwaway cache folder: also measures the first start
+    [--repeats 3] [--out DIR]                         # later starts; where the record goes (scripts/records.py)
 
 Each start is a new Python process, so the figures include nothing already in memory.
 `import` is the one-time cost of importing torch and transformers in a new process (the app
@@ -19,6 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import records  # scripts/records.py
+
+NAME = "bench-load"
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = """
 import json, time
@@ -45,18 +49,26 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--fresh", action="store_true", help="start from an empty cache folder")
     parser.add_argument("--repeats", type=int, default=3)
+    records.add_out_argument(parser, NAME)
     args = parser.parse_args()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     tmp = tempfile.TemporaryDirectory() if args.fresh else None
-    if tmp is not None:
-        env["CACHET_CACHE_DIR"] = tmp.name
-        first = one_start(env)
-        print(f"first start : load {first['load_s']:.2f} s (import {first['import_s']:.2f} s, "
-              f"whole process {first['process_s']:.2f} s)")
-    for i in range(args.repeats):
-        r = one_start(env)
-        print(f"later start {i + 1}: load {r['load_s']:.2f} s (import {r['import_s']:.2f} s, "
-              f"whole process {r['process_s']:.2f} s)")
+    with records.Run(NAME, args.out, arguments=args) as run:
+        if tmp is not None:
+            env["CACHET_CACHE_DIR"] = tmp.name
+            first = one_start(env)
+            run.figures["first_start"] = first
+            print(f"first start : load {first['load_s']:.2f} s (import {first['import_s']:.2f} s, "
+                  f"whole process {first['process_s']:.2f} s)")
+        later = []
+        for i in range(args.repeats):
+            r = one_start(env)
+            later.append(r)
+            print(f"later start {i + 1}: load {r['load_s']:.2f} s (import {r['import_s']:.2f} s, "
+                  f"whole process {r['process_s']:.2f} s)")
+        if later:
+            run.figures["later_starts"] = {key: records.figure(r[key] for r in later)
+                                           for key in ("load_s", "import_s", "process_s")}
 
 
 if __name__ == "__main__":

@@ -1,10 +1,11 @@
 """Twenty 2,000-token conversations under a KV budget that holds three of them.
 
-    .venv/bin/python scripts/bench_pool.py [--chats 20] [--tokens 2000] [--fit 3]
+    .venv/bin/python scripts/bench_pool.py [--chats 20] [--tokens 2000] [--fit 3] [--out DIR]
 
 Prints where each conversation's cache came back from (device, RAM, disk, recomputed) and how
 long that took, checks that every follow-up answers exactly as a from-scratch run (greedy), and
-samples the pool's memory every 20 ms to show the budgets hold.
+samples the pool's memory every 20 ms to show the budgets hold. The printed table and its figures
+are saved under --out (scripts/records.py).
 """
 
 from __future__ import annotations
@@ -17,9 +18,12 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import records  # noqa: E402  (scripts/records.py)
 
 from engine import caches, models  # noqa: E402
 from engine.pool import CachePool  # noqa: E402
@@ -27,6 +31,7 @@ from engine.sampling import SamplingSettings  # noqa: E402
 from engine.session import ChatSession, Message, SessionSettings  # noqa: E402
 from engine.snapshots import SnapshotStore  # noqa: E402
 
+NAME = "bench-pool"
 GREEDY = SamplingSettings(temperature=0.0, max_new_tokens=16, repetition_penalty=1.0)
 
 
@@ -36,7 +41,13 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=2000)
     p.add_argument("--fit", type=int, default=3, help="how many chats the device budget holds")
     p.add_argument("--disk-fit", type=int, default=10, help="how many chats' snapshots the disk budget holds")
+    records.add_out_argument(p, NAME)
     args = p.parse_args()
+    with records.Run(NAME, args.out, arguments=args) as run:
+        return measure(args, run.figures)
+
+
+def measure(args: argparse.Namespace, figures: dict[str, Any]) -> int:
     lm = models.load("default")
     text = (ROOT / "resources" / "texts" / "alice.txt").read_text(encoding="utf-8")
     ids = lm.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -77,6 +88,7 @@ def main() -> int:
         session.generate()
     pool.rebalance(wait=True)
     times: dict[str, list[float]] = {}
+    restores: list[dict[str, Any]] = []
     correct = 0
     for key, session in reversed(sessions.items()):  # most recent first
         restore = pool.activate(key)
@@ -88,6 +100,9 @@ def main() -> int:
         times.setdefault(restore.source, []).append(restore.seconds)
         # Resuming by recomputing costs the from-scratch run's time to first token.
         times.setdefault("recompute (from-scratch TTFT)", []).append(recomputed.stats.ttft_ms / 1000)
+        restores.append({"chat": key, "source": restore.source, "seconds": restore.seconds, "tokens": restore.tokens,
+                         "reused_tokens": result.stats.reused_tokens, "prompt_tokens": result.stats.prompt_tokens,
+                         "identical": recomputed.reply == result.reply})
         print(f"{key:>7}: restored from {restore.source:<10} in {restore.seconds * 1000:7.0f} ms "
               f"({restore.tokens} tokens), follow-up reused {result.stats.reused_tokens}/{result.stats.prompt_tokens}")
         pool.rebalance(wait=True)
@@ -99,6 +114,13 @@ def main() -> int:
           f"+ the active chat), peak in RAM {peak['ram'] / 2**20:.0f} MiB (budget {pool.host_budget / 2**20:.0f} MiB)")
     for source, values in times.items():
         print(f"resume from {source:<30}: median {statistics.median(values) * 1000:7.0f} ms over {len(values)} chats")
+    figures.update({
+        "kv_bytes_per_chat": one, "snapshot_bytes_per_chat": snapshot_size, "device_budget_bytes": pool.device_budget,
+        "host_budget_bytes": pool.host_budget, "identical_follow_ups": correct, "chats": len(sessions),
+        "peak_device_bytes": peak["device"], "peak_ram_bytes": peak["ram"],
+        "resume_seconds": {source: records.figure(values) for source, values in times.items()},
+        "restores": restores,
+    })
     return 0 if correct == len(sessions) else 1
 
 

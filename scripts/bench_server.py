@@ -1,7 +1,7 @@
 """The OpenAI-compatible server measured with the bundled model, on loopback, in one process.
 
-    .venv/bin/python scripts/bench_server.py six-turns [--runs 3] [--max-tokens 48]
-    .venv/bin/python scripts/bench_server.py load [--clients 4] [--requests 20] [--max-tokens 24]
+    .venv/bin/python scripts/bench_server.py six-turns [--runs 3] [--max-tokens 48] [--out DIR]
+    .venv/bin/python scripts/bench_server.py load [--clients 4] [--requests 20] [--max-tokens 24] [--out DIR]
 
 six-turns: the six turns of tests/data/six_turns.txt through the server (the official `openai` client,
 streaming) and through the ChatService the terminal chat uses, alternately in the same process. Per
@@ -13,6 +13,9 @@ load: `clients` threads, each sending `requests` chat requests (conversations of
 once against one server; then every conversation is sent again alone, one request at a time, to a
 fresh server. Checks: no error other than a documented 503, and every reply identical to the lone
 run's (no cross-talk between conversations); prints latency percentiles and the reuse.
+
+Each saves what it printed and its figures under --out as bench-server-six-turns.* / bench-server-load.*
+(scripts/records.py).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import records  # noqa: E402  (scripts/records.py)
 
 TURNS = (ROOT / "tests" / "data" / "six_turns.txt").read_text(encoding="utf-8").splitlines()
 SYSTEM = "You are a helpful assistant."
@@ -52,7 +57,7 @@ def start_server(lm: Any, max_tokens: int, **config: Any) -> tuple[Any, Any]:
     return http, service
 
 
-def six_turns(lm: Any, runs: int, max_tokens: int) -> None:
+def six_turns(lm: Any, runs: int, max_tokens: int, figures: dict[str, Any]) -> None:
     import openai
 
     from engine.reports import Budgets
@@ -64,6 +69,7 @@ def six_turns(lm: Any, runs: int, max_tokens: int) -> None:
     settings = ChatSettings(system_prompt=SYSTEM, sampling=SamplingSettings(
         temperature=0.0, repetition_penalty=1.0, max_new_tokens=max_tokens), cache=CacheSpec("dynamic"))
     rows: list[list[dict[str, float]]] = [[] for _ in TURNS]
+    different = 0
     for run in range(runs):
         http, service = start_server(lm, max_tokens)
         client = openai.OpenAI(base_url=http.base_url, api_key="none", max_retries=0)
@@ -92,6 +98,7 @@ def six_turns(lm: Any, runs: int, max_tokens: int) -> None:
             done = cli.run_turn(1, history, settings)
             history.append(Message("assistant", done.reply, token_ids=list(done.token_ids)))
             if done.reply != reply:
+                different += 1
                 print(f"run {run} turn {i + 1}: the server and the CLI wrote different replies", file=sys.stderr)
             client_ttft = ((first or time.perf_counter()) - started) * 1000
             rows[i].append({"prompt": usage.prompt_tokens, "cached": usage.prompt_tokens_details.cached_tokens,
@@ -112,6 +119,11 @@ def six_turns(lm: Any, runs: int, max_tokens: int) -> None:
     overheads = [r["overhead"] for row in rows for r in row]
     print(f"HTTP overhead over all turns: median {statistics.median(overheads):.1f} ms, "
           f"max {max(overheads):.1f} ms")
+    figures.update({
+        "turns": [{"turn": i + 1, **{k: records.figure(r[k] for r in row) for k in row[0]}}
+                  for i, row in enumerate(rows)],
+        "http_overhead_ms": records.figure(overheads), "replies_different_from_the_cli": different,
+    })
 
 
 def conversation(client: Any, topic: str, turns: int, out: list[Any], lock: threading.Lock) -> list[str]:
@@ -137,7 +149,7 @@ def conversation(client: Any, topic: str, turns: int, out: list[Any], lock: thre
     return replies
 
 
-def load(lm: Any, clients: int, requests: int, max_tokens: int) -> None:
+def load(lm: Any, clients: int, requests: int, max_tokens: int, figures: dict[str, Any]) -> None:
     import openai
 
     per_conversation = len(FOLLOW_UPS)
@@ -188,6 +200,12 @@ def load(lm: Any, clients: int, requests: int, max_tokens: int) -> None:
           f"{len(ok) / wall:.2f} requests/s")
     print(f"  prompt tokens {prompt}, cached {cached} ({cached / max(prompt, 1):.0%})")
     print(f"  replies different from the same conversation run alone: {mismatches}")
+    figures.update({
+        "conversations": conversations * clients, "answered": len(ok), "errors": len(errors), "rejected_busy": busy,
+        "error_statuses": sorted({e[1] for e in errors}), "wall_s": wall, "requests_per_s": len(ok) / wall,
+        "latency_ms": {"p50": statistics.median(latencies), "p95": p95, "max": latencies[-1]},
+        "prompt_tokens": prompt, "cached_tokens": cached, "replies_different_from_alone": mismatches,
+    })
 
 
 def main() -> int:
@@ -200,15 +218,18 @@ def main() -> int:
     lo.add_argument("--clients", type=int, default=4)
     lo.add_argument("--requests", type=int, default=20)
     lo.add_argument("--max-tokens", type=int, default=24)
+    for sub_parser, what in ((six, "six-turns"), (lo, "load")):
+        records.add_out_argument(sub_parser, f"bench-server-{what}")
     args = parser.parse_args()
 
     from engine import models
 
-    lm = models.load("default", device="cpu", dtype="float32")
-    if args.what == "six-turns":
-        six_turns(lm, args.runs, args.max_tokens)
-    else:
-        load(lm, args.clients, args.requests, args.max_tokens)
+    with records.Run(f"bench-server-{args.what}", args.out, arguments=args) as run:
+        lm = models.load("default", device="cpu", dtype="float32")
+        if args.what == "six-turns":
+            six_turns(lm, args.runs, args.max_tokens, run.figures)
+        else:
+            load(lm, args.clients, args.requests, args.max_tokens, run.figures)
     return 0
 
 

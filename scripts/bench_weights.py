@@ -1,19 +1,18 @@
 """Load time and decode speed of each weight precision (engine/models.py `weights`), in one process.
 
     .venv/bin/python scripts/bench_weights.py                  # the bundled model, fp32 / bf16 / int8 / int4
-    .venv/bin/python scripts/bench_weights.py --fresh --rounds 5 --tokens 32
+    .venv/bin/python scripts/bench_weights.py --fresh --rounds 5 --tokens 32 [--out DIR]
 
 Each precision is loaded twice: with `--fresh` the quantized copies of this model are deleted first, so the
 first int8/int4 load quantizes and writes its copy and the second reads it back. Decoding: a 64-token prompt is
 prefilled, then `--tokens` greedy one-token steps are timed through a DynamicCache; the precisions take turns
 for `--rounds` rounds (so a busy machine slows them alike) and the median tokens/s of each is reported with its
-ratio to fp32.
+ratio to fp32. What it prints and the figures are saved under --out (scripts/records.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -23,12 +22,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import records  # noqa: E402  (scripts/records.py)
 import torch  # noqa: E402
 
 from engine import caches, models  # noqa: E402
 from engine.caches import CacheSpec  # noqa: E402
 from engine.caches.base import cache_kwargs  # noqa: E402
 
+NAME = "bench-weights"
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 
 
@@ -58,9 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--fresh", action="store_true", help="delete this model's quantized copies first")
-    parser.add_argument("--json", type=Path, help="also write the figures here")
+    records.add_out_argument(parser, NAME)
     args = parser.parse_args(argv)
+    with records.Run(NAME, args.out, arguments=args, argv=None if argv is None else [__file__, *argv]) as run:
+        run.figures.update(measure(args))
+    return 0
 
+
+def measure(args: argparse.Namespace) -> dict[str, dict[str, object]]:
+    """Load each precision twice, then decode with them taking turns; prints as it goes, returns the figures."""
     loaded: dict[str, models.LoadedModel] = {}
     loads: dict[str, list[float]] = {}
     for precision in args.precisions:
@@ -94,18 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     base = statistics.median(speeds["fp32"]) if "fp32" in speeds else None
     print(f"\ndecode, {args.tokens} tokens after a 64-token prompt, median of {args.rounds} rounds, "
           f"{torch.get_num_threads()} threads:")
-    result = {}
+    result: dict[str, dict[str, object]] = {}
     for p, values in speeds.items():
         median = statistics.median(values)
         ratio = f"{median / base:.2f}× fp32" if base else ""
         print(f"  {loaded[p].precision_label:<24} {median:6.1f} tokens/s  {ratio}  "
               f"(runs {', '.join(f'{v:.1f}' for v in values)})")
-        result[p] = {"precision": loaded[p].precision_label, "tokens_per_s": median, "runs": values,
-                     "ratio_to_fp32": median / base if base else None, "load_s": loads[p],
+        result[p] = {"precision": loaded[p].precision_label, "tokens_per_s": records.figure(values),
+                     "ratio_to_fp32": median / base if base else None, "load_s": {"first": loads[p][0],
+                                                                                  "again": loads[p][1]},
                      "weights_bytes": loaded[p].weights_bytes}
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+    return result
 
 
 if __name__ == "__main__":

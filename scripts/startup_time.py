@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
 """Time from starting `python -m app` to its window being shown (the model loads afterwards).
 
-    .venv/bin/python scripts/startup_time.py [--runs 5] [--binary dist/Cachet/cachet]
+    .venv/bin/python scripts/startup_time.py [--runs 5] [--binary dist/Cachet/cachet] [--out DIR]
 
 Each run starts a fresh process on a throwaway data folder; the app prints a timestamp once
-its window is up and the event loop runs, then quits (hidden flag --exit-when-shown).
+its window is up and the event loop runs, then quits (hidden flag --exit-when-shown). What it prints
+and the figures are saved under --out (scripts/records.py; the machine is read after the runs).
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import records  # scripts/records.py
+
+NAME = "startup-time"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -39,10 +43,14 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--binary", type=Path, help="time this frozen app (packaging/build.py), not python -m app")
+    records.add_out_argument(parser, NAME)
     args = parser.parse_args()
-    times = [one_run(args.binary) for _ in range(args.runs)]
-    print("process start -> window shown: " + ", ".join(f"{t:.2f}" for t in times) + " s")
-    print(f"median {statistics.median(times):.2f} s, best {min(times):.2f} s")
+    with records.Run(NAME, args.out, arguments=args) as run:
+        times = [one_run(args.binary) for _ in range(args.runs)]
+        print("process start -> window shown: " + ", ".join(f"{t:.2f}" for t in times) + " s")
+        print(f"median {statistics.median(times):.2f} s, best {min(times):.2f} s")
+        run.figures.update({"started": str(args.binary) if args.binary else "python -m app",
+                            "window_shown_s": records.figure(times)})
     return 0
 
 
