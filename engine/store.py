@@ -5,7 +5,8 @@ written yet. A reply that was still streaming when the process died is found wit
 "streaming" on the next open and marked "interrupted" (`StoredMessage.complete` is False).
 
 Per-chat settings are stored with each chat: the system prompt, `SamplingSettings.to_dict()` and
-`CacheSpec.to_dict()` (whose strategy may also be "auto") as JSON, and the overflow policy.
+`CacheSpec.to_dict()` (whose strategy may also be "auto") as JSON, the overflow policy and the
+speculative decoding mode.
 Assistant replies keep the token ids the model generated, so cache reuse survives a restart.
 
 This module imports neither Qt nor torch: the app opens the store before the model loads.
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import paths
-from engine.specs import AUTO, CacheSpec, SamplingSettings, validate_overflow
+from engine.specs import AUTO, CacheSpec, SamplingSettings, validate_overflow, validate_speculative
 
 DB_NAME = "chats.sqlite3"
 EXPORT_FORMAT = "cachet-chat"
@@ -105,6 +106,7 @@ class ChatSettings:
             settings.sampling.validate()
             settings.cache.validate()
             validate_overflow(settings.overflow)
+            validate_speculative(settings.speculative)
             if isinstance(data.get("system_prompt", ""), str):
                 return settings, problems
         except (StoreError, ValueError, TypeError, AttributeError):
@@ -119,13 +121,23 @@ class ChatSettings:
             prompt = ""
         sampling = _repaired_fields(SamplingSettings(), data.get("sampling"), "sampling", problems)
         cache = _repaired_fields(CacheSpec(AUTO), data.get("cache"), "cache", problems)
-        overflow = data.get("overflow", "stop")
-        try:
-            validate_overflow(overflow if isinstance(overflow, str) else repr(overflow))
-        except ValueError as exc:
-            problems.append(str(exc))
-            overflow = "stop"
-        return cls(system_prompt=prompt, sampling=sampling, cache=cache, overflow=overflow), problems
+        overflow = _repaired_choice(data.get("overflow"), "stop", validate_overflow, problems)
+        speculative = _repaired_choice(data.get("speculative"), "auto", validate_speculative, problems)
+        # Every field of the class is passed here: a field added later and forgotten here is caught by
+        # tests/engine/test_store_settings.py, which round-trips each field through every copy path.
+        return cls(system_prompt=prompt, sampling=sampling, cache=cache, overflow=overflow,
+                   speculative=speculative), problems
+
+
+def _repaired_choice(value: Any, default: str, validate: Callable[[str], str], problems: list[str]) -> str:
+    """`value` when `validate` accepts it (None: `default`), else `default` and a sentence in `problems`."""
+    if value is None:
+        return default
+    try:
+        return validate(value if isinstance(value, str) else repr(value))
+    except ValueError as exc:
+        problems.append(str(exc))
+        return default
 
 
 def _repaired_fields(default: Any, data: Any, what: str, problems: list[str]) -> Any:
@@ -230,8 +242,13 @@ def _v2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE chats ADD COLUMN overflow TEXT NOT NULL DEFAULT 'stop'")
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    # ChatSettings.speculative had no column: every chat read back as "auto" whatever was chosen.
+    db.execute("ALTER TABLE chats ADD COLUMN speculative TEXT NOT NULL DEFAULT 'auto'")
+
+
 # Migration i brings the schema from version i to i + 1. Append, never edit a released one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -414,12 +431,9 @@ class ChatStore:
         settings = settings or ChatSettings()
         now = time.time()
         title = clean_title(title)
-        cur = self._write(
-            "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
-            "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (title, 0 if title else 1, now, now, settings.system_prompt, json.dumps(settings.sampling.to_dict()),
-             json.dumps(settings.cache.to_dict()), settings.overflow),
-        )
+        columns = {"title": title, "title_is_auto": 0 if title else 1, "created_at": now, "updated_at": now,
+                   **_settings_columns(settings)}
+        cur = self._write(*_insert("chats", columns))
         return self.chat(int(cur.lastrowid or 0))
 
     def chat(self, chat_id: int) -> StoredChat:
@@ -433,7 +447,7 @@ class ChatStore:
         """A chat as stored; settings that cannot work (a damaged row, an older import) read as
         their defaults, so a start never depends on every chat being well-formed."""
         settings, _problems = ChatSettings.repaired({
-            "system_prompt": row["system_prompt"], "overflow": row["overflow"],
+            "system_prompt": row["system_prompt"], "overflow": row["overflow"], "speculative": row["speculative"],
             "sampling": _loads(row["sampling"]), "cache": _loads(row["cache"])})
         return StoredChat(
             id=int(row["id"]), title=clean_title(str(row["title"] or "")), title_is_auto=bool(row["title_is_auto"]),
@@ -462,11 +476,9 @@ class ChatStore:
                         (title, 0 if title else 1, chat_id))
 
     def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
-        self._write(
-            "UPDATE chats SET system_prompt = ?, sampling = ?, cache = ?, overflow = ? WHERE id = ?",
-            (settings.system_prompt, json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()),
-             settings.overflow, chat_id),
-        )
+        columns = _settings_columns(settings)
+        self._write(f"UPDATE chats SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+                    (*columns.values(), chat_id))
 
     def delete_chat(self, chat_id: int) -> None:
         """Hide a chat; `restore_chat` brings it back until `purge_deleted` removes it for good."""
@@ -640,12 +652,9 @@ class ChatStore:
         created_at = float(created) if isinstance(created, int | float) and not isinstance(created, bool) and \
             math.isfinite(created) and 0 <= created <= now else now
         with self._transaction() as db:
-            cur = db.execute(
-                "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
-                "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (title, 0 if title else 1, created_at, now, settings.system_prompt,
-                 json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()), settings.overflow),
-            )
+            cur = db.execute(*_insert("chats", {"title": title, "title_is_auto": 0 if title else 1,
+                                                "created_at": created_at, "updated_at": now,
+                                                **_settings_columns(settings)}))
             chat_id = int(cur.lastrowid or 0)
             db.executemany(
                 "INSERT INTO messages (chat_id, position, role, content, status, created_at, updated_at) "
@@ -686,6 +695,20 @@ def auto_title(text: str) -> str:
         return line
     cut = line[:TITLE_CHARS].rsplit(" ", 1)[0]
     return (cut if len(cut) > TITLE_CHARS // 2 else line[:TITLE_CHARS]).rstrip(" ,.;:") + "…"
+
+
+def _settings_columns(settings: ChatSettings) -> dict[str, Any]:
+    """The chats table's columns for `settings`: the one place a ChatSettings becomes a row (read back in
+    `ChatStore._chat_from_row`), so each field is written the same way by every path that stores one."""
+    return {"system_prompt": settings.system_prompt, "sampling": json.dumps(settings.sampling.to_dict()),
+            "cache": json.dumps(settings.cache.to_dict()), "overflow": settings.overflow,
+            "speculative": settings.speculative}
+
+
+def _insert(table: str, columns: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """An INSERT statement of `columns` (names are ours, never the user's) and its parameters."""
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            tuple(columns.values()))
 
 
 def _json_or_none(value: Any) -> str | None:
