@@ -28,7 +28,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engine import paths
+from engine import paths, tempfiles
 from engine.specs import AUTO, CacheSpec, SamplingSettings, validate_overflow, validate_speculative
 
 DB_NAME = "chats.sqlite3"
@@ -42,6 +42,8 @@ MAX_IMPORT_BYTES = 64 * 1024 * 1024
 MAX_IMPORT_MESSAGES = 20_000
 MAX_IMPORT_NESTING = 64
 DISK_FULL = "The disk is full"
+# An I/O error with less free space than this on the database's disk is taken for a full disk (`_is_full`).
+LOW_SPACE_BYTES = 1024 * 1024
 # Bidirectional controls reorder what follows them on screen ("evil" shown as "live"); titles drop them.
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -272,8 +274,11 @@ class ChatStore:
         self.salvaged: str | None = None  # a sentence for the user when the database had to be salvaged
         self.lost_writes: str | None = None  # a sentence when the last run's writes are missing
         in_memory = str(self.path) == ":memory:"
+        # temporary files of writes a killed (or disk-full) run never finished, e.g. .chats.sqlite3.closed.PID.tmp
+        self.swept: list[Path] = []
         if not in_memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.swept = tempfiles.remove_stale(self.path.parent)
         wal = _LeftoverLog(self.path) if check and not in_memory else None
         try:
             self._open()
@@ -281,6 +286,9 @@ class ChatStore:
             if wal is not None and problem is None:
                 self.lost_writes = wal.judge(self.db)
         except StoreWriteError as exc:
+            if exc.disk_full:
+                self._close_quietly()
+                raise _full_at_start(self.path) from exc
             if not exc.damaged:
                 raise
             problem = str(exc.__cause__ or exc)
@@ -289,6 +297,9 @@ class ChatStore:
             raise
         except sqlite3.OperationalError as exc:
             if _error_name(exc) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                self._close_quietly()
+                if _is_full(exc, self.path.parent):
+                    raise _full_at_start(self.path) from exc
                 raise StoreError(f"Cannot open {self.path}: {exc}.") from exc
             problem = str(exc)
             self._close_quietly()
@@ -306,7 +317,8 @@ class ChatStore:
         try:
             self.recovered = self._recover_interrupted()
         except sqlite3.DatabaseError as exc:
-            raise _write_error(self.path, exc) from exc
+            error = _write_error(self.path, exc)
+            raise (_full_at_start(self.path) if error.disk_full else error) from exc
         if wal is not None:
             wal.discard()
         if not in_memory and self.salvaged is None and self.lost_writes is None:
@@ -785,14 +797,30 @@ def _error_name(exc: sqlite3.Error) -> str:
     return str(getattr(exc, "sqlite_errorname", "") or "")
 
 
-def _is_full(exc: sqlite3.Error) -> bool:
-    return _error_name(exc) == "SQLITE_FULL" or "disk is full" in str(exc) or "No space left" in str(exc)
+def _is_full(exc: sqlite3.Error, folder: Path | None = None) -> bool:
+    """Whether `exc` means the disk is full. SQLite says so itself for most writes, but growing the
+    shared-memory file of a WAL database on a full disk fails as SQLITE_IOERR_SHMSIZE ("disk I/O error",
+    what a start on a full disk used to show): an I/O error with next to no free space in `folder`
+    counts as a full disk too."""
+    if _error_name(exc) == "SQLITE_FULL" or "disk is full" in str(exc) or "No space left" in str(exc):
+        return True
+    if folder is None or not (_error_name(exc).startswith("SQLITE_IOERR") or "disk I/O error" in str(exc)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def _full_at_start(path: Path) -> StoreWriteError:
+    return StoreWriteError(f"{DISK_FULL} ({path.parent}): Cachet cannot open its chats until some space is freed "
+                           "there. Nothing was changed; free some space and start Cachet again.", disk_full=True)
 
 
 def _write_error(path: Path, exc: sqlite3.Error) -> StoreWriteError:
     """The StoreWriteError (a sentence for the user) for a failed write."""
     name = _error_name(exc)
-    if _is_full(exc):
+    if _is_full(exc, path.parent):
         return StoreWriteError(f"{DISK_FULL} ({path.parent}): the change could not be saved.", disk_full=True)
     if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
         return StoreWriteError(f"The chat database {path} is damaged ({exc}).", damaged=True)
