@@ -280,32 +280,12 @@ class ChatStore:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self.swept = tempfiles.remove_stale(self.path.parent)
         wal = _LeftoverLog(self.path) if check and not in_memory else None
-        try:
-            self._open()
-            problem = self._check() if check and not in_memory else None
-            if wal is not None and problem is None:
-                self.lost_writes = wal.judge(self.db)
-        except StoreWriteError as exc:
-            if exc.disk_full:
-                self._close_quietly()
-                raise _full_at_start(self.path) from exc
-            if not exc.damaged:
-                raise
-            problem = str(exc.__cause__ or exc)
-            self._close_quietly()
-        except StoreError:
-            raise
-        except sqlite3.OperationalError as exc:
-            if _error_name(exc) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-                self._close_quietly()
-                if _is_full(exc, self.path.parent):
-                    raise _full_at_start(self.path) from exc
-                raise StoreError(f"Cannot open {self.path}: {exc}.") from exc
-            problem = str(exc)
-            self._close_quietly()
-        except sqlite3.DatabaseError as exc:
-            problem = str(exc)
-            self._close_quietly()
+        if check and not in_memory and _header_damaged(self.path):
+            # Not opened: SQLite would checkpoint the -wal into a file it then refuses, changing the damaged
+            # file kept for the user; salvage reads the log with a rebuilt header instead.
+            problem: str | None = "its header, the first 100 bytes, is damaged"
+        else:
+            problem = self._open_and_check(check and not in_memory, wal)
         if problem is not None:
             if in_memory:
                 raise StoreError(f"The chat database is not usable ({problem}).")
@@ -323,6 +303,36 @@ class ChatStore:
             wal.discard()
         if not in_memory and self.salvaged is None and self.lost_writes is None:
             self.lost_writes = self._compare_with_last_close()
+
+    def _open_and_check(self, check: bool, wal: _LeftoverLog | None) -> str | None:
+        """Open the database (and with `check`, check it); what is damaged, None when it is usable.
+        Raises StoreError when it cannot be opened for another reason (a full disk: StoreWriteError)."""
+        try:
+            self._open()
+            problem = self._check() if check else None
+            if wal is not None and problem is None:
+                self.lost_writes = wal.judge(self.db)
+            return problem
+        except StoreWriteError as exc:
+            self._close_quietly()
+            if exc.disk_full:
+                raise _full_at_start(self.path) from exc
+            if not exc.damaged:
+                raise
+            return str(exc.__cause__ or exc)
+        except StoreError:
+            self._close_quietly()
+            raise
+        except sqlite3.OperationalError as exc:
+            self._close_quietly()
+            if _error_name(exc) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                if _is_full(exc, self.path.parent):
+                    raise _full_at_start(self.path) from exc
+                raise StoreError(f"Cannot open {self.path}: {exc}.") from exc
+            return str(exc)
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            return str(exc)
 
     def _open(self) -> None:
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
@@ -927,6 +937,9 @@ def salvage(path: Path, problem: str) -> str:
     """Keep the damaged database `path` aside (with its -wal and -shm) and copy what SQLite can
     still read of it, table by table and row by row, into a fresh database at `path`.
 
+    A file whose 100-byte header is damaged reads as "not a database" however intact its pages are; then
+    a copy of it is given a rebuilt header (`_read_with_rebuilt_header`) and read instead.
+
     Returns a sentence for the user: what was wrong, where the damaged copy is, what was saved.
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -936,33 +949,145 @@ def salvage(path: Path, problem: str) -> str:
         if source.exists():
             shutil.move(source, Path(str(kept) + suffix))
     fresh = ChatStore(path, check=False)
-    copied = {"chats": 0, "messages": 0}
+    rebuilt: int | None = None
     try:
-        old = sqlite3.connect(f"file:{kept}?mode=ro", uri=True, isolation_level=None)
-        old.row_factory = sqlite3.Row
-    except sqlite3.Error:
-        old = None
-    if old is not None:
         try:
-            for table in ("chats", "messages"):
-                columns = [r[1] for r in fresh.db.execute(f"PRAGMA table_info({table})")]
-                for row in _readable_rows(old, table):
-                    values = {k: row[k] for k in row.keys() if k in columns}  # noqa: SIM118 - sqlite3.Row
-                    if not values:
-                        continue
-                    names = ", ".join(values)
-                    try:
-                        fresh.db.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
-                                         f"({', '.join('?' * len(values))})", tuple(values.values()))
-                        copied[table] += 1
-                    except sqlite3.Error:
-                        continue  # a row whose chat was lost, or a column damaged beyond use
-        finally:
-            old.close()
-    fresh.close()
-    return (f"The chat database was damaged ({problem}). A copy of the damaged file was kept as {kept.name}; "
+            old: sqlite3.Connection | None = sqlite3.connect(f"file:{kept}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error:
+            old = None
+        copied = _copy_rows(old, fresh.db) if old is not None else {"chats": 0, "messages": 0}
+        if not any(copied.values()) and _header_damaged(kept):
+            found = _read_with_rebuilt_header(kept, fresh.db)
+            if found is not None:
+                rebuilt, copied = found
+    finally:
+        fresh.close()
+    how = "" if rebuilt is None else (
+        f" Cachet rebuilt its header (the file's first 100 bytes) on a copy, from what the file shows (pages of "
+        f"{rebuilt:,} bytes) and the standard values of a chat database, to read it.")
+    return (f"The chat database was damaged ({problem}). A copy of the damaged file was kept as {kept.name}.{how} "
             f"{copied['chats']:,} chats and {copied['messages']:,} messages could be read from it and were "
             "saved into a fresh database.")
+
+
+def _copy_rows(old: sqlite3.Connection, fresh: sqlite3.Connection) -> dict[str, int]:
+    """Copy every readable row of `old`'s chats and messages into `fresh` (closing `old`); how many of each."""
+    copied = {"chats": 0, "messages": 0}
+    old.row_factory = sqlite3.Row
+    try:
+        try:
+            old.execute("SELECT name FROM sqlite_schema").fetchall()
+        except sqlite3.Error:
+            return copied  # not even the schema can be read: no row can be (and trying each rowid takes seconds)
+        for table in ("chats", "messages"):
+            columns = [r[1] for r in fresh.execute(f"PRAGMA table_info({table})")]
+            for row in _readable_rows(old, table):
+                values = {k: row[k] for k in row.keys() if k in columns}  # noqa: SIM118 - sqlite3.Row
+                if not values:
+                    continue
+                names = ", ".join(values)
+                try:
+                    cur = fresh.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
+                                        f"({', '.join('?' * len(values))})", tuple(values.values()))
+                    copied[table] += max(cur.rowcount, 0)
+                except sqlite3.Error:
+                    continue  # a row whose chat was lost, or a column damaged beyond use
+    finally:
+        old.close()
+    return copied
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PAGE_SIZES = tuple(512 << i for i in range(8))  # 512 … 65536: what SQLite allows
+
+
+def _header_damaged(path: Path) -> bool:
+    """Whether the fixed fields of a database file's header (magic string, page size, payload fractions,
+    schema format, text encoding) are not what every SQLite database holds."""
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(100)
+    except OSError:
+        return False
+    if len(header) < 100:
+        return False
+    size = struct.unpack(">H", header[16:18])[0]
+    return (header[:16] != SQLITE_MAGIC or (65536 if size == 1 else size) not in PAGE_SIZES
+            or header[21:24] != b"\x40\x20\x20" or struct.unpack(">I", header[44:48])[0] not in (1, 2, 3, 4)
+            or struct.unpack(">I", header[56:60])[0] not in (1, 2, 3))
+
+
+def _page_size_candidates(path: Path) -> list[int]:
+    """The page sizes to try for a file whose header is damaged, the likeliest first, read from its layout:
+    the page size its write-ahead log states; then the sizes that divide the file's length, that hold the
+    first page's b-tree (whose cell content starts within the page, at offset 105 of the file) and after
+    which a b-tree page begins (its type byte at the start of page 2); then every other valid size."""
+    first: list[int] = []
+    with suppress(OSError, struct.error):
+        with Path(str(path) + "-wal").open("rb") as fh:
+            wal = fh.read(32)
+        if len(wal) == 32 and struct.unpack(">I", wal[:4])[0] in _WAL_MAGIC:
+            first.append(struct.unpack(">I", wal[8:12])[0])
+    length = path.stat().st_size
+    with path.open("rb") as fh:
+        data = fh.read(65536 + 1)
+    start = 0  # where page 1's cell content begins (0 in the file means 65536)
+    if len(data) >= 107:
+        start = struct.unpack(">H", data[105:107])[0] or 65536
+    fitting = [size for size in PAGE_SIZES if length % size == 0 and size >= start]
+    fitting.sort(key=lambda size: (len(data) <= size or data[size] not in (2, 5, 10, 13), size))
+    ordered = [s for s in first if s in PAGE_SIZES] + fitting + list(PAGE_SIZES)
+    return list(dict.fromkeys(ordered))
+
+
+def _standard_header(page_size: int, pages: int) -> bytes:
+    """A database header with `page_size` and `pages` and every other field at the value SQLite writes for a
+    new WAL database in UTF-8 (no freelist: free pages are only unused; the schema is read from page 1)."""
+    header = bytearray(100)
+    header[:16] = SQLITE_MAGIC
+    header[16:18] = struct.pack(">H", 1 if page_size == 65536 else page_size)
+    header[18:24] = bytes([2, 2, 0, 64, 32, 32])  # WAL read/write versions, no reserved bytes, payload fractions
+    v = sqlite3.sqlite_version_info
+    for offset, value in ((24, 1), (28, pages), (40, 1), (44, 4), (56, 1), (92, 1),
+                          (96, v[0] * 1_000_000 + v[1] * 1000 + v[2])):
+        header[offset:offset + 4] = struct.pack(">I", value)  # change counter = version-valid-for: size is valid
+    return bytes(header)
+
+
+def _read_with_rebuilt_header(kept: Path, fresh: sqlite3.Connection) -> tuple[int, dict[str, int]] | None:
+    """Read a damaged database through a copy whose header is rebuilt (`_standard_header`), trying the page
+    sizes `_page_size_candidates` gives until one shows the chats tables; copies what it reads into `fresh`.
+    Returns the page size used and what was copied, None when no size gives a readable file. The damaged
+    file is not changed; the copy (a temporary file swept if this is killed) is deleted."""
+    length = kept.stat().st_size
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+    for page_size in _page_size_candidates(kept):
+        try:
+            shutil.copyfile(kept, tmp)
+            if Path(str(kept) + "-wal").exists():
+                shutil.copyfile(Path(str(kept) + "-wal"), Path(str(tmp) + "-wal"))
+            with tmp.open("r+b") as fh:
+                fh.write(_standard_header(page_size, length // page_size))
+            db = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+                db.execute("SELECT COUNT(*) FROM chats").fetchone()
+            except sqlite3.Error:
+                db.close()
+                continue
+            if not {"chats", "messages"} <= tables:
+                db.close()
+                continue
+            return page_size, _copy_rows(db, fresh)
+        except sqlite3.Error:
+            continue
+        except OSError:
+            return None
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                with suppress(OSError):
+                    Path(str(tmp) + suffix).unlink()
+    return None
 
 
 def _readable_rows(db: sqlite3.Connection, table: str) -> Iterator[sqlite3.Row]:

@@ -16,8 +16,9 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
-# What a temporary file's name ends with: ".<pid>" then one of these.
-SUFFIXES = (".tmp", ".check")
+# What a temporary file's name ends with: ".<pid>" then one of these (SQLite adds -wal, -shm or -journal
+# to a temporary copy it opens).
+SUFFIXES = (".tmp", ".check", ".tmp-wal", ".tmp-shm", ".tmp-journal")
 
 
 def writer_pid(name: str) -> int | None:
