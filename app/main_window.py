@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QCoreApplication, Qt, QTimer
+from PySide6.QtCore import QCoreApplication, Qt, QTimer, Signal
 from PySide6.QtGui import (
     QAction,
     QActionGroup,
@@ -42,7 +42,7 @@ from app.chat_view import ChatView, MessageView, message_views
 from app.client import EngineClient
 from app.composer import Composer
 from app.config import AppConfig, ConfigError, save_config
-from app.controller import ChatController
+from app.controller import ChatController, ImportOutcome
 from app.markdown_render import MarkdownRenderer
 from app.meters import Meters, describe_restore
 from app.protocol import Budgets, CacheRestored, Loader, ModelInfo, ServerState
@@ -111,6 +111,12 @@ class Banner(QFrame):
 
 
 class MainWindow(QMainWindow):
+    """Signals:
+        import_done(object): an import started by `import_file` ended (its ImportOutcome), after its dialog.
+    """
+
+    import_done = Signal(object)
+
     def __init__(self, store: ChatStore, config: AppConfig, loader: Loader, save_settings: bool = True,
                  parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -222,6 +228,7 @@ class MainWindow(QMainWindow):
         self.controller.turn_finished.connect(self._turn_finished)
         self.controller.save_state_changed.connect(self._save_state_changed)
         self.controller.write_failed.connect(lambda text: self.show_banner("write", "error", text))
+        self.controller.import_finished.connect(self._import_finished)
         self.engine.load_progress.connect(self._load_progress)
         self.engine.status.connect(lambda text: self.statusBar().showMessage(text, 6000))
         self.engine.model_ready.connect(self._model_ready)
@@ -902,16 +909,20 @@ class MainWindow(QMainWindow):
             return
         self.import_file(Path(path))
 
-    def import_file(self, path: Path) -> int | None:
-        """Import a chat file: a dialog names what is wrong with it, or which settings were reset."""
-        try:
-            imported = self.controller.import_chat(path)
-        except StoreError as exc:
-            QMessageBox.warning(self, "Import failed", f"{path.name} was not imported.\n\n{exc}")
-            return None
-        self.select_chat(imported.chat.id)
-        if imported.repaired:
-            QMessageBox.information(self, "Imported with default settings",
-                                    f"{path.name} was imported, but some of its settings cannot work and were "
-                                    "reset to their defaults:\n\n• " + "\n• ".join(imported.repaired))
-        return imported.chat.id
+    def import_file(self, path: Path) -> None:
+        """Import a chat file: read in a thread (a slow or hostile file never holds up the window), then a
+        dialog names what is wrong with it, or which settings were reset; `import_done` follows."""
+        self.statusBar().showMessage(f"Importing {path.name}…", 5000)
+        self.controller.start_import(path)
+
+    def _import_finished(self, outcome: ImportOutcome) -> None:
+        path, imported = outcome.path, outcome.imported
+        if imported is None:
+            QMessageBox.warning(self, "Import failed", f"{path.name} was not imported.\n\n{outcome.error}")
+        else:
+            self.select_chat(imported.chat.id)
+            if imported.repaired:
+                QMessageBox.information(self, "Imported with default settings",
+                                        f"{path.name} was imported, but some of its settings cannot work and were "
+                                        "reset to their defaults:\n\n• " + "\n• ".join(imported.repaired))
+        self.import_done.emit(outcome)

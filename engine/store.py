@@ -19,6 +19,7 @@ import math
 import os
 import shutil
 import sqlite3
+import stat
 import struct
 import time
 import unicodedata
@@ -642,6 +643,9 @@ class ChatStore:
         settings that cannot work are reset to their defaults and listed in the result's `repaired`."""
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise StoreError("This file is not a Cachet chat export (its \"format\" is not cachet-chat).")
+        bad_text = unencodable_text(data)
+        if bad_text is not None:  # SQLite would refuse it halfway through storing the chat (UnicodeEncodeError)
+            raise StoreError(f"{bad_text}; the chat export is damaged or was not written by Cachet.")
         version = data.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool):
             raise StoreError(f"The chat export's version is not a whole number ({_shown(version)}).")
@@ -740,15 +744,31 @@ def _json_or_none(value: Any) -> str | None:
 
 
 def load_import(path: Path) -> Any:
-    """The JSON of a file to import, bounded: StoreError with the reason when it is too large, not
-    UTF-8 text, not JSON, or nested deeper than MAX_IMPORT_NESTING (100k nested brackets would
-    otherwise exhaust the parser's recursion)."""
+    """The JSON of a file to import, bounded: StoreError with the reason when it is not a regular file (a named
+    pipe would block the read forever, a link to /dev/zero fill the memory: both report a size of 0), holds
+    more than MAX_IMPORT_BYTES (at most that many bytes and one more are read), is not UTF-8 text, not JSON,
+    or nested deeper than MAX_IMPORT_NESTING (100k nested brackets would otherwise exhaust the parser's
+    recursion). Call it off the GUI thread: a file on a slow or network drive takes its time."""
+    path = Path(path)
+    too_big = (f"{path.name} is larger than {MAX_IMPORT_BYTES // 2**20} MB; Cachet imports chat files of at most "
+               f"{MAX_IMPORT_BYTES // 2**20} MB.")
     try:
-        size = path.stat().st_size
-        if size > MAX_IMPORT_BYTES:
-            raise StoreError(f"{path.name} is {size / 2**20:,.0f} MB; Cachet imports chat files of at most "
-                             f"{MAX_IMPORT_BYTES // 2**20} MB.")
-        text = path.read_text(encoding="utf-8")
+        # Opened without waiting (a FIFO's open would block until a writer comes), then checked on what was
+        # opened, links resolved: a file swapped for a pipe between a check and the open cannot pass.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                target = os.path.realpath(path)
+                shown = f" ({target})" if target != str(path.absolute()) else ""
+                raise StoreError(f"{path.name} is not a regular file but {_file_kind(st.st_mode)}{shown}; Cachet "
+                                 "imports chat files (.json) only.")
+            if st.st_size > MAX_IMPORT_BYTES:
+                raise StoreError(too_big)
+            raw = fh.read(MAX_IMPORT_BYTES + 1)  # the file may have grown since fstat
+        if len(raw) > MAX_IMPORT_BYTES:
+            raise StoreError(too_big)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StoreError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
     except OSError as exc:
@@ -778,6 +798,54 @@ def load_import(path: Path) -> Any:
         return json.loads(text)
     except (ValueError, RecursionError) as exc:
         raise StoreError(f"{path.name} is not valid JSON ({exc}).") from exc
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def unencodable_text(data: Any) -> str | None:
+    """Where the first text in `data` (any JSON value, keys included) is that cannot be stored as UTF-8 —
+    a lone surrogate such as "\\ud800", which JSON's \\u escapes can write and Python keeps — in words for
+    the user; None when every text can be. Iterative: `data` may be nested deeply."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(value[exc.start])
+                what = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "a character"
+                return (f"{_place(where)} holds {what} (U+{code:04X}) at character {exc.start + 1}, which is not "
+                        "text that can be stored")
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                stack.append((item, f"{where}.{key}" if isinstance(key, str) else where))
+                stack.append((key, f"{where} (a field name)"))
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{i}]") for i, item in reversed(list(enumerate(value)))]
+    return None
+
+
+def _place(where: str) -> str:
+    """A JSON path of an export (".messages[2].content") in words: "Message 3's text"."""
+    if where.startswith(".messages["):
+        index, _, rest = where[len(".messages["):].partition("]")
+        if index.isdigit():
+            if rest == ".content":
+                return f"Message {int(index) + 1}'s text"
+            return f"Message {int(index) + 1}" + (f" ({rest.lstrip('.')})" if rest else "")
+    names = {".title": "The title", ".settings.system_prompt": "The system prompt"}
+    return names.get(where, f"The value at {where.lstrip('.') or 'the top'}")
 
 
 def _shown(value: Any) -> str:

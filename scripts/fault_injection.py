@@ -530,6 +530,9 @@ def hostile_imports(folder: Path) -> dict[str, Path]:
         "nan": None,
         "deep": None,
         "million": None,
+        "surrogate": dict(good, messages=[{"role": "user", "content": "a\ud800b"}]),  # valid JSON, not storable text
+        "fifo": None,
+        "dev-zero": None,
     }
     paths_: dict[str, Path] = {}
     for name, data in files.items():
@@ -539,6 +542,10 @@ def hostile_imports(folder: Path) -> dict[str, Path]:
                          '{"temperature": NaN, "top_p": Infinity}}, "messages": [{"role": "user", "content": "x"}]}')
         elif name == "deep":
             p.write_text("[" * 100_000 + "]" * 100_000)
+        elif name == "fifo":  # a named pipe: reading it waits for a writer forever
+            os.mkfifo(p)
+        elif name == "dev-zero":  # endless, and its size reads 0
+            p.symlink_to("/dev/zero")
         elif name == "million":
             with p.open("w") as fh:
                 fh.write('{"format": "cachet-chat", "version": 1, "messages": [')
@@ -736,12 +743,17 @@ def run_child(argv: list[str]) -> int:
                 return
             QTimer.singleShot(0, quit_app)
 
-        def do_imports() -> None:
-            for path in args.imports:
-                window.import_file(path)
+        def do_imports(_outcome: object = None) -> None:
+            # One at a time: an import is read in a thread and ends with its dialog, then `import_done`.
+            if pending_imports:
+                window.import_file(pending_imports.pop(0))
+                return
             banners_now()
             save()
             QTimer.singleShot(0, quit_app)
+
+        pending_imports = list(args.imports)
+        window.import_done.connect(do_imports)
 
         def send() -> None:
             if window.current_chat is None:
