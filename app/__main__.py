@@ -149,7 +149,8 @@ def _run_app(app: Any, args: argparse.Namespace, loader: Callable[..., Any] | No
         QMessageBox.critical(None, "Cachet cannot open its chats", str(exc))
         claim.release()
         return 1
-    window = MainWindow(store, config, loader or default_loader(config), save_settings=save)
+    window = MainWindow(store, config, loader or default_loader(config), save_settings=save,
+                        folder_lock=claim.lock)
     shown_in.append(window)
     window.consent_at_start = loader is None  # a large GGUF without a converted copy: ask before converting it
     claim.serve(window)

@@ -274,6 +274,7 @@ class ChatStore:
         self.path = Path(path) if path is not None else default_path()
         self.salvaged: str | None = None  # a sentence for the user when the database had to be salvaged
         self.lost_writes: str | None = None  # a sentence when the last run's writes are missing
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open database file
         in_memory = str(self.path) == ":memory:"
         # temporary files of writes a killed (or disk-full) run never finished, e.g. .chats.sqlite3.closed.PID.tmp
         self.swept: list[Path] = []
@@ -342,6 +343,98 @@ class ChatStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a process crash
         self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        # The identity of the file just opened (the migration has created it): `detached` compares the path's.
+        self._identity = _file_identity(self.path) if str(self.path) != ":memory:" else None
+
+    # ----- the file itself ------------------------------------------------------------------------
+    def detached(self) -> str | None:
+        """A sentence for the user when the file at `path` is no longer the database this store reads and
+        writes (None while it is): the file or its folder was deleted, moved or replaced while open. SQLite
+        goes on working on the open file — every chat and message is still here, and later writes succeed —
+        but no other process can reach it, and it vanishes when the store closes: `save_to` writes it again."""
+        if self._identity is None:
+            return None
+        try:
+            now = _file_identity(self.path)
+        except OSError:
+            return None  # cannot tell (permissions): nothing to say
+        if now == self._identity:
+            return None
+        folder = self.path.parent
+        if now is None and not folder.exists():
+            what = f"The data folder {folder} was deleted (or moved) while Cachet was running"
+        elif now is None:
+            what = f"The chat database {self.path} was deleted (or moved) while Cachet was running"
+        else:
+            what = f"The chat database {self.path} was replaced by another file while Cachet was running"
+        return (f"{what}. Cachet still holds every chat and message, but nothing it writes is kept on disk any "
+                "more: save them again, or they are lost when Cachet quits.")
+
+    def save_to(self, path: Path | None = None) -> str:
+        """Write everything this store holds (its open database, whatever happened to the file) into a fresh
+        database at `path` (default: its own path, the folder created when missing) and go on with that file.
+        A file already at `path` that is not this store's is kept aside as `<name>.found-<time>`, never
+        overwritten. Returns a sentence for the user; raises StoreWriteError when it cannot be written (the
+        store then goes on as it was, nothing lost)."""
+        target = Path(path) if path is not None else self.path
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreWriteError(f"Cannot create {target.parent}: {exc.strerror or exc}.") from exc
+        if target == self.path and self.detached() is None:
+            return f"The chats are saved in {target} already."
+        tmp = self._backup_to_temp(target)
+        found: Path | None = None
+        try:
+            if _file_identity(target) not in (None, self._identity):
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                found = target.with_name(f"{target.name}.found-{stamp}")
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(str(target) + suffix).exists():
+                        os.replace(Path(str(target) + suffix), Path(str(found) + suffix))
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreWriteError(f"Could not save the chats to {target} ({exc.strerror or exc}).") from exc
+        # Closing the last connection of a WAL database deletes its -wal and -shm *by name*: the old one is
+        # closed while nothing of the new database exists at those names yet (it is opened just after).
+        self._close_quietly()
+        self.path = target
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            raise _write_error(target, exc) from exc
+        chats = int(self.db.execute("SELECT COUNT(*) FROM chats WHERE deleted_at IS NULL").fetchone()[0])
+        messages = int(self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        aside = f" A database that was already there was kept as {found.name}." if found is not None else ""
+        return f"{_counted(chats, 'chat')} with {_counted(messages, 'message')} saved again in {target}.{aside}"
+
+    def copy_to(self, path: Path) -> None:
+        """A copy of everything this store holds as a chat database at `path` (written atomically), e.g. to
+        keep chats whose data folder was deleted; the store goes on with its own file."""
+        target = Path(path)
+        tmp = self._backup_to_temp(target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreWriteError(f"Could not save the chats to {target} ({exc.strerror or exc}).") from exc
+
+    def _backup_to_temp(self, target: Path) -> Path:
+        """SQLite's online backup of the open database into a temporary file beside `target`."""
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            copy = sqlite3.connect(tmp)
+            try:
+                self.db.backup(copy)
+            finally:
+                copy.close()
+        except sqlite3.Error as exc:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(str(tmp) + suffix).unlink(missing_ok=True)
+            raise _write_error(target, exc) from exc
+        return tmp
 
     def _check(self) -> str | None:
         """What is wrong with the open database (None: nothing). quick_check reads every page but
@@ -445,7 +538,7 @@ class ChatStore:
             pass  # only a hint for the next start
 
     def close(self) -> None:
-        if str(self.path) != ":memory:":
+        if str(self.path) != ":memory:" and self.detached() is None:  # the record of a file still there
             self._record_close()
         self.db.close()
 
@@ -888,6 +981,19 @@ def _is_full(exc: sqlite3.Error, folder: Path | None = None) -> bool:
         return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
     except OSError:
         return False
+
+
+def _counted(n: int, what: str) -> str:
+    return f"{n:,} {what}" + ("" if n == 1 else "s")
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
 
 
 def _full_at_start(path: Path) -> StoreWriteError:
