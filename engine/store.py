@@ -264,10 +264,14 @@ class ChatStore:
 
     Opening checks the database (`PRAGMA quick_check`); a damaged one is kept aside as
     `chats.sqlite3.damaged-<time>` and what SQLite can still read of it is copied into a fresh
-    database (`salvaged` then says what happened, for the user). A write-ahead log left by a run that
-    did not close is checked against what SQLite replays of it, and writes that were lost there or since
-    the last clean close are reported in `lost_writes`. A write that fails (disk full,
-    read-only folder) raises StoreWriteError and leaves the database as it was.
+    database (`salvaged` then says what happened, for the user; a damaged header is rebuilt on a copy to
+    read the pages behind it). A write-ahead log left by a run that did not close is checked against what
+    SQLite replays of it, and writes that were lost there or since the last clean close are reported in
+    `lost_writes`. A write that fails (disk full, read-only folder) raises StoreWriteError and leaves the
+    database as it was. Temporary files of writes a dead process never finished are removed (`swept`).
+
+    While open, the file at `path` may stop being the open database (its folder deleted): `detached` says
+    so, and `save_to` writes everything the store holds into a fresh file.
     """
 
     def __init__(self, path: Path | str | None = None, *, check: bool = True) -> None:
@@ -399,6 +403,9 @@ class ChatStore:
         # Closing the last connection of a WAL database deletes its -wal and -shm *by name*: the old one is
         # closed while nothing of the new database exists at those names yet (it is opened just after).
         self._close_quietly()
+        for suffix in ("-wal", "-shm"):  # left at the names when only chats.sqlite3 was deleted: the old file's,
+            with suppress(OSError):      # copied already; SQLite would replay that log into the new file
+                Path(str(target) + suffix).unlink()
         self.path = target
         try:
             self._open()
