@@ -93,14 +93,10 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
         qt_platform.tell_user(qt_platform.explain(missing))
         return 1
 
-    from PySide6.QtCore import QTimer
     from PySide6.QtGui import QIcon
     from PySide6.QtWidgets import QApplication, QMessageBox
 
-    from app.config import load_config
-    from app.main_window import MainWindow
     from engine.resources import MissingResourceError, resource_path
-    from engine.store import ChatStore, StoreError
 
     app = QApplication(sys.argv[:1])
     app.setApplicationName("Cachet")
@@ -113,7 +109,26 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
         QMessageBox.critical(None, "Cachet is not installed completely", str(exc))
         return 1
 
+    from app.excepthook import ExceptionHook
+
+    # From here on, an exception no code catches (in a slot, a thread) is logged and shown, never lost.
+    shown_in: list[Any] = []
+    hook = ExceptionHook(lambda: shown_in[0] if shown_in else None).install()
+    try:
+        return _run_app(app, args, loader, after_start, shown_in)
+    finally:
+        hook.uninstall()
+
+
+def _run_app(app: Any, args: argparse.Namespace, loader: Callable[..., Any] | None,
+             after_start: Callable[[Any], None] | None, shown_in: list[Any]) -> int:
+    from PySide6.QtCore import QTimer
+    from PySide6.QtWidgets import QMessageBox
+
+    from app.config import load_config
+    from app.main_window import MainWindow
     from app.single_instance import claim_data_folder
+    from engine.store import ChatStore, StoreError
 
     claim = claim_data_folder()
     if claim is None:
@@ -132,8 +147,11 @@ def _run(args: argparse.Namespace, loader: Callable[..., Any] | None,
         store = ChatStore()
     except StoreError as exc:
         QMessageBox.critical(None, "Cachet cannot open its chats", str(exc))
+        claim.release()
         return 1
-    window = MainWindow(store, config, loader or default_loader(config), save_settings=save)
+    window = MainWindow(store, config, loader or default_loader(config), save_settings=save,
+                        folder_lock=claim.lock)
+    shown_in.append(window)
     window.consent_at_start = loader is None  # a large GGUF without a converted copy: ask before converting it
     claim.serve(window)
     self_test = None

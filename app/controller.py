@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 import time
 from collections.abc import Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -39,7 +41,15 @@ from app.protocol import (
 )
 from app.texts import human_bytes
 from engine.specs import OVERFLOW_POLICIES, CacheSpec, SamplingSettings
-from engine.store import ChatSettings, ChatStore, ImportedChat, StoredMessage, StoreWriteError, load_import
+from engine.store import (
+    ChatSettings,
+    ChatStore,
+    ImportedChat,
+    StoredMessage,
+    StoreError,
+    StoreWriteError,
+    load_import,
+)
 
 FLUSH_EVERY_S = 0.5
 RETRY_MS = 2000  # how often changes that could not be written are tried again
@@ -71,6 +81,15 @@ class Notice:
     kind: str  # "info" | "warning" | "error"
     text: str
     actions: tuple[NoticeAction, ...] = ()
+
+
+@dataclass(frozen=True)
+class ImportOutcome:
+    """How the import of one file ended: the chat made from it, or why there is none (a sentence)."""
+
+    path: Path
+    imported: ImportedChat | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -120,6 +139,7 @@ class ChatController(QObject):
         rebuild_finished(int): a cache strategy switch ended (see the chat's notices).
         save_state_changed(): writing to the store started or stopped failing (see `save_problem`).
         write_failed(str): a change that is not kept for a retry (a rename, new settings) could not be saved.
+        import_finished(ImportOutcome): a file given to `start_import` was read and stored (or refused).
     """
 
     chats_changed = Signal()
@@ -132,6 +152,8 @@ class ChatController(QObject):
     rebuild_finished = Signal(int)
     save_state_changed = Signal()
     write_failed = Signal(str)
+    import_finished = Signal(object)
+    _import_read = Signal(object, object)  # (path, JSON or the exception): from the reading thread, queued here
 
     def __init__(self, store: ChatStore, engine: EngineClient, config: AppConfig,
                  parent: QObject | None = None) -> None:
@@ -154,6 +176,7 @@ class ChatController(QObject):
         engine.cache_state.connect(self._on_cache_state)
         engine.cache_restored.connect(self._on_cache_restored)
         engine.rebuild_done.connect(self._on_rebuild_done)
+        self._import_read.connect(self._store_import)
 
     def runtime(self, chat_id: int) -> ChatRuntime:
         return self.runtimes.setdefault(chat_id, ChatRuntime())
@@ -632,6 +655,37 @@ class ChatController(QObject):
         imported = self.store.import_chat(load_import(path))
         self.chats_changed.emit()
         return imported
+
+    def start_import(self, path: Path) -> None:
+        """Import a chat file without holding up the GUI thread: the file is read and parsed in a thread
+        (engine.store.load_import: bounded, regular files only), the chat stored on this thread (the store's),
+        then `import_finished` says how it went."""
+        delivered = self._import_read
+
+        def read() -> None:
+            try:
+                result: object = load_import(path)
+            except Exception as exc:  # told in the import's dialog, not lost in a thread
+                result = exc
+            with suppress(RuntimeError):  # the window closed meanwhile
+                delivered.emit(path, result)
+
+        threading.Thread(target=read, name="cachet-import", daemon=True).start()
+
+    @Slot(object, object)
+    def _store_import(self, path: Path, result: object) -> None:
+        if isinstance(result, BaseException):
+            reason = str(result) if isinstance(result, StoreError) else \
+                f"Cannot read {path}: {type(result).__name__}: {result}."
+            self.import_finished.emit(ImportOutcome(path, error=reason))
+            return
+        try:
+            imported = self.store.import_chat(result)
+        except StoreError as exc:
+            self.import_finished.emit(ImportOutcome(path, error=str(exc)))
+            return
+        self.chats_changed.emit()
+        self.import_finished.emit(ImportOutcome(path, imported))
 
     def import_json(self, path: Path) -> int:
         """`import_chat`, returning the new chat's id."""

@@ -9,7 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from PySide6.QtCore import QCoreApplication, Qt, QTimer
+from PySide6.QtCore import QCoreApplication, Qt, QTimer, Signal
 from PySide6.QtGui import (
     QAction,
     QActionGroup,
@@ -42,11 +42,13 @@ from app.chat_view import ChatView, MessageView, message_views
 from app.client import EngineClient
 from app.composer import Composer
 from app.config import AppConfig, ConfigError, save_config
-from app.controller import ChatController
+from app.controller import ChatController, ImportOutcome
+from app.data_folder import DataFolderGuard
 from app.markdown_render import MarkdownRenderer
 from app.meters import Meters, describe_restore
 from app.protocol import Budgets, CacheRestored, Loader, ModelInfo, ServerState
 from app.sidebar import ChatEntry, Sidebar
+from engine.lock import DataFolderLock
 from engine.sources import ModelLoadError
 from engine.specs import AUTO, LOSSY, CacheSpec
 from engine.store import ChatSettings, ChatStore, StoredChat, StoreError
@@ -76,6 +78,7 @@ class Banner(QFrame):
     def __init__(self, kind: str, text: str, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.action_button: QPushButton | None = None
+        self.extra_buttons: list[QPushButton] = []
         self.setObjectName("banner")
         self.setProperty("kind", kind)
         layout = QHBoxLayout(self)
@@ -102,6 +105,16 @@ class Banner(QFrame):
         self.action_button.clicked.connect(slot)
         return self.action_button
 
+    def add_action(self, text: str, slot: Callable[[], object]) -> QPushButton:
+        """One more button beside the text (after those added before)."""
+        button = QPushButton(text)
+        button.clicked.connect(slot)
+        layout = self.layout()
+        assert isinstance(layout, QHBoxLayout)
+        layout.insertWidget(layout.count() - 1, button)
+        self.extra_buttons.append(button)
+        return button
+
     def set_text(self, kind: str, text: str) -> None:
         self.label.setText(text)
         if self.property("kind") != kind:
@@ -111,8 +124,14 @@ class Banner(QFrame):
 
 
 class MainWindow(QMainWindow):
+    """Signals:
+        import_done(object): an import started by `import_file` ended (its ImportOutcome), after its dialog.
+    """
+
+    import_done = Signal(object)
+
     def __init__(self, store: ChatStore, config: AppConfig, loader: Loader, save_settings: bool = True,
-                 parent: QWidget | None = None) -> None:
+                 parent: QWidget | None = None, folder_lock: DataFolderLock | None = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("Cachet")
         self.resize(1200, 780)
@@ -128,6 +147,8 @@ class MainWindow(QMainWindow):
         # at start (app/conversion_consent.py). Off for a loader a test or a caller gives.
         self.consent_at_start = False
         self.controller = ChatController(store, self.engine, config, self)
+        # The data folder deleted (or moved, replaced) under the running app: told, and saved again on request.
+        self.data_guard = DataFolderGuard(store, folder_lock, self)
 
         # ----- widgets -------------------------------------------------------------------------------
         self.sidebar = Sidebar()
@@ -222,6 +243,8 @@ class MainWindow(QMainWindow):
         self.controller.turn_finished.connect(self._turn_finished)
         self.controller.save_state_changed.connect(self._save_state_changed)
         self.controller.write_failed.connect(lambda text: self.show_banner("write", "error", text))
+        self.controller.import_finished.connect(self._import_finished)
+        self.data_guard.lost.connect(self._data_folder_lost)
         self.engine.load_progress.connect(self._load_progress)
         self.engine.status.connect(lambda text: self.statusBar().showMessage(text, 6000))
         self.engine.model_ready.connect(self._model_ready)
@@ -280,6 +303,44 @@ class MainWindow(QMainWindow):
     def banner_text(self, key: str) -> str | None:
         banner = self.banners.get(key)
         return banner.label.text() if banner is not None else None
+
+    def _data_folder_lost(self, text: str) -> None:
+        fresh = self.banners.get("data-folder") is None
+        banner = self.show_banner("data-folder", "error", text)
+        if fresh and self.data_guard.store.detached() is not None:
+            banner.set_action("Save them again", self.save_data_again)
+            banner.add_action("Save a copy as…", self._save_copy_dialog)
+
+    def save_data_again(self) -> bool:
+        """Re-create the data folder and write every chat into it (DataFolderGuard.save_again); the banner
+        says how it went. True when the chats are on disk again."""
+        try:
+            sentence = self.data_guard.save_again()
+        except StoreError as exc:
+            self.show_banner("data-folder", "error", f"{self.data_guard.problem or ''} Saving them again failed: "
+                                                     f"{exc}".strip())
+            return False
+        self.hide_banner("data-folder")
+        if self.controller.unsaved:
+            self.controller.flush_unsaved()
+        if self.save_settings:
+            save_config(self.config)  # not written while the folder was gone (see apply_config)
+        self.show_banner("data-folder-saved", "info", sentence)
+        self.refresh_sidebar()
+        return True
+
+    def _save_copy_dialog(self) -> bool:
+        path, _ = QFileDialog.getSaveFileName(self, "Save a copy of every chat", str(Path.home() / "chats.sqlite3"),
+                                              "Chat database (*.sqlite3)")
+        if not path:
+            return False
+        try:
+            sentence = self.data_guard.save_copy(Path(path))
+        except StoreError as exc:
+            QMessageBox.warning(self, "The copy was not saved", str(exc))
+            return False
+        self.show_banner("data-folder-saved", "info", sentence)
+        return True
 
     def _save_state_changed(self) -> None:
         problem = self.controller.save_problem
@@ -402,6 +463,11 @@ class MainWindow(QMainWindow):
         self.controller.settle_streaming()
 
     def closeEvent(self, event: QCloseEvent) -> None:
+        # First, while the worker still runs: saved again now, the snapshots written at shutdown go there too.
+        if self.data_guard.check() is not None and self.data_guard.store.detached() is not None \
+                and not self._quit_with_lost_folder():
+            event.ignore()
+            return
         if self.controller.unsaved and not self.controller.flush_unsaved() and not self._quit_unsaved():
             event.ignore()
             return
@@ -413,6 +479,30 @@ class MainWindow(QMainWindow):
         with suppress(StoreError):  # a full disk: deleted chats stay hidden and are purged at a later quit
             self.store.purge_deleted()
         super().closeEvent(event)
+
+    def _quit_with_lost_folder(self) -> bool:
+        """The data folder was deleted while the app ran and its chats were not saved again: ask before they
+        are lost with the process. True to quit (saved again, copied, or the user's choice to lose them)."""
+        while True:
+            box = QMessageBox(QMessageBox.Icon.Warning, "The chats are not on disk",
+                              f"{self.data_guard.problem}\n\nSave them again before quitting?", parent=self)
+            again = box.addButton(f"Save them again in {self.data_guard.folder}",
+                                  QMessageBox.ButtonRole.AcceptRole)
+            copy = box.addButton("Save a copy as…", QMessageBox.ButtonRole.ActionRole)
+            box.addButton("Quit without saving", QMessageBox.ButtonRole.DestructiveRole)
+            box.addButton(QMessageBox.StandardButton.Cancel)
+            box.setDefaultButton(again)
+            box.exec()
+            clicked = box.clickedButton()
+            if clicked is again:
+                if self.save_data_again():
+                    return True
+            elif clicked is copy:
+                if self._save_copy_dialog():
+                    return True
+            else:
+                return box.buttonRole(clicked) == QMessageBox.ButtonRole.DestructiveRole
+            # the save failed or the file dialog was cancelled: the banner says why; ask again
 
     def _quit_unsaved(self) -> bool:
         """Changes are still unsaved (disk full) when the user quits: True to quit anyway."""
@@ -857,7 +947,7 @@ class MainWindow(QMainWindow):
             return
         self.config = new
         self.controller.config = new
-        if self.save_settings:
+        if self.save_settings and self.data_guard.problem is None:  # saving would re-create a deleted folder
             save_config(new)
         if "theme" in changed:
             self.apply_theme()
@@ -902,16 +992,20 @@ class MainWindow(QMainWindow):
             return
         self.import_file(Path(path))
 
-    def import_file(self, path: Path) -> int | None:
-        """Import a chat file: a dialog names what is wrong with it, or which settings were reset."""
-        try:
-            imported = self.controller.import_chat(path)
-        except StoreError as exc:
-            QMessageBox.warning(self, "Import failed", f"{path.name} was not imported.\n\n{exc}")
-            return None
-        self.select_chat(imported.chat.id)
-        if imported.repaired:
-            QMessageBox.information(self, "Imported with default settings",
-                                    f"{path.name} was imported, but some of its settings cannot work and were "
-                                    "reset to their defaults:\n\n• " + "\n• ".join(imported.repaired))
-        return imported.chat.id
+    def import_file(self, path: Path) -> None:
+        """Import a chat file: read in a thread (a slow or hostile file never holds up the window), then a
+        dialog names what is wrong with it, or which settings were reset; `import_done` follows."""
+        self.statusBar().showMessage(f"Importing {path.name}…", 5000)
+        self.controller.start_import(path)
+
+    def _import_finished(self, outcome: ImportOutcome) -> None:
+        path, imported = outcome.path, outcome.imported
+        if imported is None:
+            QMessageBox.warning(self, "Import failed", f"{path.name} was not imported.\n\n{outcome.error}")
+        else:
+            self.select_chat(imported.chat.id)
+            if imported.repaired:
+                QMessageBox.information(self, "Imported with default settings",
+                                        f"{path.name} was imported, but some of its settings cannot work and were "
+                                        "reset to their defaults:\n\n• " + "\n• ".join(imported.repaired))
+        self.import_done.emit(outcome)

@@ -1,11 +1,13 @@
 """One app per data folder, and a data folder that can be used, settled before the chats are opened.
 
-`claim_data_folder()` runs at start-up, before the store: it checks the data folder (a chosen folder
-that is missing, a path that is a file, a folder that cannot be written) and asks the user what to
-do; it then takes the folder's lock (engine.lock). When another Cachet app holds it, that app's
-window is brought to the front through a local socket named after the folder and this start ends;
-when something else holds it (a terminal chat, the server), the user is told and offered another
-folder.
+`claim_data_folder()` runs at start-up, before the store. When a Cachet app already runs on the folder
+(it answers on a local socket named after the folder), its window is brought to the front and this
+start ends — asked first, so that an app whose folder was deleted under it is found too, and this start
+neither re-creates the folder nor locks a new one beside it. Otherwise it checks the data folder (a
+chosen folder that is missing, a path that is a file, a folder that cannot be written) and asks the user
+what to do; it then takes the folder's lock (engine.lock). When the lock is held by an app that did not
+answer at first, it is asked again; when something else holds it (a terminal chat, the server), the
+user is told and offered another folder.
 """
 
 from __future__ import annotations
@@ -100,19 +102,23 @@ def claim_data_folder(parent: QWidget | None = None) -> FolderClaim | None:
     """Settle which data folder this run uses and take its lock; None when this start should end
     (the user quit, or the running app that owns the folder was brought to the front)."""
     while True:
+        folder = paths.data_dir()
+        # Asked first, before the folder is checked (which creates a missing one) or locked: an app whose folder
+        # was deleted under it still listens, and this start would otherwise lock a new folder beside it.
+        if ask_running_app_to_show(folder):
+            _already_running(folder)
+            return None
         problem = paths.data_dir_problem()
         if problem is not None:
             if not _resolve_problem(problem, parent):
                 return None
             continue
-        folder = paths.data_dir()
         lock = DataFolderLock(folder, owner="app")
         try:
             lock.acquire()
         except FolderInUseError as exc:
             if exc.holder.owner in ("app", "") and ask_running_app_to_show(folder):
-                print(f"Cachet is already running with the data folder {folder}; its window was brought to "
-                      "the front.", file=sys.stderr)
+                _already_running(folder)
                 return None
             if not _offer_another_folder(str(exc), parent):
                 return None
@@ -123,6 +129,11 @@ def claim_data_folder(parent: QWidget | None = None) -> FolderClaim | None:
                 return None
             continue
         return FolderClaim(folder, lock)
+
+
+def _already_running(folder: Path) -> None:
+    print(f"Cachet is already running with the data folder {folder}; its window was brought to the front.",
+          file=sys.stderr)
 
 
 def _resolve_problem(problem: paths.DataDirProblem, parent: QWidget | None) -> bool:

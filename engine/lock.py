@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -94,6 +95,39 @@ class DataFolderLock:
         except OSError:
             pass  # a full disk must not stop the owner from owning: the name is only informative
         self._file = handle
+        return self
+
+    def intact(self) -> bool:
+        """Whether the lock file at `path` is still the file this lock holds. False once it (or its folder)
+        was deleted, moved or replaced while held: the OS lock then guards a file no other process can
+        open, and a process starting now would lock a new file at `path` beside this one (`renew`)."""
+        if self._file is None:
+            return False
+        try:
+            held, there = os.fstat(self._file.fileno()), os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return True  # cannot tell (a permission error): assume nothing changed
+        return (held.st_dev, held.st_ino) == (there.st_dev, there.st_ino)
+
+    def renew(self) -> DataFolderLock:
+        """Hold the lock of the file now at `path` instead of a file that is no longer there (`intact()`
+        False), so a later process is refused again. The folder must exist: it is not created here (an empty
+        data folder made behind the user's back would look as if every chat were lost). Raises
+        FolderInUseError when another process holds the new file, FileNotFoundError without the folder; the
+        old lock is kept then."""
+        if self.intact():
+            return self
+        if not self.folder.is_dir():
+            raise FileNotFoundError(f"{self.folder} does not exist")
+        fresh = DataFolderLock(self.folder, self.owner)
+        fresh.acquire()
+        old, self._file, fresh._file = self._file, fresh._file, None
+        if old is not None:
+            with suppress(OSError):
+                _unlock(old)
+            old.close()
         return self
 
     def release(self) -> None:

@@ -9,7 +9,8 @@ and every value is finite; a stale, mismatched, truncated, damaged or non-finite
 and the session recomputes (a damaged snapshot would otherwise give a garbage reply without a word).
 
 Files are written atomically (temp file + `os.replace`) and the folder is kept under a disk
-budget by deleting the least recently used snapshots.
+budget by deleting the least recently used snapshots; the temporary files of writes a killed process
+never finished are deleted when the store is made (engine/tempfiles.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine import paths
+from engine import paths, tempfiles
 from engine.caches import CacheSpec
 
 FORMAT = "cachet-kv-2"  # 2: with "checksum" (older snapshots are recomputed once)
@@ -57,6 +58,11 @@ class SnapshotStore:
         # Next to the chats database: snapshot names are chat ids, which mean nothing elsewhere.
         self.root = root or paths.data_dir() / "snapshots"
         self.budget_bytes = budget_bytes
+        # A data folder that exists now and is gone at a save was deleted while Cachet ran: writing a
+        # snapshot there would re-create it with no chats in it (see `save`).
+        self._folder_existed = self.root.parent.is_dir()
+        # what a killed write left: .<key>.safetensors.<pid>.tmp of processes that are gone
+        self.swept = tempfiles.remove_stale(self.root)
 
     def path(self, key: int | str) -> Path:
         safe = "".join(c if c.isalnum() or c in "-_" else "_" for c in str(key))
@@ -64,11 +70,15 @@ class SnapshotStore:
 
     # ----- writing -----------------------------------------------------------------------------
     def save(self, key: int | str, session: Any) -> Path | None:
-        """Write the session's cache; None when there is nothing to save."""
+        """Write the session's cache; None when there is nothing to save, or when the data folder that
+        holds the snapshots was deleted since this store was made (it is not re-created: an empty data
+        folder would look as if every chat were lost; the app asks the user what to do with its chats)."""
         from safetensors.torch import save_file
 
         cache = session.cache
         if cache is None or not session.cached_ids:
+            return None
+        if self._folder_existed and not self.root.parent.is_dir():
             return None
         content = cache.full_kv()
         if any(kv is None for kv in content):

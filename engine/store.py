@@ -5,7 +5,8 @@ written yet. A reply that was still streaming when the process died is found wit
 "streaming" on the next open and marked "interrupted" (`StoredMessage.complete` is False).
 
 Per-chat settings are stored with each chat: the system prompt, `SamplingSettings.to_dict()` and
-`CacheSpec.to_dict()` (whose strategy may also be "auto") as JSON, and the overflow policy.
+`CacheSpec.to_dict()` (whose strategy may also be "auto") as JSON, the overflow policy and the
+speculative decoding mode.
 Assistant replies keep the token ids the model generated, so cache reuse survives a restart.
 
 This module imports neither Qt nor torch: the app opens the store before the model loads.
@@ -18,6 +19,7 @@ import math
 import os
 import shutil
 import sqlite3
+import stat
 import struct
 import time
 import unicodedata
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from engine import paths
-from engine.specs import AUTO, CacheSpec, SamplingSettings, validate_overflow
+from engine import paths, tempfiles
+from engine.specs import AUTO, CacheSpec, SamplingSettings, validate_overflow, validate_speculative
 
 DB_NAME = "chats.sqlite3"
 EXPORT_FORMAT = "cachet-chat"
@@ -41,6 +43,8 @@ MAX_IMPORT_BYTES = 64 * 1024 * 1024
 MAX_IMPORT_MESSAGES = 20_000
 MAX_IMPORT_NESTING = 64
 DISK_FULL = "The disk is full"
+# An I/O error with less free space than this on the database's disk is taken for a full disk (`_is_full`).
+LOW_SPACE_BYTES = 1024 * 1024
 # Bidirectional controls reorder what follows them on screen ("evil" shown as "live"); titles drop them.
 BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
@@ -105,6 +109,7 @@ class ChatSettings:
             settings.sampling.validate()
             settings.cache.validate()
             validate_overflow(settings.overflow)
+            validate_speculative(settings.speculative)
             if isinstance(data.get("system_prompt", ""), str):
                 return settings, problems
         except (StoreError, ValueError, TypeError, AttributeError):
@@ -119,13 +124,23 @@ class ChatSettings:
             prompt = ""
         sampling = _repaired_fields(SamplingSettings(), data.get("sampling"), "sampling", problems)
         cache = _repaired_fields(CacheSpec(AUTO), data.get("cache"), "cache", problems)
-        overflow = data.get("overflow", "stop")
-        try:
-            validate_overflow(overflow if isinstance(overflow, str) else repr(overflow))
-        except ValueError as exc:
-            problems.append(str(exc))
-            overflow = "stop"
-        return cls(system_prompt=prompt, sampling=sampling, cache=cache, overflow=overflow), problems
+        overflow = _repaired_choice(data.get("overflow"), "stop", validate_overflow, problems)
+        speculative = _repaired_choice(data.get("speculative"), "auto", validate_speculative, problems)
+        # Every field of the class is passed here: a field added later and forgotten here is caught by
+        # tests/engine/test_store_settings.py, which round-trips each field through every copy path.
+        return cls(system_prompt=prompt, sampling=sampling, cache=cache, overflow=overflow,
+                   speculative=speculative), problems
+
+
+def _repaired_choice(value: Any, default: str, validate: Callable[[str], str], problems: list[str]) -> str:
+    """`value` when `validate` accepts it (None: `default`), else `default` and a sentence in `problems`."""
+    if value is None:
+        return default
+    try:
+        return validate(value if isinstance(value, str) else repr(value))
+    except ValueError as exc:
+        problems.append(str(exc))
+        return default
 
 
 def _repaired_fields(default: Any, data: Any, what: str, problems: list[str]) -> Any:
@@ -230,8 +245,13 @@ def _v2(db: sqlite3.Connection) -> None:
     db.execute("ALTER TABLE chats ADD COLUMN overflow TEXT NOT NULL DEFAULT 'stop'")
 
 
+def _v3(db: sqlite3.Connection) -> None:
+    # ChatSettings.speculative had no column: every chat read back as "auto" whatever was chosen.
+    db.execute("ALTER TABLE chats ADD COLUMN speculative TEXT NOT NULL DEFAULT 'auto'")
+
+
 # Migration i brings the schema from version i to i + 1. Append, never edit a released one.
-MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2)
+MIGRATIONS: tuple[Callable[[sqlite3.Connection], None], ...] = (_v1, _v2, _v3)
 SCHEMA_VERSION = len(MIGRATIONS)
 
 
@@ -244,40 +264,34 @@ class ChatStore:
 
     Opening checks the database (`PRAGMA quick_check`); a damaged one is kept aside as
     `chats.sqlite3.damaged-<time>` and what SQLite can still read of it is copied into a fresh
-    database (`salvaged` then says what happened, for the user). A write-ahead log left by a run that
-    did not close is checked against what SQLite replays of it, and writes that were lost there or since
-    the last clean close are reported in `lost_writes`. A write that fails (disk full,
-    read-only folder) raises StoreWriteError and leaves the database as it was.
+    database (`salvaged` then says what happened, for the user; a damaged header is rebuilt on a copy to
+    read the pages behind it). A write-ahead log left by a run that did not close is checked against what
+    SQLite replays of it, and writes that were lost there or since the last clean close are reported in
+    `lost_writes`. A write that fails (disk full, read-only folder) raises StoreWriteError and leaves the
+    database as it was. Temporary files of writes a dead process never finished are removed (`swept`).
+
+    While open, the file at `path` may stop being the open database (its folder deleted): `detached` says
+    so, and `save_to` writes everything the store holds into a fresh file.
     """
 
     def __init__(self, path: Path | str | None = None, *, check: bool = True) -> None:
         self.path = Path(path) if path is not None else default_path()
         self.salvaged: str | None = None  # a sentence for the user when the database had to be salvaged
         self.lost_writes: str | None = None  # a sentence when the last run's writes are missing
+        self._identity: tuple[int, int] | None = None  # (device, inode) of the open database file
         in_memory = str(self.path) == ":memory:"
+        # temporary files of writes a killed (or disk-full) run never finished, e.g. .chats.sqlite3.closed.PID.tmp
+        self.swept: list[Path] = []
         if not in_memory:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.swept = tempfiles.remove_stale(self.path.parent)
         wal = _LeftoverLog(self.path) if check and not in_memory else None
-        try:
-            self._open()
-            problem = self._check() if check and not in_memory else None
-            if wal is not None and problem is None:
-                self.lost_writes = wal.judge(self.db)
-        except StoreWriteError as exc:
-            if not exc.damaged:
-                raise
-            problem = str(exc.__cause__ or exc)
-            self._close_quietly()
-        except StoreError:
-            raise
-        except sqlite3.OperationalError as exc:
-            if _error_name(exc) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
-                raise StoreError(f"Cannot open {self.path}: {exc}.") from exc
-            problem = str(exc)
-            self._close_quietly()
-        except sqlite3.DatabaseError as exc:
-            problem = str(exc)
-            self._close_quietly()
+        if check and not in_memory and _header_damaged(self.path):
+            # Not opened: SQLite would checkpoint the -wal into a file it then refuses, changing the damaged
+            # file kept for the user; salvage reads the log with a rebuilt header instead.
+            problem: str | None = "its header, the first 100 bytes, is damaged"
+        else:
+            problem = self._open_and_check(check and not in_memory, wal)
         if problem is not None:
             if in_memory:
                 raise StoreError(f"The chat database is not usable ({problem}).")
@@ -289,11 +303,42 @@ class ChatStore:
         try:
             self.recovered = self._recover_interrupted()
         except sqlite3.DatabaseError as exc:
-            raise _write_error(self.path, exc) from exc
+            error = _write_error(self.path, exc)
+            raise (_full_at_start(self.path) if error.disk_full else error) from exc
         if wal is not None:
             wal.discard()
         if not in_memory and self.salvaged is None and self.lost_writes is None:
             self.lost_writes = self._compare_with_last_close()
+
+    def _open_and_check(self, check: bool, wal: _LeftoverLog | None) -> str | None:
+        """Open the database (and with `check`, check it); what is damaged, None when it is usable.
+        Raises StoreError when it cannot be opened for another reason (a full disk: StoreWriteError)."""
+        try:
+            self._open()
+            problem = self._check() if check else None
+            if wal is not None and problem is None:
+                self.lost_writes = wal.judge(self.db)
+            return problem
+        except StoreWriteError as exc:
+            self._close_quietly()
+            if exc.disk_full:
+                raise _full_at_start(self.path) from exc
+            if not exc.damaged:
+                raise
+            return str(exc.__cause__ or exc)
+        except StoreError:
+            self._close_quietly()
+            raise
+        except sqlite3.OperationalError as exc:
+            self._close_quietly()
+            if _error_name(exc) not in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+                if _is_full(exc, self.path.parent):
+                    raise _full_at_start(self.path) from exc
+                raise StoreError(f"Cannot open {self.path}: {exc}.") from exc
+            return str(exc)
+        except sqlite3.DatabaseError as exc:
+            self._close_quietly()
+            return str(exc)
 
     def _open(self) -> None:
         self.db = sqlite3.connect(self.path, isolation_level=None, timeout=10.0)
@@ -302,6 +347,101 @@ class ChatStore:
         self.db.execute("PRAGMA synchronous=NORMAL")  # WAL: durable against a process crash
         self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
+        # The identity of the file just opened (the migration has created it): `detached` compares the path's.
+        self._identity = _file_identity(self.path) if str(self.path) != ":memory:" else None
+
+    # ----- the file itself ------------------------------------------------------------------------
+    def detached(self) -> str | None:
+        """A sentence for the user when the file at `path` is no longer the database this store reads and
+        writes (None while it is): the file or its folder was deleted, moved or replaced while open. SQLite
+        goes on working on the open file — every chat and message is still here, and later writes succeed —
+        but no other process can reach it, and it vanishes when the store closes: `save_to` writes it again."""
+        if self._identity is None:
+            return None
+        try:
+            now = _file_identity(self.path)
+        except OSError:
+            return None  # cannot tell (permissions): nothing to say
+        if now == self._identity:
+            return None
+        folder = self.path.parent
+        if now is None and not folder.exists():
+            what = f"The data folder {folder} was deleted (or moved) while Cachet was running"
+        elif now is None:
+            what = f"The chat database {self.path} was deleted (or moved) while Cachet was running"
+        else:
+            what = f"The chat database {self.path} was replaced by another file while Cachet was running"
+        return (f"{what}. Cachet still holds every chat and message, but nothing it writes is kept on disk any "
+                "more: save them again, or they are lost when Cachet quits.")
+
+    def save_to(self, path: Path | None = None) -> str:
+        """Write everything this store holds (its open database, whatever happened to the file) into a fresh
+        database at `path` (default: its own path, the folder created when missing) and go on with that file.
+        A file already at `path` that is not this store's is kept aside as `<name>.found-<time>`, never
+        overwritten. Returns a sentence for the user; raises StoreWriteError when it cannot be written (the
+        store then goes on as it was, nothing lost)."""
+        target = Path(path) if path is not None else self.path
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreWriteError(f"Cannot create {target.parent}: {exc.strerror or exc}.") from exc
+        if target == self.path and self.detached() is None:
+            return f"The chats are saved in {target} already."
+        tmp = self._backup_to_temp(target)
+        found: Path | None = None
+        try:
+            if _file_identity(target) not in (None, self._identity):
+                stamp = time.strftime("%Y%m%d-%H%M%S")
+                found = target.with_name(f"{target.name}.found-{stamp}")
+                for suffix in ("", "-wal", "-shm"):
+                    if Path(str(target) + suffix).exists():
+                        os.replace(Path(str(target) + suffix), Path(str(found) + suffix))
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreWriteError(f"Could not save the chats to {target} ({exc.strerror or exc}).") from exc
+        # Closing the last connection of a WAL database deletes its -wal and -shm *by name*: the old one is
+        # closed while nothing of the new database exists at those names yet (it is opened just after).
+        self._close_quietly()
+        for suffix in ("-wal", "-shm"):  # left at the names when only chats.sqlite3 was deleted: the old file's,
+            with suppress(OSError):      # copied already; SQLite would replay that log into the new file
+                Path(str(target) + suffix).unlink()
+        self.path = target
+        try:
+            self._open()
+        except sqlite3.Error as exc:
+            raise _write_error(target, exc) from exc
+        chats = int(self.db.execute("SELECT COUNT(*) FROM chats WHERE deleted_at IS NULL").fetchone()[0])
+        messages = int(self.db.execute("SELECT COUNT(*) FROM messages").fetchone()[0])
+        aside = f" A database that was already there was kept as {found.name}." if found is not None else ""
+        return f"{_counted(chats, 'chat')} with {_counted(messages, 'message')} saved again in {target}.{aside}"
+
+    def copy_to(self, path: Path) -> None:
+        """A copy of everything this store holds as a chat database at `path` (written atomically), e.g. to
+        keep chats whose data folder was deleted; the store goes on with its own file."""
+        target = Path(path)
+        tmp = self._backup_to_temp(target)
+        try:
+            os.replace(tmp, target)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise StoreWriteError(f"Could not save the chats to {target} ({exc.strerror or exc}).") from exc
+
+    def _backup_to_temp(self, target: Path) -> Path:
+        """SQLite's online backup of the open database into a temporary file beside `target`."""
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        tmp.unlink(missing_ok=True)
+        try:
+            copy = sqlite3.connect(tmp)
+            try:
+                self.db.backup(copy)
+            finally:
+                copy.close()
+        except sqlite3.Error as exc:
+            for suffix in ("", "-journal", "-wal", "-shm"):
+                Path(str(tmp) + suffix).unlink(missing_ok=True)
+            raise _write_error(target, exc) from exc
+        return tmp
 
     def _check(self) -> str | None:
         """What is wrong with the open database (None: nothing). quick_check reads every page but
@@ -405,7 +545,7 @@ class ChatStore:
             pass  # only a hint for the next start
 
     def close(self) -> None:
-        if str(self.path) != ":memory:":
+        if str(self.path) != ":memory:" and self.detached() is None:  # the record of a file still there
             self._record_close()
         self.db.close()
 
@@ -414,12 +554,9 @@ class ChatStore:
         settings = settings or ChatSettings()
         now = time.time()
         title = clean_title(title)
-        cur = self._write(
-            "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
-            "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-            (title, 0 if title else 1, now, now, settings.system_prompt, json.dumps(settings.sampling.to_dict()),
-             json.dumps(settings.cache.to_dict()), settings.overflow),
-        )
+        columns = {"title": title, "title_is_auto": 0 if title else 1, "created_at": now, "updated_at": now,
+                   **_settings_columns(settings)}
+        cur = self._write(*_insert("chats", columns))
         return self.chat(int(cur.lastrowid or 0))
 
     def chat(self, chat_id: int) -> StoredChat:
@@ -433,7 +570,7 @@ class ChatStore:
         """A chat as stored; settings that cannot work (a damaged row, an older import) read as
         their defaults, so a start never depends on every chat being well-formed."""
         settings, _problems = ChatSettings.repaired({
-            "system_prompt": row["system_prompt"], "overflow": row["overflow"],
+            "system_prompt": row["system_prompt"], "overflow": row["overflow"], "speculative": row["speculative"],
             "sampling": _loads(row["sampling"]), "cache": _loads(row["cache"])})
         return StoredChat(
             id=int(row["id"]), title=clean_title(str(row["title"] or "")), title_is_auto=bool(row["title_is_auto"]),
@@ -462,11 +599,9 @@ class ChatStore:
                         (title, 0 if title else 1, chat_id))
 
     def set_settings(self, chat_id: int, settings: ChatSettings) -> None:
-        self._write(
-            "UPDATE chats SET system_prompt = ?, sampling = ?, cache = ?, overflow = ? WHERE id = ?",
-            (settings.system_prompt, json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()),
-             settings.overflow, chat_id),
-        )
+        columns = _settings_columns(settings)
+        self._write(f"UPDATE chats SET {', '.join(f'{c} = ?' for c in columns)} WHERE id = ?",
+                    (*columns.values(), chat_id))
 
     def delete_chat(self, chat_id: int) -> None:
         """Hide a chat; `restore_chat` brings it back until `purge_deleted` removes it for good."""
@@ -608,6 +743,9 @@ class ChatStore:
         settings that cannot work are reset to their defaults and listed in the result's `repaired`."""
         if not isinstance(data, dict) or data.get("format") != EXPORT_FORMAT:
             raise StoreError("This file is not a Cachet chat export (its \"format\" is not cachet-chat).")
+        bad_text = unencodable_text(data)
+        if bad_text is not None:  # SQLite would refuse it halfway through storing the chat (UnicodeEncodeError)
+            raise StoreError(f"{bad_text}; the chat export is damaged or was not written by Cachet.")
         version = data.get("version", 0)
         if not isinstance(version, int) or isinstance(version, bool):
             raise StoreError(f"The chat export's version is not a whole number ({_shown(version)}).")
@@ -640,12 +778,9 @@ class ChatStore:
         created_at = float(created) if isinstance(created, int | float) and not isinstance(created, bool) and \
             math.isfinite(created) and 0 <= created <= now else now
         with self._transaction() as db:
-            cur = db.execute(
-                "INSERT INTO chats (title, title_is_auto, created_at, updated_at, system_prompt, sampling, cache, "
-                "overflow) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (title, 0 if title else 1, created_at, now, settings.system_prompt,
-                 json.dumps(settings.sampling.to_dict()), json.dumps(settings.cache.to_dict()), settings.overflow),
-            )
+            cur = db.execute(*_insert("chats", {"title": title, "title_is_auto": 0 if title else 1,
+                                                "created_at": created_at, "updated_at": now,
+                                                **_settings_columns(settings)}))
             chat_id = int(cur.lastrowid or 0)
             db.executemany(
                 "INSERT INTO messages (chat_id, position, role, content, status, created_at, updated_at) "
@@ -688,6 +823,20 @@ def auto_title(text: str) -> str:
     return (cut if len(cut) > TITLE_CHARS // 2 else line[:TITLE_CHARS]).rstrip(" ,.;:") + "…"
 
 
+def _settings_columns(settings: ChatSettings) -> dict[str, Any]:
+    """The chats table's columns for `settings`: the one place a ChatSettings becomes a row (read back in
+    `ChatStore._chat_from_row`), so each field is written the same way by every path that stores one."""
+    return {"system_prompt": settings.system_prompt, "sampling": json.dumps(settings.sampling.to_dict()),
+            "cache": json.dumps(settings.cache.to_dict()), "overflow": settings.overflow,
+            "speculative": settings.speculative}
+
+
+def _insert(table: str, columns: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """An INSERT statement of `columns` (names are ours, never the user's) and its parameters."""
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+            tuple(columns.values()))
+
+
 def _json_or_none(value: Any) -> str | None:
     if value is None:
         return None
@@ -695,15 +844,31 @@ def _json_or_none(value: Any) -> str | None:
 
 
 def load_import(path: Path) -> Any:
-    """The JSON of a file to import, bounded: StoreError with the reason when it is too large, not
-    UTF-8 text, not JSON, or nested deeper than MAX_IMPORT_NESTING (100k nested brackets would
-    otherwise exhaust the parser's recursion)."""
+    """The JSON of a file to import, bounded: StoreError with the reason when it is not a regular file (a named
+    pipe would block the read forever, a link to /dev/zero fill the memory: both report a size of 0), holds
+    more than MAX_IMPORT_BYTES (at most that many bytes and one more are read), is not UTF-8 text, not JSON,
+    or nested deeper than MAX_IMPORT_NESTING (100k nested brackets would otherwise exhaust the parser's
+    recursion). Call it off the GUI thread: a file on a slow or network drive takes its time."""
+    path = Path(path)
+    too_big = (f"{path.name} is larger than {MAX_IMPORT_BYTES // 2**20} MB; Cachet imports chat files of at most "
+               f"{MAX_IMPORT_BYTES // 2**20} MB.")
     try:
-        size = path.stat().st_size
-        if size > MAX_IMPORT_BYTES:
-            raise StoreError(f"{path.name} is {size / 2**20:,.0f} MB; Cachet imports chat files of at most "
-                             f"{MAX_IMPORT_BYTES // 2**20} MB.")
-        text = path.read_text(encoding="utf-8")
+        # Opened without waiting (a FIFO's open would block until a writer comes), then checked on what was
+        # opened, links resolved: a file swapped for a pipe between a check and the open cannot pass.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+        with os.fdopen(fd, "rb") as fh:
+            st = os.fstat(fh.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                target = os.path.realpath(path)
+                shown = f" ({target})" if target != str(path.absolute()) else ""
+                raise StoreError(f"{path.name} is not a regular file but {_file_kind(st.st_mode)}{shown}; Cachet "
+                                 "imports chat files (.json) only.")
+            if st.st_size > MAX_IMPORT_BYTES:
+                raise StoreError(too_big)
+            raw = fh.read(MAX_IMPORT_BYTES + 1)  # the file may have grown since fstat
+        if len(raw) > MAX_IMPORT_BYTES:
+            raise StoreError(too_big)
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise StoreError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start}).") from exc
     except OSError as exc:
@@ -735,6 +900,54 @@ def load_import(path: Path) -> Any:
         raise StoreError(f"{path.name} is not valid JSON ({exc}).") from exc
 
 
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "not a file"
+
+
+def unencodable_text(data: Any) -> str | None:
+    """Where the first text in `data` (any JSON value, keys included) is that cannot be stored as UTF-8 —
+    a lone surrogate such as "\\ud800", which JSON's \\u escapes can write and Python keeps — in words for
+    the user; None when every text can be. Iterative: `data` may be nested deeply."""
+    stack: list[tuple[Any, str]] = [(data, "")]
+    while stack:
+        value, where = stack.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                code = ord(value[exc.start])
+                what = "a lone surrogate" if 0xD800 <= code <= 0xDFFF else "a character"
+                return (f"{_place(where)} holds {what} (U+{code:04X}) at character {exc.start + 1}, which is not "
+                        "text that can be stored")
+        elif isinstance(value, dict):
+            for key, item in reversed(value.items()):
+                stack.append((item, f"{where}.{key}" if isinstance(key, str) else where))
+                stack.append((key, f"{where} (a field name)"))
+        elif isinstance(value, list):
+            stack += [(item, f"{where}[{i}]") for i, item in reversed(list(enumerate(value)))]
+    return None
+
+
+def _place(where: str) -> str:
+    """A JSON path of an export (".messages[2].content") in words: "Message 3's text"."""
+    if where.startswith(".messages["):
+        index, _, rest = where[len(".messages["):].partition("]")
+        if index.isdigit():
+            if rest == ".content":
+                return f"Message {int(index) + 1}'s text"
+            return f"Message {int(index) + 1}" + (f" ({rest.lstrip('.')})" if rest else "")
+    names = {".title": "The title", ".settings.system_prompt": "The system prompt"}
+    return names.get(where, f"The value at {where.lstrip('.') or 'the top'}")
+
+
 def _shown(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 40 else text[:37] + "..."
@@ -762,14 +975,43 @@ def _error_name(exc: sqlite3.Error) -> str:
     return str(getattr(exc, "sqlite_errorname", "") or "")
 
 
-def _is_full(exc: sqlite3.Error) -> bool:
-    return _error_name(exc) == "SQLITE_FULL" or "disk is full" in str(exc) or "No space left" in str(exc)
+def _is_full(exc: sqlite3.Error, folder: Path | None = None) -> bool:
+    """Whether `exc` means the disk is full. SQLite says so itself for most writes, but growing the
+    shared-memory file of a WAL database on a full disk fails as SQLITE_IOERR_SHMSIZE ("disk I/O error",
+    what a start on a full disk used to show): an I/O error with next to no free space in `folder`
+    counts as a full disk too."""
+    if _error_name(exc) == "SQLITE_FULL" or "disk is full" in str(exc) or "No space left" in str(exc):
+        return True
+    if folder is None or not (_error_name(exc).startswith("SQLITE_IOERR") or "disk I/O error" in str(exc)):
+        return False
+    try:
+        return shutil.disk_usage(folder).free < LOW_SPACE_BYTES
+    except OSError:
+        return False
+
+
+def _counted(n: int, what: str) -> str:
+    return f"{n:,} {what}" + ("" if n == 1 else "s")
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, None when there is none."""
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def _full_at_start(path: Path) -> StoreWriteError:
+    return StoreWriteError(f"{DISK_FULL} ({path.parent}): Cachet cannot open its chats until some space is freed "
+                           "there. Nothing was changed; free some space and start Cachet again.", disk_full=True)
 
 
 def _write_error(path: Path, exc: sqlite3.Error) -> StoreWriteError:
     """The StoreWriteError (a sentence for the user) for a failed write."""
     name = _error_name(exc)
-    if _is_full(exc):
+    if _is_full(exc, path.parent):
         return StoreWriteError(f"{DISK_FULL} ({path.parent}): the change could not be saved.", disk_full=True)
     if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
         return StoreWriteError(f"The chat database {path} is damaged ({exc}).", damaged=True)
@@ -876,6 +1118,9 @@ def salvage(path: Path, problem: str) -> str:
     """Keep the damaged database `path` aside (with its -wal and -shm) and copy what SQLite can
     still read of it, table by table and row by row, into a fresh database at `path`.
 
+    A file whose 100-byte header is damaged reads as "not a database" however intact its pages are; then
+    a copy of it is given a rebuilt header (`_read_with_rebuilt_header`) and read instead.
+
     Returns a sentence for the user: what was wrong, where the damaged copy is, what was saved.
     """
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -885,33 +1130,145 @@ def salvage(path: Path, problem: str) -> str:
         if source.exists():
             shutil.move(source, Path(str(kept) + suffix))
     fresh = ChatStore(path, check=False)
-    copied = {"chats": 0, "messages": 0}
+    rebuilt: int | None = None
     try:
-        old = sqlite3.connect(f"file:{kept}?mode=ro", uri=True, isolation_level=None)
-        old.row_factory = sqlite3.Row
-    except sqlite3.Error:
-        old = None
-    if old is not None:
         try:
-            for table in ("chats", "messages"):
-                columns = [r[1] for r in fresh.db.execute(f"PRAGMA table_info({table})")]
-                for row in _readable_rows(old, table):
-                    values = {k: row[k] for k in row.keys() if k in columns}  # noqa: SIM118 - sqlite3.Row
-                    if not values:
-                        continue
-                    names = ", ".join(values)
-                    try:
-                        fresh.db.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
-                                         f"({', '.join('?' * len(values))})", tuple(values.values()))
-                        copied[table] += 1
-                    except sqlite3.Error:
-                        continue  # a row whose chat was lost, or a column damaged beyond use
-        finally:
-            old.close()
-    fresh.close()
-    return (f"The chat database was damaged ({problem}). A copy of the damaged file was kept as {kept.name}; "
+            old: sqlite3.Connection | None = sqlite3.connect(f"file:{kept}?mode=ro", uri=True, isolation_level=None)
+        except sqlite3.Error:
+            old = None
+        copied = _copy_rows(old, fresh.db) if old is not None else {"chats": 0, "messages": 0}
+        if not any(copied.values()) and _header_damaged(kept):
+            found = _read_with_rebuilt_header(kept, fresh.db)
+            if found is not None:
+                rebuilt, copied = found
+    finally:
+        fresh.close()
+    how = "" if rebuilt is None else (
+        f" Cachet rebuilt its header (the file's first 100 bytes) on a copy, from what the file shows (pages of "
+        f"{rebuilt:,} bytes) and the standard values of a chat database, to read it.")
+    return (f"The chat database was damaged ({problem}). A copy of the damaged file was kept as {kept.name}.{how} "
             f"{copied['chats']:,} chats and {copied['messages']:,} messages could be read from it and were "
             "saved into a fresh database.")
+
+
+def _copy_rows(old: sqlite3.Connection, fresh: sqlite3.Connection) -> dict[str, int]:
+    """Copy every readable row of `old`'s chats and messages into `fresh` (closing `old`); how many of each."""
+    copied = {"chats": 0, "messages": 0}
+    old.row_factory = sqlite3.Row
+    try:
+        try:
+            old.execute("SELECT name FROM sqlite_schema").fetchall()
+        except sqlite3.Error:
+            return copied  # not even the schema can be read: no row can be (and trying each rowid takes seconds)
+        for table in ("chats", "messages"):
+            columns = [r[1] for r in fresh.execute(f"PRAGMA table_info({table})")]
+            for row in _readable_rows(old, table):
+                values = {k: row[k] for k in row.keys() if k in columns}  # noqa: SIM118 - sqlite3.Row
+                if not values:
+                    continue
+                names = ", ".join(values)
+                try:
+                    cur = fresh.execute(f"INSERT OR IGNORE INTO {table} ({names}) VALUES "
+                                        f"({', '.join('?' * len(values))})", tuple(values.values()))
+                    copied[table] += max(cur.rowcount, 0)
+                except sqlite3.Error:
+                    continue  # a row whose chat was lost, or a column damaged beyond use
+    finally:
+        old.close()
+    return copied
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+PAGE_SIZES = tuple(512 << i for i in range(8))  # 512 … 65536: what SQLite allows
+
+
+def _header_damaged(path: Path) -> bool:
+    """Whether the fixed fields of a database file's header (magic string, page size, payload fractions,
+    schema format, text encoding) are not what every SQLite database holds."""
+    try:
+        with path.open("rb") as fh:
+            header = fh.read(100)
+    except OSError:
+        return False
+    if len(header) < 100:
+        return False
+    size = struct.unpack(">H", header[16:18])[0]
+    return (header[:16] != SQLITE_MAGIC or (65536 if size == 1 else size) not in PAGE_SIZES
+            or header[21:24] != b"\x40\x20\x20" or struct.unpack(">I", header[44:48])[0] not in (1, 2, 3, 4)
+            or struct.unpack(">I", header[56:60])[0] not in (1, 2, 3))
+
+
+def _page_size_candidates(path: Path) -> list[int]:
+    """The page sizes to try for a file whose header is damaged, the likeliest first, read from its layout:
+    the page size its write-ahead log states; then the sizes that divide the file's length, that hold the
+    first page's b-tree (whose cell content starts within the page, at offset 105 of the file) and after
+    which a b-tree page begins (its type byte at the start of page 2); then every other valid size."""
+    first: list[int] = []
+    with suppress(OSError, struct.error):
+        with Path(str(path) + "-wal").open("rb") as fh:
+            wal = fh.read(32)
+        if len(wal) == 32 and struct.unpack(">I", wal[:4])[0] in _WAL_MAGIC:
+            first.append(struct.unpack(">I", wal[8:12])[0])
+    length = path.stat().st_size
+    with path.open("rb") as fh:
+        data = fh.read(65536 + 1)
+    start = 0  # where page 1's cell content begins (0 in the file means 65536)
+    if len(data) >= 107:
+        start = struct.unpack(">H", data[105:107])[0] or 65536
+    fitting = [size for size in PAGE_SIZES if length % size == 0 and size >= start]
+    fitting.sort(key=lambda size: (len(data) <= size or data[size] not in (2, 5, 10, 13), size))
+    ordered = [s for s in first if s in PAGE_SIZES] + fitting + list(PAGE_SIZES)
+    return list(dict.fromkeys(ordered))
+
+
+def _standard_header(page_size: int, pages: int) -> bytes:
+    """A database header with `page_size` and `pages` and every other field at the value SQLite writes for a
+    new WAL database in UTF-8 (no freelist: free pages are only unused; the schema is read from page 1)."""
+    header = bytearray(100)
+    header[:16] = SQLITE_MAGIC
+    header[16:18] = struct.pack(">H", 1 if page_size == 65536 else page_size)
+    header[18:24] = bytes([2, 2, 0, 64, 32, 32])  # WAL read/write versions, no reserved bytes, payload fractions
+    v = sqlite3.sqlite_version_info
+    for offset, value in ((24, 1), (28, pages), (40, 1), (44, 4), (56, 1), (92, 1),
+                          (96, v[0] * 1_000_000 + v[1] * 1000 + v[2])):
+        header[offset:offset + 4] = struct.pack(">I", value)  # change counter = version-valid-for: size is valid
+    return bytes(header)
+
+
+def _read_with_rebuilt_header(kept: Path, fresh: sqlite3.Connection) -> tuple[int, dict[str, int]] | None:
+    """Read a damaged database through a copy whose header is rebuilt (`_standard_header`), trying the page
+    sizes `_page_size_candidates` gives until one shows the chats tables; copies what it reads into `fresh`.
+    Returns the page size used and what was copied, None when no size gives a readable file. The damaged
+    file is not changed; the copy (a temporary file swept if this is killed) is deleted."""
+    length = kept.stat().st_size
+    tmp = kept.with_name(f".{kept.name}.{os.getpid()}.tmp")
+    for page_size in _page_size_candidates(kept):
+        try:
+            shutil.copyfile(kept, tmp)
+            if Path(str(kept) + "-wal").exists():
+                shutil.copyfile(Path(str(kept) + "-wal"), Path(str(tmp) + "-wal"))
+            with tmp.open("r+b") as fh:
+                fh.write(_standard_header(page_size, length // page_size))
+            db = sqlite3.connect(tmp, isolation_level=None)
+            try:
+                tables = {r[0] for r in db.execute("SELECT name FROM sqlite_schema WHERE type = 'table'")}
+                db.execute("SELECT COUNT(*) FROM chats").fetchone()
+            except sqlite3.Error:
+                db.close()
+                continue
+            if not {"chats", "messages"} <= tables:
+                db.close()
+                continue
+            return page_size, _copy_rows(db, fresh)
+        except sqlite3.Error:
+            continue
+        except OSError:
+            return None
+        finally:
+            for suffix in ("", "-wal", "-shm"):
+                with suppress(OSError):
+                    Path(str(tmp) + suffix).unlink()
+    return None
 
 
 def _readable_rows(db: sqlite3.Connection, table: str) -> Iterator[sqlite3.Row]:

@@ -530,6 +530,9 @@ def hostile_imports(folder: Path) -> dict[str, Path]:
         "nan": None,
         "deep": None,
         "million": None,
+        "surrogate": dict(good, messages=[{"role": "user", "content": "a\ud800b"}]),  # valid JSON, not storable text
+        "fifo": None,
+        "dev-zero": None,
     }
     paths_: dict[str, Path] = {}
     for name, data in files.items():
@@ -539,6 +542,10 @@ def hostile_imports(folder: Path) -> dict[str, Path]:
                          '{"temperature": NaN, "top_p": Infinity}}, "messages": [{"role": "user", "content": "x"}]}')
         elif name == "deep":
             p.write_text("[" * 100_000 + "]" * 100_000)
+        elif name == "fifo":  # a named pipe: reading it waits for a writer forever
+            os.mkfifo(p)
+        elif name == "dev-zero":  # endless, and its size reads 0
+            p.symlink_to("/dev/zero")
         elif name == "million":
             with p.open("w") as fh:
                 fh.write('{"format": "cachet-chat", "version": 1, "messages": [')
@@ -611,6 +618,62 @@ def case_missing_location(c: Case) -> Result:
     return verdict("location.json → missing folder", before, after, ok, note, details={"run": summary(run)})
 
 
+def case_deleted_folder(c: Case) -> Result:
+    """The data folder deleted while a reply streams: the app must notice, and at quit (the dialog's default
+    answer) write everything it held into the folder again; the next start shows every chat."""
+    seed(c.data)
+    before = committed(c.db)
+    run = c.run("--send", "Tell me about the sea", "--max-tokens", "40", "--delete-data-at-first-token")
+    after = committed(c.db)
+    again = c.run()
+    asked = [d for d in run.report.get("dialogs", []) if "deleted" in d["text"]]
+    sent = [k for k in after if k[3] == "Tell me about the sea"]
+    replied = bool(sent) and any(k[0] == sent[0][0] and k[1] == sent[0][1] + 1 for k in after)
+    ok = ok_start(run) and ok_start(again) and bool(asked) and replied and c.data.exists()
+    note = (f"data folder deleted at the first streamed token; "
+            f"{'asked at quit, answered ' + repr(asked[0]['clicked']) if asked else 'NOT asked'}; the message and "
+            f"its reply (written after the delete) {'kept' if replied else 'LOST'}; the next start "
+            f"{'came up' if again.came_up else 'FAILED'} with {len({k[0] for k in after})} chats")
+    return verdict("data folder deleted mid-reply", before, after, ok, note,
+                   details={"run": summary(run), "next start": summary(again)})
+
+
+def case_damaged_header(c: Case) -> Result:
+    seed(c.data)
+    before = committed(c.db)
+    raw = bytearray(c.db.read_bytes())
+    raw[:100] = bytes((i * 37 + 11) % 256 for i in range(100))
+    c.db.write_bytes(bytes(raw))
+    run = c.run()
+    after = committed(c.db)
+    kept = sorted(p.name for p in c.data.glob("chats.sqlite3.damaged-*") if p.name[-1].isdigit())
+    told = any("header" in b and "rebuilt" in b for b in run.banners())
+    note = (f"the first 100 bytes of chats.sqlite3 garbled; {len(before & after)} of {len(before)} messages read "
+            f"back through a rebuilt header; damaged copy kept ({', '.join(kept) or 'NONE'}); banner "
+            f"{'shown' if told else 'NOT shown'}")
+    return verdict("damaged database header", before, after, ok_start(run) and bool(kept) and told, note,
+                   details={"run": summary(run)})
+
+
+def case_leftover_temps(c: Case) -> Result:
+    """What a killed snapshot write and a quit on a full disk leave behind: swept at the next start."""
+    seed(c.data)
+    before = committed(c.db)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True).stdout.strip()
+    (c.data / "snapshots").mkdir()
+    left = [c.data / "snapshots" / f".1.safetensors.{dead}.tmp", c.data / f".chats.sqlite3.closed.{dead}.tmp"]
+    for path in left:
+        path.write_bytes(b"\0" * 65536)
+    run = c.run()
+    after = committed(c.db)
+    remaining = [p.name for p in left if p.exists()]
+    note = (f"{', '.join(p.name for p in left)} of a dead process: "
+            f"{'all removed' if not remaining else 'STILL THERE: ' + ', '.join(remaining)} at the next start")
+    return verdict("leftover temporary files", before, after, ok_start(run) and not remaining, note,
+                   details={"run": summary(run)})
+
+
 CASES: dict[str, Callable[[Case], Result]] = {
     "kill": case_kill,
     "two-instances": case_two_instances,
@@ -622,6 +685,9 @@ CASES: dict[str, Callable[[Case], Result]] = {
     "hostile-import": case_hostile_imports,
     "bad-settings": case_bad_settings,
     "missing-location": case_missing_location,
+    "deleted-folder": case_deleted_folder,
+    "damaged-header": case_damaged_header,
+    "leftover-temps": case_leftover_temps,
 }
 
 
@@ -636,6 +702,8 @@ def run_child(argv: list[str]) -> int:
     p.add_argument("--stop-file", type=Path, help="press Stop once this file exists, then quit")
     p.add_argument("--fill-disk", type=Path, help="at the first streamed token, fill the disk with this file")
     p.add_argument("--free-after-reply", action="store_true")
+    p.add_argument("--delete-data-at-first-token", action="store_true",
+                   help="delete the data folder when the reply's first token arrives")
     args, app_args = p.parse_known_args(argv)
 
     from PySide6 import QtWidgets
@@ -690,7 +758,7 @@ def run_child(argv: list[str]) -> int:
         report["shown"] = True
         report["banners"] = {k: window.banner_text(k) for k in list(window.banners)}
         save()
-        state = {"filled": False, "sent": False, "chat": None}
+        state = {"filled": False, "sent": False, "chat": None, "deleted": False}
         engine, controller = window.engine, window.controller
         engine.status.connect(lambda text: (report["status"].append(text), save()))
         engine.load_progress.connect(lambda text: (report["load"].append(text), save()))
@@ -710,6 +778,11 @@ def run_child(argv: list[str]) -> int:
             QtWidgets.QApplication.exit(0)
 
         def on_stream(_chat: int) -> None:
+            if args.delete_data_at_first_token and not state["deleted"]:
+                from engine import paths
+
+                state["deleted"] = True
+                shutil.rmtree(paths.data_dir())
             if args.fill_disk is not None and not state["filled"]:
                 state["filled"] = True
                 report["refused_bytes"] = fill(args.fill_disk)
@@ -736,12 +809,17 @@ def run_child(argv: list[str]) -> int:
                 return
             QTimer.singleShot(0, quit_app)
 
-        def do_imports() -> None:
-            for path in args.imports:
-                window.import_file(path)
+        def do_imports(_outcome: object = None) -> None:
+            # One at a time: an import is read in a thread and ends with its dialog, then `import_done`.
+            if pending_imports:
+                window.import_file(pending_imports.pop(0))
+                return
             banners_now()
             save()
             QTimer.singleShot(0, quit_app)
+
+        pending_imports = list(args.imports)
+        window.import_done.connect(do_imports)
 
         def send() -> None:
             if window.current_chat is None:

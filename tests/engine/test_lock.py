@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.lock import DataFolderLock, FolderInUseError, is_locked, read_holder
+from engine.lock import DataFolderLock, FolderInUseError, LockHolder, is_locked, read_holder
 
 HOLD = ("import sys, time\n"
         "from engine.lock import DataFolderLock\n"
@@ -67,3 +68,35 @@ def test_a_refused_process_does_not_erase_the_holders_name(tmp_path: Path) -> No
             DataFolderLock(tmp_path, owner="app").acquire()
     assert read_holder(tmp_path).owner == "chat"
     held.release()
+
+
+def test_a_lock_whose_file_was_deleted_knows_it_and_renews_on_the_new_file(tmp_path: Path) -> None:
+    """Issue 23 §7 item 2: with the data folder deleted, the held lock guards an unlinked file, and a
+    second process locked a new file at the same path beside the first."""
+    folder = tmp_path / "data"
+    lock = DataFolderLock(folder, owner="app").acquire()
+    assert lock.intact()
+    shutil.rmtree(folder)
+    assert not lock.intact()
+    with pytest.raises(FileNotFoundError):
+        lock.renew()  # never creates the folder
+    folder.mkdir()
+    assert not is_locked(folder)  # the hole: nothing holds the file at the path
+    lock.renew()
+    assert lock.intact() and is_locked(folder)
+    assert read_holder(folder) == LockHolder(os.getpid(), "app")
+    assert lock.renew() is lock and lock.intact()  # renewing an intact lock changes nothing
+    lock.release()
+    assert not is_locked(folder)
+
+
+def test_a_renewal_refused_keeps_the_old_lock(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    lock = DataFolderLock(folder, owner="app").acquire()
+    shutil.rmtree(folder)
+    other = DataFolderLock(folder, owner="server").acquire()  # recreates the folder and locks it
+    with pytest.raises(FolderInUseError):
+        lock.renew()
+    assert lock.held and not lock.intact()
+    other.release()
+    lock.release()

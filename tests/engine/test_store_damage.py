@@ -1,11 +1,16 @@
 """A damaged chat database never stops a start (issue 12 item 4): the damaged file is kept aside,
 what SQLite can still read is salvaged into a fresh database, and the user is told; writes lost with
-a damaged write-ahead log are noticed."""
+a damaged write-ahead log are noticed. A damaged header is rebuilt to read the pages behind it
+(issue 23 §7 item 4)."""
 
 from __future__ import annotations
 
+import random
+import shutil
 import sqlite3
 from pathlib import Path
+
+import pytest
 
 from engine.store import ChatStore
 
@@ -141,3 +146,61 @@ def test_a_damaged_write_ahead_log_left_by_a_kill_is_noticed_and_kept(tmp_path: 
     assert not list(path.parent.glob(".*.check"))
     store.close()
     assert ChatStore(path).lost_writes is None  # told once
+
+
+def _with_page_size(path: Path, page_size: int) -> None:
+    """An empty WAL database of `page_size` (ChatStore creates its tables in it), as another SQLite build
+    or a future Cachet may make."""
+    db = sqlite3.connect(path)
+    db.execute(f"PRAGMA page_size = {page_size}")  # applies when the first table makes the file
+    db.execute("PRAGMA journal_mode = WAL")
+    db.execute("CREATE TABLE schema_version (version INTEGER NOT NULL)")  # as ChatStore creates it
+    db.close()
+    assert len(path.read_bytes()) % page_size == 0 and path.read_bytes()[16:18] == (page_size % 65536 or 1).to_bytes(2)
+
+
+@pytest.mark.parametrize("page_size", [1024, 4096, 8192, 65536])
+@pytest.mark.parametrize("killed", [False, True], ids=["closed", "killed"])
+def test_a_damaged_header_is_rebuilt_and_every_chat_read(tmp_path: Path, page_size: int, killed: bool) -> None:
+    """The probe's attack: 100 garbled bytes at the start of chats.sqlite3. The pages are intact, but
+    SQLite reads it as "not a database": salvage found 0 chats. Restoring a standard header reads all."""
+    folder = tmp_path / "data"
+    folder.mkdir()
+    path = folder / "chats.sqlite3"
+    _with_page_size(path, page_size)
+    store = ChatStore(path)
+    chats = {}
+    for c in range(2):
+        chat = store.create_chat(title=f"chat {c}")
+        for i in range(3):
+            store.add_message(chat.id, "user" if i % 2 == 0 else "assistant", f"chat {c} message {i}")
+        chats[chat.id] = [m.content for m in store.messages(chat.id)]
+    if killed:  # the last changes only in the write-ahead log, as a kill leaves them
+        store.close()
+        store = ChatStore(path)
+        store.add_message(1, "user", "written just before the kill")
+        chats[1].append("written just before the kill")
+        image = tmp_path / "image"
+        image.mkdir()
+        for suffix in ("", "-wal"):
+            (image / (path.name + suffix)).write_bytes(Path(str(path) + suffix).read_bytes())
+        store.close()
+        shutil.rmtree(folder)
+        image.rename(folder)
+        assert Path(str(path) + "-wal").stat().st_size > 0
+    else:
+        store.close()
+    data = bytearray(path.read_bytes())
+    data[:100] = random.Random(page_size).randbytes(100)
+    path.write_bytes(bytes(data))
+
+    salvaged = ChatStore(path)
+
+    assert salvaged.salvaged is not None and "header" in salvaged.salvaged and "rebuilt" in salvaged.salvaged
+    assert f"pages of {page_size:,} bytes" in salvaged.salvaged
+    assert {c.id: [m.content for m in salvaged.messages(c.id)] for c in salvaged.chats()} == chats  # before: {}
+    assert f"{len(chats)} chats and {sum(map(len, chats.values()))} messages" in salvaged.salvaged
+    [kept] = list(folder.glob("chats.sqlite3.damaged-*[0-9]"))
+    assert kept.read_bytes() == bytes(data)  # the damaged file is kept as it was
+    assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the rebuilt copy is gone
+    salvaged.close()
