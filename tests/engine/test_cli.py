@@ -134,3 +134,33 @@ def test_the_interactive_start_line_names_the_attention_kernel_and_why(tiny_fold
     assert code == 0
     start = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("Cachet — "))
     assert "; attention SDPA: " in start  # on this machine: no flash-attn, or no CUDA GPU
+
+
+def test_ctrl_c_while_the_model_loads_ends_with_a_line_and_gives_the_folder_back(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Before: a KeyboardInterrupt traceback. Now one line, exit code 130, and the data folder is free again."""
+    def interrupted_load() -> None:
+        raise KeyboardInterrupt
+
+    data = tmp_path / "cachet"
+    assert cli.main(["chat", "--data-dir", str(data)], loader=interrupted_load) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    from engine.lock import DataFolderLock
+
+    DataFolderLock(data / "data", owner="test").acquire().release()  # FolderInUseError if it were still held
+
+
+def test_a_message_that_looks_like_a_command_is_not_sent(tiny_lm, tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """/exit leaves like /quit, /help says the commands, and an unknown /word is not sent to the model."""
+    typed = iter(["/help", "/bye", "/exit", "never sent"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    data = tmp_path / "cachet"
+    assert cli.main(["chat", "--data-dir", str(data)], loader=lambda: tiny_lm) == 0
+    err = capsys.readouterr().err
+    assert "/bye: no such command. Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves." in err
+    from engine.store import ChatStore
+
+    store = ChatStore(data / "data" / "chats.sqlite3")
+    try:
+        assert store.messages(1) == []
+    finally:
+        store.close()
