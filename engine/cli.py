@@ -357,6 +357,8 @@ def _turn_json(turn: int, done: TurnDone) -> str:
             "generated_tokens": s.generated_tokens, "ttft_ms": round(s.ttft_ms, 2),
             "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens, "cache_bytes": s.cache_bytes,
             "graph_steps": s.graph_steps,
+            # what speculation did (None: it was off): who guessed, how many guesses were kept
+            "speculative": s.speculative, "tokens_per_step": s.tokens_per_step,
         })
         if s.graph_fallback:
             record["graph_fallback"] = s.graph_fallback
