@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import re
+import signal
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -21,9 +23,9 @@ from engine.graphs import GRAPH_MODES, graphs_wanted
 from engine.lock import DataFolderLock, FolderInUseError
 from engine.models import LoadedModel
 from engine.reports import Budgets, TurnDone
-from engine.service import ChatService
+from engine.service import ChatService, Loader
 from engine.session import DraftModelError
-from engine.specs import OVERFLOW_POLICIES, SPECULATIVE_MODES, SamplingError, SamplingSettings
+from engine.specs import OVERFLOW_POLICIES, SPECULATIVE_MODES, SamplingError
 from engine.store import ChatSettings, ChatStore
 from engine.weights import PRECISIONS
 
@@ -69,52 +71,132 @@ def check_weight_args(weights: str | None, dtype: str, gpu_layers: int | None, d
 
 
 def _add_cache_args(p: argparse.ArgumentParser) -> None:
+    # Defaults of None: a flag left out is told apart from one typed (a resumed chat keeps its own value).
     d = CacheSpec()
     g = p.add_argument_group("KV cache")
-    g.add_argument("--cache", default="dynamic", choices=caches.STRATEGIES, help="KV cache strategy")
-    g.add_argument("--sink-tokens", type=int, default=d.sink_tokens, help="sink: first tokens always kept")
-    g.add_argument("--window", type=int, default=d.window, help="sink: most recent tokens kept")
-    g.add_argument("--nbits", type=int, default=None, help="quantized: 2 or 4 bits")
-    g.add_argument("--residual", type=int, default=None, help="quantized: recent tokens kept in full precision")
-    g.add_argument("--q-group-size", type=int, default=None, help="quantized: values per quantization group")
+    g.add_argument("--cache", default=None, choices=caches.STRATEGIES, help=f"KV cache strategy (default {d.strategy})")
+    g.add_argument("--sink-tokens", type=int, default=None, metavar="N",
+                   help=f"sink: first tokens always kept (default {d.sink_tokens})")
+    g.add_argument("--window", type=int, default=None, metavar="N",
+                   help=f"sink: most recent tokens kept (default {d.window})")
+    g.add_argument("--nbits", type=int, default=None, help=f"quantized: 2 or 4 bits (default {d.nbits}); the "
+                                                         "flags below left out take that width's measured defaults")
+    g.add_argument("--residual", type=int, default=None, metavar="N",
+                   help="quantized: recent tokens kept in full precision")
+    g.add_argument("--q-group-size", type=int, default=None, metavar="N",
+                   help="quantized: values per quantization group")
     g.add_argument("--axis-key", type=int, default=None, choices=(0, -1), help="quantized: 0 per token, -1 per channel")
     g.add_argument("--axis-value", type=int, default=None, choices=(0, -1))
-    g.add_argument("--backend", default=d.backend, choices=caches.BACKENDS, help="quantized: quanto or hqq")
-    g.add_argument("--max-cache-len", type=int, default=d.max_cache_len, help="static: pre-allocated tokens")
+    g.add_argument("--backend", default=None, choices=caches.BACKENDS,
+                   help=f"quantized: quanto or hqq (default {d.backend})")
+    g.add_argument("--max-cache-len", type=int, default=None, metavar="N",
+                   help=f"static: pre-allocated tokens (default {d.max_cache_len})")
 
 
-def cache_spec_from_args(args: argparse.Namespace) -> CacheSpec:
-    """The CacheSpec the flags ask for; quantization flags left out take the measured defaults for nbits."""
-    spec = CacheSpec(strategy=args.cache, sink_tokens=args.sink_tokens, window=args.window, backend=args.backend,
-                     max_cache_len=args.max_cache_len)
-    quant = {"nbits": args.nbits if args.nbits is not None else spec.nbits}
-    quant.update(caches.quantization_defaults(quant["nbits"]))
-    for name in ("residual", "q_group_size", "axis_key", "axis_value"):
+_CACHE_FLAGS = ("sink_tokens", "window", "residual", "q_group_size", "axis_key", "axis_value", "backend",
+                "max_cache_len")
+_SAMPLING_FLAGS = ("temperature", "top_p", "top_k", "repetition_penalty", "max_new_tokens", "seed")
+# What a new terminal chat starts from: the full cache (the window's new chats start from "auto").
+NEW_CHAT = ChatSettings(cache=CacheSpec())
+
+
+def cache_spec_from_args(args: argparse.Namespace, base: CacheSpec | None = None) -> CacheSpec:
+    """`base` (default: CacheSpec()) changed by the cache flags given, and only those: `--nbits` also brings
+    that width's measured defaults for the quantization flags left out. Raises CacheConfigError."""
+    spec = base if base is not None else CacheSpec()
+    changes: dict[str, Any] = {}
+    if args.cache is not None:
+        changes["strategy"] = args.cache
+    if args.nbits is not None:
+        changes.update(caches.quantization_defaults(args.nbits))
+    for name in _CACHE_FLAGS:
         if getattr(args, name) is not None:
-            quant[name] = getattr(args, name)
-    return spec.with_changes(**quant)
+            changes[name] = getattr(args, name)
+    return spec.with_changes(**changes) if changes else spec
+
+
+def settings_from_args(args: argparse.Namespace, base: ChatSettings) -> ChatSettings:
+    """`base` with the chat flags the user typed (sampling, cache, --overflow, --speculative, --system); a
+    flag left out keeps base's value. Raises SamplingError / CacheConfigError for a value that cannot work."""
+    changes: dict[str, Any] = {}
+    if args.system is not None:
+        changes["system_prompt"] = args.system
+    sampling = {name: getattr(args, name) for name in _SAMPLING_FLAGS if getattr(args, name) is not None}
+    if sampling:
+        changes["sampling"] = base.sampling.with_changes(**sampling)
+    if args.cache is not None or args.nbits is not None or any(getattr(args, n) is not None for n in _CACHE_FLAGS):
+        changes["cache"] = cache_spec_from_args(args, base.cache)
+    if args.overflow is not None:
+        changes["overflow"] = args.overflow
+    if args.speculative is not None:
+        changes["speculative"] = args.speculative
+    return replace(base, **changes)
+
+
+def describe_changes(old: ChatSettings, new: ChatSettings) -> list[str]:
+    """Each setting that differs, as the flag that sets it: "--max-new-tokens 20 (was 512)"."""
+    def flat(s: ChatSettings) -> dict[str, Any]:
+        return {"system": s.system_prompt, "overflow": s.overflow, "speculative": s.speculative,
+                **{f"cache.{k}" if k == "strategy" else k: v for k, v in s.cache.to_dict().items()},
+                **s.sampling.to_dict()}
+
+    def shown(value: Any) -> str:
+        text = repr(value) if isinstance(value, str) and (not value or " " in value) else str(value)
+        return text if len(text) <= 40 else text[:39] + "…"
+
+    before, after = flat(old), flat(new)
+    flags = {"cache.strategy": "cache"}
+    return [f"--{flags.get(k, k).replace('_', '-')} {shown(v)} (was {shown(before[k])})"
+            for k, v in after.items() if before.get(k) != v]
+
+
+CHAT_DESCRIPTION = """\
+Chat with a language model in the terminal: type a message and press Enter, and the reply streams in.
+Ctrl+C stops a reply (the chat goes on), /reset starts a new chat, /quit or Ctrl+D leaves.
+
+Without --data-dir nothing is kept. With --data-dir DIR the chat is kept in DIR, and its KV cache as a
+snapshot when you leave; --chat N goes on with chat N there. The chat flags you give then (sampling,
+cache, --overflow, --system) change that chat's settings and stay with it; flags you leave out keep
+the chat's own settings."""
+
+CHAT_EXAMPLES = """\
+examples:
+  python -m engine chat                                  the bundled model, nothing kept
+  python -m engine chat --temperature 0 --max-new-tokens 128
+  python -m engine chat --data-dir ~/cachet              kept in ~/cachet (the start line says its number)
+  python -m engine chat --data-dir ~/cachet --chat 1     go on with chat 1, its cache restored
+  python -m engine chat --turns questions.txt --json     one message per line, one JSON object per turn"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m engine", description="Cachet's engine from the terminal.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    chat = sub.add_parser("chat", help="chat with a model (interactive, or scripted with --turns)")
+    chat = sub.add_parser("chat", help="chat with a model (interactive, or scripted with --turns)",
+                          description=CHAT_DESCRIPTION, epilog=CHAT_EXAMPLES,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(chat)
     _add_cache_args(chat)
-    chat.add_argument("--system", default="", help="system prompt")
-    defaults = SamplingSettings()
-    chat.add_argument("--temperature", type=float, default=defaults.temperature, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=defaults.top_p)
-    chat.add_argument("--top-k", type=int, default=defaults.top_k)
-    chat.add_argument("--repetition-penalty", type=float, default=defaults.repetition_penalty)
-    chat.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens)
-    chat.add_argument("--seed", type=int, default=None)
-    chat.add_argument("--overflow", default="stop", choices=OVERFLOW_POLICIES,
-                      help="when the chat outgrows the model's context: stop, truncate-middle, or switch to sink")
-    chat.add_argument("--speculative", default="auto", choices=SPECULATIVE_MODES,
+    # Chat settings default to None: a flag left out is told apart from one typed, so that a resumed
+    # chat (--chat N) keeps its own value for it (see settings_from_args).
+    d = NEW_CHAT.sampling
+    chat.add_argument("--system", default=None, metavar="TEXT", help="system prompt (default: none)")
+    chat.add_argument("--temperature", type=float, default=None, metavar="T",
+                      help=f"0 = greedy, always the most likely token (default {d.temperature})")
+    chat.add_argument("--top-p", type=float, default=None, metavar="P", help=f"default {d.top_p}")
+    chat.add_argument("--top-k", type=int, default=None, metavar="K", help=f"0 = off (default {d.top_k})")
+    chat.add_argument("--repetition-penalty", type=float, default=None, metavar="R",
+                      help=f"default {d.repetition_penalty}")
+    chat.add_argument("--max-new-tokens", type=int, default=None, metavar="N",
+                      help=f"the longest reply, in tokens (default {d.max_new_tokens})")
+    chat.add_argument("--seed", type=int, default=None, metavar="N", help="sample reproducibly (default: no seed)")
+    chat.add_argument("--overflow", default=None, choices=OVERFLOW_POLICIES,
+                      help="when the chat outgrows the model's context: stop, truncate-middle, or switch to sink "
+                           f"(default {NEW_CHAT.overflow})")
+    chat.add_argument("--speculative", default=None, choices=SPECULATIVE_MODES,
                       help="check guessed tokens several per step (prompt lookup: guesses from the conversation "
-                           "itself); greedy replies are the same token for token either way")
+                           "itself); greedy replies are the same token for token either way (default "
+                           f"{NEW_CHAT.speculative}; for this run only: chats do not keep it)")
     chat.add_argument("--graphs", default="auto", choices=GRAPH_MODES,
                       help="one-token decode steps as captured CUDA graphs over KV buffers grown in buckets: auto "
                            "(on for CUDA, off for CPU), on (on a CPU: the same static-shaped step, uncaptured), off")
@@ -123,13 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
                            "guesses the next tokens, e.g. SmolLM2-135M for SmolLM2-360M/1.7B (a .gguf or a folder)")
     chat.add_argument("--no-reuse", action="store_true",
                       help="recompute the whole conversation every turn (the baseline reuse is measured against)")
-    chat.add_argument("--turns", type=Path, help="file with one user message per line")
+    chat.add_argument("--turns", type=Path, metavar="FILE", help="file with one user message per line")
     chat.add_argument("--json", action="store_true", help="with --turns: one JSON object per turn")
-    chat.add_argument("--data-dir", type=Path,
+    chat.add_argument("--data-dir", type=Path, metavar="DIR",
                       help="keep the chat (and, on quitting, its KV cache as a snapshot) under this folder, as the "
                            "app's --data-dir does; without it nothing is kept")
-    chat.add_argument("--chat", type=int, default=None,
-                      help="with --data-dir: go on with this chat (its number is printed at the start)")
+    chat.add_argument("--chat", type=int, default=None, metavar="N",
+                      help="with --data-dir: go on with chat N (its number is printed at the start); the chat "
+                           "flags given change its settings from then on, those left out keep its own")
 
     adv = sub.add_parser("advise", help="which cache strategy fits this model in this machine's memory")
     _add_model_args(adv, weights=False)
@@ -188,10 +271,14 @@ def check_args(args: argparse.Namespace) -> None:
     costs one clear line and a non-zero exit, not a model load and a traceback (ArgumentProblem)."""
     if hasattr(args, "device") and not _DEVICE.match(str(args.device)):
         raise ArgumentProblem(f"--device {args.device!r}: choose auto, cpu, cuda, cuda:N or mps.")
-    if getattr(args, "speculative", None) == "draft-model" and not getattr(args, "draft_model", None):
-        raise ArgumentProblem("--speculative draft-model needs --draft-model PATH (a small model of the same family).")
-    if getattr(args, "draft_model", None) and getattr(args, "speculative", None) != "draft-model":
-        raise ArgumentProblem("--draft-model is used by --speculative draft-model; add that, or leave the draft out.")
+    if args.command == "chat":
+        # Chats do not keep their speculative mode, so a resumed chat's is the flag's too.
+        if args.speculative == "draft-model" and not args.draft_model:
+            raise ArgumentProblem("--speculative draft-model needs --draft-model PATH (a small model of the same "
+                                  "family).")
+        if args.draft_model and args.speculative != "draft-model":
+            raise ArgumentProblem("--draft-model is used by --speculative draft-model; add that, or leave the draft "
+                                  "out.")
     if hasattr(args, "dtype") and args.dtype not in _DTYPE_NAMES:
         raise ArgumentProblem(f"--dtype {args.dtype!r}: choose auto, float32, float16 or bfloat16.")
     if hasattr(args, "gpu_layers"):
@@ -214,15 +301,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise ArgumentProblem(f"--chunk {args.chunk}: feed at least 1 token per forward pass.")
         if not _read_text(args.text, "--text").strip():
             raise ArgumentProblem(f"--text {args.text}: the file is empty; there is nothing to measure.")
-    if args.command in ("chat", "perplexity"):
-        spec = cache_spec_from_args(args)  # CacheConfigError: exit 2 with its sentence
-        if spec.strategy == "offloaded" and models.pick_device(args.device).type == "cpu":
-            raise ArgumentProblem("--cache offloaded moves the cache between the GPU and RAM; on the CPU there is "
-                                  "nothing to offload to. Choose another --cache, or a --device with a GPU.")
+    if args.command == "perplexity":
+        check_cache_device(cache_spec_from_args(args), args.device)  # CacheConfigError: exit 2 with its sentence
     if args.command == "chat":
-        SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                         repetition_penalty=args.repetition_penalty, max_new_tokens=args.max_new_tokens,
-                         seed=args.seed).validate()  # SamplingError: exit 2
+        if args.chat is None:  # a resumed chat's flags are checked against its own settings (TerminalChat)
+            check_cache_device(settings_from_args(args, NEW_CHAT).cache, args.device)  # SamplingError too
         if args.chat is not None and args.data_dir is None:
             raise ArgumentProblem("--chat needs --data-dir (the folder the chat is kept in).")
         if args.turns is not None and not any(line.strip() for line in _read_text(args.turns, "--turns").splitlines()):
@@ -232,6 +315,13 @@ def check_args(args: argparse.Namespace) -> None:
                 paths.check_data_dir(args.data_dir.expanduser().resolve())
             except paths.DataDirError as exc:
                 raise ArgumentProblem(f"--data-dir: {exc}") from None
+
+
+def check_cache_device(spec: CacheSpec, device: str) -> None:
+    """Refuse a cache strategy that cannot work on `device` (ArgumentProblem), before any loading."""
+    if spec.strategy == "offloaded" and models.pick_device(device).type == "cpu":
+        raise ArgumentProblem("--cache offloaded moves the cache between the GPU and RAM; on the CPU there is "
+                              "nothing to offload to. Choose another --cache, or a --device with a GPU.")
 
 
 def _read_text(path: Path, flag: str) -> str:
@@ -267,6 +357,8 @@ def _turn_json(turn: int, done: TurnDone) -> str:
             "generated_tokens": s.generated_tokens, "ttft_ms": round(s.ttft_ms, 2),
             "decode_tok_s": round(s.decode_tok_s, 2), "cache_tokens": s.cache_tokens, "cache_bytes": s.cache_bytes,
             "graph_steps": s.graph_steps,
+            # what speculation did (None: it was off): who guessed, how many guesses were kept
+            "speculative": s.speculative, "tokens_per_step": s.tokens_per_step,
         })
         if s.graph_fallback:
             record["graph_fallback"] = s.graph_fallback
@@ -277,48 +369,85 @@ def _turn_json(turn: int, done: TurnDone) -> str:
 
 class TerminalChat:
     """One chat in the terminal, through the same ChatService as the window: its messages are kept in
-    a ChatStore (the data folder's, or one in memory), its cache in the service's pool."""
+    a ChatStore (the data folder's, or one in memory), its cache in the service's pool.
 
-    def __init__(self, args: argparse.Namespace, settings: ChatSettings) -> None:
-        persist = args.data_dir is not None
+    Use it from one thread, the one that made it: SQLite objects refuse every other thread, so turns
+    run on it too, and Ctrl+C reaches a turn as a signal handler there (`_turn_interruptible`).
+    """
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.persist = args.data_dir is not None
         self.lock: DataFolderLock | None = None
-        if persist:
+        self.notes: list[str] = []  # said once the model is loaded: settings the command line changed
+        self.resumed_messages: int | None = None  # with --chat: the messages the chat held
+        if self.persist:
             paths.use_base_dir(args.data_dir.expanduser().resolve())
             # the same lock as the app and the server: one owner per data folder (FolderInUseError)
             self.lock = DataFolderLock(paths.data_dir(), owner="chat").acquire()
         try:
-            self.store = ChatStore(paths.data_dir() / "chats.sqlite3" if persist else Path(":memory:"))
+            self.store = ChatStore(paths.data_dir() / "chats.sqlite3" if self.persist else Path(":memory:"))
         except BaseException:
             if self.lock is not None:
                 self.lock.release()
             raise
-        self.service = ChatService(budgets=Budgets() if persist else Budgets(disk=0), reuse=not args.no_reuse,
+        try:
+            self.chat_id, self.settings = self._open_chat(args)
+        except BaseException:
+            self.close_store()
+            raise
+        self.service = ChatService(budgets=Budgets() if self.persist else Budgets(disk=0), reuse=not args.no_reuse,
                                    graphs=getattr(args, "graphs", "auto"),
                                    on_status=lambda msg: print(f"note: {msg}", file=sys.stderr, flush=True))
-        if args.chat is not None:
-            try:
-                self.chat_id = self.store.chat(args.chat).id
-            except KeyError:
-                self.close_store()
-                raise LookupError(f"There is no chat {args.chat} in {paths.data_dir()}.") from None
-            self.settings = self.store.chat(self.chat_id).settings
-        else:
-            self.chat_id = self.store.create_chat(settings).id
-            self.settings = settings
-        self.persist = persist
 
-    def load(self, args: argparse.Namespace) -> LoadedModel:
-        self.service.load_model(lambda progress: _load(args, progress))
+    def _open_chat(self, args: argparse.Namespace) -> tuple[int, ChatSettings]:
+        """A new chat with the flags' settings, or (--chat N) chat N with the flags typed applied to its own.
+
+        A resumed chat keeps what the flags changed: the settings are the chat's, as in the window, so
+        it goes on the same way next time (in the terminal or the window), its snapshot is in the strategy
+        it will be opened with, and its stored replies were written with the settings it shows.
+        """
+        if args.chat is None:
+            settings = settings_from_args(args, NEW_CHAT)
+            return self.store.create_chat(settings).id, settings
+        try:
+            stored = self.store.chat(args.chat)
+        except KeyError:
+            raise LookupError(self._no_such_chat(args.chat)) from None
+        settings = settings_from_args(args, stored.settings)  # SamplingError, CacheConfigError: exit 2
+        check_cache_device(settings.cache, args.device)
+        # --speculative is not among what the store keeps: it is this run's only
+        changed = describe_changes(stored.settings, replace(settings, speculative=stored.settings.speculative))
+        if changed:
+            self.store.set_settings(stored.id, settings)
+            self.notes.append(f"chat {stored.id} now answers with {', '.join(changed)} and keeps that; the flags "
+                              "left out keep its own settings.")
+        self.resumed_messages = len(self.store.messages(stored.id))
+        return stored.id, settings
+
+    def _no_such_chat(self, chat_id: int) -> str:
+        chats = self.store.chats()
+        where = f"There is no chat {chat_id} in {paths.data_dir()}"
+        if not chats:
+            return f"{where}: it holds no chats yet (leave out --chat to start one)."
+        listed = "; ".join(f'{c.id} "{c.title or "untitled"}"' for c in chats[:5])
+        more = f", and {len(chats) - 5} more" if len(chats) > 5 else ""
+        return f"{where}. Its chats, newest first: {listed}{more}."
+
+    def load(self, args: argparse.Namespace, loader: Loader | None = None) -> LoadedModel:
+        """Load the model (`loader`, when given, instead of --model: tests inject a tiny one), and the draft."""
+        self.service.load_model(loader if loader is not None else (lambda progress: _load(args, progress)),
+                                progress=_print_progress)
         assert self.service.lm is not None
         if getattr(args, "draft_model", None):
             self.service.load_draft_model(lambda progress: models.load(
                 args.draft_model, device=args.device, dtype=args.dtype, offline=not args.online,
-                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, progress=progress))
+                trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle, progress=progress),
+                progress=_print_progress)
         return self.service.lm
 
     def turn(self, text: str, on_delta: Callable[[str], None] | None = None,
              stop: threading.Event | None = None) -> TurnDone:
-        """Keep the user's message, answer it, keep the reply (partial ones too)."""
+        """Keep the user's message, answer it, keep the reply (a stopped one too)."""
         self.store.add_message(self.chat_id, "user", text)
         done = self.service.run_turn(self.chat_id, self.store.messages(self.chat_id), self.settings,
                                      on_delta=on_delta, stop=stop)
@@ -346,117 +475,164 @@ class TerminalChat:
             self.lock.release()
 
 
-def _turn_interruptible(chat: TerminalChat, text: str) -> TurnDone:
-    """Generate in a helper thread so Ctrl+C stops the reply instead of the chat."""
+def _turn_interruptible(chat: TerminalChat, text: str, on_delta: Callable[[str], None] | None = None) -> TurnDone:
+    """`chat.turn(text)`, with Ctrl+C stopping the reply instead of the chat.
+
+    The turn runs on this thread, which opened the store (SQLite objects refuse other threads). For the
+    turn's length SIGINT only sets the turn's stop event, which the session checks before every token,
+    instead of raising KeyboardInterrupt, which could land in the middle of a store write and lose the
+    reply. The stopped reply is kept as far as it got (status "stopped").
+    """
     stop = threading.Event()
-    box: dict[str, object] = {}
+    if threading.current_thread() is not threading.main_thread():  # signals reach the main thread only
+        return chat.turn(text, on_delta=on_delta, stop=stop)
+    previous = signal.getsignal(signal.SIGINT)
+    if previous is signal.SIG_IGN:  # started with Ctrl+C ignored (a background job): leave it so
+        return chat.turn(text, on_delta=on_delta, stop=stop)
 
-    def work() -> None:
-        try:
-            box["done"] = chat.turn(text, on_delta=lambda d: print(d, end="", flush=True), stop=stop)
-        except BaseException as exc:  # handed to the main thread below
-            box["error"] = exc
+    def on_sigint(_signum: int, _frame: object) -> None:
+        # Further presses are ignored until the turn ends: run again inside `stop.set()`, this handler
+        # would wait forever for the lock that very call holds.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        stop.set()
 
-    worker = threading.Thread(target=work, daemon=True)
-    worker.start()
-    while worker.is_alive():
-        try:
-            worker.join(0.1)
-        except KeyboardInterrupt:
-            stop.set()
-    print()
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["done"]  # type: ignore[return-value]
-
-
-def cmd_chat(args: argparse.Namespace) -> int:
-    sampling = SamplingSettings(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                repetition_penalty=args.repetition_penalty,
-                                max_new_tokens=args.max_new_tokens, seed=args.seed).validate()
-    settings = ChatSettings(system_prompt=args.system, sampling=sampling, cache=cache_spec_from_args(args),
-                            overflow=args.overflow, speculative=args.speculative)
+    signal.signal(signal.SIGINT, on_sigint)
     try:
-        chat = TerminalChat(args, settings)
+        return chat.turn(text, on_delta=on_delta, stop=stop)
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
+
+
+def cmd_chat(args: argparse.Namespace, loader: Loader | None = None) -> int:
+    try:
+        chat = TerminalChat(args)
     except (LookupError, FolderInUseError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     try:
-        return _chat(args, chat)
+        return _chat(args, chat, loader)
     finally:
         chat.close()
 
 
-def _chat(args: argparse.Namespace, chat: TerminalChat) -> int:
-    lm = chat.load(args)
-    told_graphs: str | None = None
-    if args.turns:
-        lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        for i, line in enumerate(lines, start=1):
-            done = chat.turn(line) if args.json else _turn_interruptible(chat, line)
-            if args.json:
-                print(_turn_json(i, done), flush=True)
-            if done.finish_reason in ("overflow", "error"):  # said on stderr and in the exit code, too
-                print(f"error: turn {i}: {done.error}", file=sys.stderr)
-                return 1
+def _print_delta(text: str) -> None:
+    print(text, end="", flush=True)
+
+
+def _answer(chat: TerminalChat, text: str, told: set[str]) -> TurnDone:
+    """One turn as the terminal shows it: the reply streamed after "bot> ", then on stderr what it cost
+    (or why it failed) and the notes it brought (each graph fallback reason once per run, in `told`)."""
+    print("bot> ", end="", flush=True)
+    done = _turn_interruptible(chat, text, on_delta=_print_delta)
+    print(flush=True)
+    if done.finish_reason == "overflow":
+        print(f"error: {done.error}", file=sys.stderr)
+        return done
+    if done.notice:
+        print(f"note: {done.notice}", file=sys.stderr)
+    s = done.stats
+    if s is None:
+        print(f"  [{done.finish_reason}: {done.error}]" if done.error else "  [stopped]", file=sys.stderr)
+        return done
+    if s.overflow_action:
+        print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
+    if s.cache_fallback:
+        print(f"note: {s.cache_fallback}", file=sys.stderr)
+    if s.graph_fallback and s.graph_fallback not in told:
+        told.add(s.graph_fallback)
+        print(f"note: graph-captured decoding: {s.graph_fallback}", file=sys.stderr)
+    note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
+    if s.finish_reason == "cancelled":
+        note = " [stopped]"
+    speculative = f", {s.tokens_per_step:.2f} tokens/step" if s.speculative and s.tokens_per_step else ""
+    print(f"  ({s.reused_tokens}/{s.prompt_tokens} prompt tokens reused, {s.prefilled_tokens} prefilled, "
+          f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s{speculative}, cache {s.cache_tokens} tokens "
+          f"= {s.cache_bytes / 2**20:.1f} MiB){note}", file=sys.stderr, flush=True)
+    return done
+
+
+def _scripted(args: argparse.Namespace, chat: TerminalChat) -> int:
+    """--turns FILE: each non-blank line a user message; --json prints one object per turn instead of the chat."""
+    lines = [ln for ln in args.turns.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    told: set[str] = set()
+    for i, line in enumerate(lines, start=1):
+        if args.json:
+            done = _turn_interruptible(chat, line)
+            print(_turn_json(i, done), flush=True)
             if done.notice:
                 print(f"note: {done.notice}", file=sys.stderr)
             if done.stats is not None and done.stats.overflow_action:
                 print(f"note: {done.stats.overflow_action}", file=sys.stderr)
-            if done.stats is not None and done.stats.graph_fallback and done.stats.graph_fallback != told_graphs:
-                told_graphs = done.stats.graph_fallback
-                print(f"note: graph-captured decoding: {told_graphs}", file=sys.stderr)
-        return 0
+            if done.stats is not None and done.stats.graph_fallback and done.stats.graph_fallback not in told:
+                told.add(done.stats.graph_fallback)
+                print(f"note: graph-captured decoding: {done.stats.graph_fallback}", file=sys.stderr)
+        else:
+            print(f"you> {line}", flush=True)
+            done = _answer(chat, line, told)
+        if done.finish_reason in ("overflow", "error"):  # said on stderr and in the exit code, too
+            print(f"error: turn {i}: {done.error}", file=sys.stderr)
+            return 1
+    return 0
 
-    kept = f" Chat {chat.chat_id} in {paths.data_dir()} (--chat {chat.chat_id} goes on with it)." \
-        if chat.persist else ""
+
+HELP = "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves."
+COMMANDS = re.compile(r"^/[A-Za-z]+$")  # a line of one /word is a command, never sent to the model
+
+
+def _chat(args: argparse.Namespace, chat: TerminalChat, loader: Loader | None = None) -> int:
+    lm = chat.load(args, loader)
+    for note in chat.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if args.turns:
+        return _scripted(args, chat)
+
+    kept = ""
+    if chat.persist:
+        so_far = f", going on after its {chat.resumed_messages} messages" if chat.resumed_messages is not None else ""
+        kept = f" Chat {chat.chat_id} in {paths.data_dir()}{so_far} (--chat {chat.chat_id} goes on with it)."
     precision = lm.precision_note if lm.precision_note and lm.precision_note != "chosen" else lm.precision_label
     if lm.weights in ("int8", "int4"):
         precision = lm.precision_label
     split = f" ({lm.split_label})" if lm.split_label else ""
     print(f"Cachet — {lm.source.display_name} on {lm.device}{split} ({lm.load_seconds:.1f} s to load); "
-          f"precision {precision.removeprefix('torch.')}; speculative decoding: {args.speculative}; "
+          f"precision {precision.removeprefix('torch.')}; "
+          f"speculative decoding: {args.speculative or NEW_CHAT.speculative}; "
           f"decode graphs: {'on' if graphs_wanted(args.graphs, lm.device) else 'off'}; "
-          f"attention {lm.attention_note or lm.attention}.{kept} "
-          "Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves.", file=sys.stderr)
+          f"attention {lm.attention_note or lm.attention}.{kept} {HELP}", file=sys.stderr, flush=True)
+    typed = sys.stdin.isatty()
+    if typed:
+        with contextlib.suppress(ImportError):  # not on Windows; there the console edits lines itself
+            import readline  # noqa: F401  (input() then edits lines: arrows, Home/End, history)
+    told: set[str] = set()
     while True:
         try:
             line = input("you> ")
-        except (EOFError, KeyboardInterrupt):
+        except EOFError:  # Ctrl+D, or the end of piped input
             print()
             return 0
-        if not line.strip():
+        except KeyboardInterrupt:  # at the prompt it only clears the line: a reply that just ended is
+            print(f"\n({HELP})", file=sys.stderr, flush=True)  # no reason to lose the chat
             continue
-        if line.strip() == "/quit":
-            return 0
-        if line.strip() == "/reset":
-            chat.reset()
+        if not typed:  # piped input: show what was sent, so the transcript reads as a chat
+            print(line, flush=True)
+        text = line.strip()
+        if not text:
             continue
-        print("bot> ", end="", flush=True)
-        done = _turn_interruptible(chat, line)
-        if done.finish_reason == "overflow":
-            print(f"error: {done.error}", file=sys.stderr)
+        if COMMANDS.match(text):
+            command = text.lower()
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                before = chat.chat_id
+                chat.reset()
+                stays = f" (chat {before} stays in {paths.data_dir()})" if chat.persist else ""
+                print(f"New chat {chat.chat_id}{stays}.", file=sys.stderr, flush=True)
+            elif command == "/help":
+                print(HELP, file=sys.stderr, flush=True)
+            else:
+                print(f"{text}: no such command. {HELP}", file=sys.stderr, flush=True)
             continue
-        if done.notice:
-            print(f"note: {done.notice}", file=sys.stderr)
-        s = done.stats
-        if s is None:
-            print(f"  [{done.finish_reason}: {done.error}]" if done.error else "  [stopped]", file=sys.stderr)
-            continue
-        if s.overflow_action:
-            print(f"note: the chat outgrew the model's context: {s.overflow_action}", file=sys.stderr)
-        if s.cache_fallback:
-            print(f"note: {s.cache_fallback}", file=sys.stderr)
-        if s.graph_fallback and s.graph_fallback != told_graphs:
-            told_graphs = s.graph_fallback  # once per reason, not every turn
-            print(f"note: graph-captured decoding: {s.graph_fallback}", file=sys.stderr)
-        note = f" [{s.finish_reason}: {s.error}]" if s.error else ""
-        if s.finish_reason == "cancelled":
-            note = " [stopped]"
-        speculative = f", {s.tokens_per_step:.2f} tokens/step" if s.speculative and s.tokens_per_step else ""
-        print(f"  ({s.reused_tokens}/{s.prompt_tokens} prompt tokens reused, {s.prefilled_tokens} prefilled, "
-              f"TTFT {s.ttft_ms:.0f} ms, {s.decode_tok_s:.1f} tok/s{speculative}, cache {s.cache_tokens} tokens "
-              f"= {s.cache_bytes / 2**20:.1f} MiB){note}", file=sys.stderr)
+        _answer(chat, line, told)
 
 
 def cmd_perplexity(args: argparse.Namespace) -> int:
@@ -570,13 +746,15 @@ def _count(n: int | None, exact: bool = False) -> str:
     return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, *, loader: Loader | None = None) -> int:
+    """Run a subcommand; returns the exit code. `loader` loads the chat's model instead of --model
+    (tests inject a tiny one, as `app.__main__.main` takes one)."""
     args = build_parser().parse_args(argv)
     try:
         if args.command != "bench":
             check_args(args)
         if args.command == "chat":
-            return cmd_chat(args)
+            return cmd_chat(args, loader)
         if args.command == "advise":
             return cmd_advise(args)
         if args.command == "bench":
@@ -597,3 +775,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl+C while a model loads (a reply's Ctrl+C only stops the reply)
+        print("\ninterrupted", file=sys.stderr)
+        return 130

@@ -114,17 +114,26 @@ def test_a_terminal_chat_resumes_its_cache_from_the_data_folder(tiny_folder, tmp
 
 
 def test_chat_with_a_draft_model_from_the_command_line(tmp_path, capsys) -> None:  # noqa: ANN001
-    from tests.tiny import save_tiny_folder
-
+    """--draft-model guesses the replies' tokens: with the main model as its own draft every greedy guess is
+    right, so the turns report the draft model's guesses and more than one token per pass, and the replies
+    are those of plain decoding (before, the test passed whether the draft was used or not)."""
     main = save_tiny_folder(tmp_path / "main")
     turns = tmp_path / "turns.txt"
     turns.write_text("abc abc abc abc\nabc abc again\n", encoding="utf-8")
-    code = cli.main(["chat", "--model", str(main), "--draft-model", str(main), "--speculative", "draft-model",
-                     "--device", "cpu", "--dtype", "float32", "--temperature", "0", "--max-new-tokens", "24",
-                     "--turns", str(turns), "--json"])
-    assert code == 0
-    records = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
-    assert len(records) == 2 and all(r["finish_reason"] in ("stop", "length") for r in records)
+    common = ["chat", "--model", str(main), "--device", "cpu", "--dtype", "float32", "--temperature", "0",
+              "--max-new-tokens", "24", "--turns", str(turns), "--json"]
+
+    def records(*flags: str) -> list[dict]:
+        assert cli.main([*common, *flags]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+
+    drafted = records("--draft-model", str(main), "--speculative", "draft-model")
+    plain = records("--speculative", "off")
+    assert len(drafted) == 2 and all(r["finish_reason"] in ("stop", "length") for r in drafted)
+    for r in drafted:
+        assert r["speculative"].startswith("draft model: ") and r["tokens_per_step"] > 1.0, r
+    assert all(r["speculative"] is None and r["tokens_per_step"] == 1.0 for r in plain)
+    assert [r["reply"] for r in drafted] == [r["reply"] for r in plain]
 
 
 def test_the_interactive_start_line_names_the_attention_kernel_and_why(tiny_folder, tmp_path, capsys,
@@ -134,3 +143,33 @@ def test_the_interactive_start_line_names_the_attention_kernel_and_why(tiny_fold
     assert code == 0
     start = next(line for line in capsys.readouterr().err.splitlines() if line.startswith("Cachet — "))
     assert "; attention SDPA: " in start  # on this machine: no flash-attn, or no CUDA GPU
+
+
+def test_ctrl_c_while_the_model_loads_ends_with_a_line_and_gives_the_folder_back(tmp_path, capsys) -> None:  # noqa: ANN001
+    """Before: a KeyboardInterrupt traceback. Now one line, exit code 130, and the data folder is free again."""
+    def interrupted_load() -> None:
+        raise KeyboardInterrupt
+
+    data = tmp_path / "cachet"
+    assert cli.main(["chat", "--data-dir", str(data)], loader=interrupted_load) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted"
+    from engine.lock import DataFolderLock
+
+    DataFolderLock(data / "data", owner="test").acquire().release()  # FolderInUseError if it were still held
+
+
+def test_a_message_that_looks_like_a_command_is_not_sent(tiny_lm, tmp_path, capsys, monkeypatch) -> None:  # noqa: ANN001
+    """/exit leaves like /quit, /help says the commands, and an unknown /word is not sent to the model."""
+    typed = iter(["/help", "/bye", "/exit", "never sent"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(typed))
+    data = tmp_path / "cachet"
+    assert cli.main(["chat", "--data-dir", str(data)], loader=lambda: tiny_lm) == 0
+    err = capsys.readouterr().err
+    assert "/bye: no such command. Ctrl+C stops a reply; /reset starts a new chat; /quit or Ctrl+D leaves." in err
+    from engine.store import ChatStore
+
+    store = ChatStore(data / "data" / "chats.sqlite3")
+    try:
+        assert store.messages(1) == []
+    finally:
+        store.close()

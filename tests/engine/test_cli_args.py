@@ -80,3 +80,16 @@ def test_the_offloaded_cache_on_the_cpu_is_refused_before_loading(tmp_path: Path
     turns.write_text("hello\n")
     assert cli.main(["chat", "--cache", "offloaded", "--device", "cpu", "--json", "--turns", str(turns)]) == 2
     assert "offloaded" in capsys.readouterr().err
+
+
+def test_the_chat_help_says_how_to_chat_stop_leave_and_go_on(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["chat", "--help"])
+    assert exited.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for says in ("Ctrl+C stops a reply", "/reset starts a new chat", "/quit or Ctrl+D leaves",
+                 "--chat N goes on with chat N", "flags you leave out keep the chat's own settings",
+                 "--temperature T 0 = greedy, always the most likely token (default 0.7)",
+                 "--max-new-tokens N the longest reply, in tokens (default 512)", "KV cache strategy (default dynamic)",
+                 "python -m engine chat --data-dir ~/cachet --chat 1"):
+        assert says in text, says
