@@ -196,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--speculative", default=None, choices=SPECULATIVE_MODES,
                       help="check guessed tokens several per step (prompt lookup: guesses from the conversation "
                            "itself); greedy replies are the same token for token either way (default "
-                           f"{NEW_CHAT.speculative}; for this run only: chats do not keep it)")
+                           f"{NEW_CHAT.speculative}; a chat keeps it)")
     chat.add_argument("--graphs", default="auto", choices=GRAPH_MODES,
                       help="one-token decode steps as captured CUDA graphs over KV buffers grown in buckets: auto "
                            "(on for CUDA, off for CPU), on (on a CPU: the same static-shaped step, uncaptured), off")
@@ -272,7 +272,6 @@ def check_args(args: argparse.Namespace) -> None:
     if hasattr(args, "device") and not _DEVICE.match(str(args.device)):
         raise ArgumentProblem(f"--device {args.device!r}: choose auto, cpu, cuda, cuda:N or mps.")
     if args.command == "chat":
-        # Chats do not keep their speculative mode, so a resumed chat's is the flag's too.
         if args.speculative == "draft-model" and not args.draft_model:
             raise ArgumentProblem("--speculative draft-model needs --draft-model PATH (a small model of the same "
                                   "family).")
@@ -415,8 +414,10 @@ class TerminalChat:
             raise LookupError(self._no_such_chat(args.chat)) from None
         settings = settings_from_args(args, stored.settings)  # SamplingError, CacheConfigError: exit 2
         check_cache_device(settings.cache, args.device)
-        # --speculative is not among what the store keeps: it is this run's only
-        changed = describe_changes(stored.settings, replace(settings, speculative=stored.settings.speculative))
+        if settings.speculative == "draft-model" and not args.draft_model:
+            raise ArgumentProblem(f"chat {stored.id} guesses with a draft model: give --draft-model PATH, or "
+                                  "--speculative auto (or off) to go on without one.")
+        changed = describe_changes(stored.settings, settings)
         if changed:
             self.store.set_settings(stored.id, settings)
             self.notes.append(f"chat {stored.id} now answers with {', '.join(changed)} and keeps that; the flags "
@@ -596,7 +597,7 @@ def _chat(args: argparse.Namespace, chat: TerminalChat, loader: Loader | None = 
     split = f" ({lm.split_label})" if lm.split_label else ""
     print(f"Cachet — {lm.source.display_name} on {lm.device}{split} ({lm.load_seconds:.1f} s to load); "
           f"precision {precision.removeprefix('torch.')}; "
-          f"speculative decoding: {args.speculative or NEW_CHAT.speculative}; "
+          f"speculative decoding: {chat.settings.speculative}; "
           f"decode graphs: {'on' if graphs_wanted(args.graphs, lm.device) else 'off'}; "
           f"attention {lm.attention_note or lm.attention}.{kept} {HELP}", file=sys.stderr, flush=True)
     typed = sys.stdin.isatty()

@@ -122,3 +122,25 @@ def test_a_chat_that_is_not_there_is_told_with_those_that_are(tmp_path: Path, ca
     assert run(data, tmp_path, capsys, message="What is the capital of France?")[0] == 0
     assert cli.main(["chat", "--data-dir", str(data), "--turns", str(turns), "--chat", "4"], loader=never) == 1
     assert 'Its chats, newest first: 1 "What is the capital of France?".' in capsys.readouterr().err
+
+
+def test_the_speculative_mode_typed_stays_with_the_chat(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """The store keeps a chat's speculative mode (schema 3): a typed --speculative is the chat's from then on,
+    and a chat that guesses with a draft model cannot go on without one (said before loading)."""
+    data = tmp_path / "cachet"
+    turns = tmp_path / "turn.txt"
+    turns.write_text("hello\n", encoding="utf-8")
+    base = ["chat", "--device", "cpu", "--dtype", "float32", "--data-dir", str(data), "--turns", str(turns), "--json"]
+    assert cli.main([*base, "--speculative", "prompt-lookup"], loader=tiny) == 0
+    capsys.readouterr()
+    assert stored(data).speculative == "prompt-lookup"
+    assert cli.main([*base, "--chat", "1"], loader=tiny) == 0
+    assert stored(data).speculative == "prompt-lookup"  # not typed: the chat's own
+    capsys.readouterr()
+    store = ChatStore(data / "data" / "chats.sqlite3")
+    try:
+        store.set_settings(1, ChatSettings(speculative="draft-model", cache=CacheSpec("dynamic")))
+    finally:
+        store.close()
+    assert cli.main([*base, "--chat", "1"], loader=never) == 2
+    assert "chat 1 guesses with a draft model: give --draft-model PATH" in capsys.readouterr().err
