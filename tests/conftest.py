@@ -8,6 +8,9 @@
   marked `real_model` (`pytest -m real_model` runs only them, `-m "not real_model"` skips them).
 * `make_front`: chats driven through the engine service the way any front end drives it.
 * `make_window` / `send_and_wait`: the desktop window, driven like a user would.
+* `gate`: holds the model of a test's window or service at a known forward pass (tests/tiny.py
+  ForwardGate), for every test that needs a reply still streaming: the tiny model writes thousands
+  of tokens a second on a fast CPU, so no test may hope to catch a reply before it ends.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import platformdirs
 import pytest
 
 from engine.models import LoadedModel
-from tests.tiny import tiny_loaded_model
+from tests.tiny import ForwardGate, open_all_gates, tiny_loaded_model
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -160,6 +163,40 @@ def tiny_server(tiny_lm: LoadedModel) -> Iterator[Callable[..., Any]]:
         service.close(save=False)
 
 
+# ----- replies held open ----------------------------------------------------------------------------------
+@pytest.fixture
+def gate() -> Iterator[ForwardGate]:
+    """A ForwardGate for this test's model: attach it where the model is made (`lambda:
+    gate.attach(tiny_loaded_model())` is a window's loader). Opened at the end, so that no worker
+    thread stays held; a pass held longer than a turn's timeout fails that turn instead of hanging."""
+    held = ForwardGate(timeout=TURN_TIMEOUT_MS / 1000)
+    yield held
+    held.open()
+
+
+def stream_until(qtbot: Any, gate: ForwardGate, condition: Callable[[], bool], per_step: int = 1,
+                 caught_up: Callable[[], bool] = lambda: True, timeout: int = 60_000) -> None:
+    """Let a held reply go on until `condition()` holds: `per_step` more forward passes (tokens, with
+    speculation off) whenever the model is held and `caught_up()` says the window has taken in what came
+    before (its last render, say). The reply advances only as fast as the window shows it, so it cannot
+    end, or outrun what the test waits to see, on however fast (or busy) a machine."""
+
+    def reached() -> bool:
+        if condition():
+            return True
+        if gate.held and caught_up():
+            gate.step(per_step)
+        return False
+
+    qtbot.waitUntil(reached, timeout=timeout)
+
+
+def speculation_off(store: Any, chat_id: int) -> None:
+    """One token per forward pass in this chat (prompt-lookup guesses checked in one pass would make a
+    ForwardGate's count of passes say nothing about the tokens)."""
+    store.set_settings(chat_id, replace(store.chat(chat_id).settings, speculative="off"))
+
+
 # ----- the desktop window, driven like a user would ---------------------------------------------------
 @pytest.fixture
 def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
@@ -190,6 +227,7 @@ def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
         return win
 
     yield make
+    open_all_gates()  # a held reply would keep the worker thread that closing the window joins
     for win, store in made:
         win._quit_unsaved = lambda: True  # a failed test may leave changes unsaved: never wait on a dialog
         win.close()
