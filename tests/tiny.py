@@ -138,11 +138,16 @@ class ForwardGate:
             self._limit = None
             self._cond.notify_all()
 
-    def wait_held(self, timeout: float = 60.0) -> bool:
-        """Wait (blocking this thread: not the GUI's, use qtbot.waitUntil(lambda: gate.held) there) until a
-        pass is held; False if none was within `timeout` seconds."""
+    def held_after(self, n: int) -> bool:
+        """Whether exactly `n` passes went through and the next one is held now."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._waiting > 0, timeout)
+            return self._waiting > 0 and self.passes == n
+
+    def wait_held(self, timeout: float = 60.0, after: int | None = None) -> bool:
+        """Wait until a pass is held (after exactly `after` passes, if given); False if none was within
+        `timeout` seconds. It blocks this thread: in the GUI's, use qtbot.waitUntil(lambda: gate.held)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._waiting > 0 and after in (None, self.passes), timeout)
 
 
 def open_all_gates() -> None:

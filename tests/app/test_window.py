@@ -251,7 +251,7 @@ def test_a_reply_keeps_streaming_into_its_own_chat_while_another_chat_is_shown(
     QCoreApplication.sendPostedEvents()
     grown_from = len(win.controller.runtime(chat_a).text)
     gate.step(HELD)  # chat A's reply goes on while chat B is shown
-    qtbot.waitUntil(lambda: gate.held and gate.passes == 2 * HELD, timeout=TURN_TIMEOUT)
+    qtbot.waitUntil(lambda: gate.held_after(2 * HELD), timeout=TURN_TIMEOUT)
     QCoreApplication.sendPostedEvents()
     assert len(win.controller.runtime(chat_a).text) > grown_from + 5
     win.send("Meanwhile, in chat B")  # queued behind chat A's reply
