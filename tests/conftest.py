@@ -1,18 +1,27 @@
 """Shared fixtures and helpers for every test.
 
-* Every test runs against throwaway data and config folders. What is keyed by content is kept
-  across runs in `kept_cache_dir()`: the converted copy of the bundled GGUF model (keyed by the
-  file's hash), so no run converts it twice, and mypy's cache.
+* Every test runs against throwaway data and config folders, and a cache folder of this session
+  (`shared_cache_dir`): what is not keyed by content (the CPU precision probe's record
+  precision.json, the file-hash index hashes.json, discovery.json) lasts one session. Only what is
+  keyed by content is kept across runs, in `kept_cache_dir()`: its models/ (the converted copy of the
+  bundled GGUF model, keyed by the file's hash, reached through the session folder's models/) so that
+  no run converts it twice, and mypy's cache. The session checks at its end that it added nothing
+  else there (`kept_cache_strays`).
 * `tiny_lm`: a tiny random model built from a config (tests/tiny.py), for speed.
 * `real_lm`: the bundled SmolLM2-135M-Instruct, loaded once per session, for the few tests
   marked `real_model` (`pytest -m real_model` runs only them, `-m "not real_model"` skips them).
 * `make_front`: chats driven through the engine service the way any front end drives it.
 * `make_window` / `send_and_wait`: the desktop window, driven like a user would.
+* `gate`: holds the model of a test's window or service at a known forward pass (tests/tiny.py
+  ForwardGate), for every test that needs a reply still streaming: the tiny model writes thousands
+  of tokens a second on a fast CPU, so no test may hope to catch a reply before it ends.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -22,7 +31,7 @@ import platformdirs
 import pytest
 
 from engine.models import LoadedModel
-from tests.tiny import tiny_loaded_model
+from tests.tiny import ForwardGate, open_all_gates, tiny_loaded_model
 
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,12 +48,60 @@ def kept_cache_dir() -> Path:
     return Path(base) if base else Path(platformdirs.user_cache_dir("Cachet", appauthor=False)) / "tests"
 
 
+KEPT_FOLDERS = ("models", "mypy")  # the only entries of the kept folder
+# a GGUF's converted copy (engine.conversion.converted_dir: the file's SHA-256) and a quantized copy
+# (engine.quantized_weights.quantized_dir), each possibly still being written (a hidden .<pid>.tmp folder)
+_CONVERTED = re.compile(r"\.?[0-9a-f]{32}-v\d+(\.\d+\.tmp)?")
+_QUANTIZED = re.compile(r"\.?[0-9a-f]{32}-int[48]-[a-z0-9]+-q\d+(\.\d+\.tmp)?")
+# what earlier versions of these fixtures left in the kept folder: removed at the start of a session
+_LEGACY = ("precision.json", "precision.tmp", "hashes.json", "discovery.json")
+
+
+def kept_cache_strays(folder: Path) -> list[str]:
+    """What in the kept test cache folder `folder` is not keyed by content: anything but models/ and mypy/,
+    and in models/ anything but converted GGUF copies and quantized copies of a GGUF (a quantized copy of
+    a folder model is keyed by the folder's path, a test's temporary folder)."""
+    if not folder.is_dir():
+        return []
+    strays = [entry.name for entry in sorted(folder.iterdir())
+              if entry.name not in KEPT_FOLDERS or not entry.is_dir()]
+    models = folder / "models"
+    for entry in sorted(models.iterdir()) if models.is_dir() else ():
+        if _CONVERTED.fullmatch(entry.name):
+            continue
+        if _QUANTIZED.fullmatch(entry.name) and _quantized_from_a_gguf(entry):
+            continue
+        strays.append(f"models/{entry.name}")
+    return strays
+
+
+def _quantized_from_a_gguf(folder: Path) -> bool:
+    """Whether a quantized copy (or one being written, not recorded yet) was made from a GGUF file."""
+    if folder.name.endswith(".tmp"):
+        return True
+    try:
+        source = json.loads((folder / "cachet-quantized.json").read_text()).get("source")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(source, str) and source.startswith("gguf-sha256:")
+
+
 @pytest.fixture(scope="session")
-def shared_cache_dir() -> Path:
-    """The cache folder of every test (converted models), kept between runs."""
-    path = kept_cache_dir()
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+def shared_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The cache folder of every test (CACHET_CACHE_DIR): this session's own, its models/ the kept folder's
+    (converted models). At the end of the session, the kept folder must hold nothing new that is not keyed
+    by content."""
+    kept = kept_cache_dir()
+    (kept / "models").mkdir(parents=True, exist_ok=True)
+    for name in _LEGACY:
+        (kept / name).unlink(missing_ok=True)
+    before = set(kept_cache_strays(kept))  # not ours to delete: only what this session adds is checked
+    path = tmp_path_factory.mktemp("cache")
+    (path / "models").symlink_to(kept / "models", target_is_directory=True)
+    yield path
+    added = [name for name in kept_cache_strays(kept) if name not in before]
+    assert not added, (f"this test session left files that are not keyed by content in the kept cache folder "
+                       f"{kept}: {added}")
 
 
 @pytest.fixture(autouse=True)
@@ -160,6 +217,40 @@ def tiny_server(tiny_lm: LoadedModel) -> Iterator[Callable[..., Any]]:
         service.close(save=False)
 
 
+# ----- replies held open ----------------------------------------------------------------------------------
+@pytest.fixture
+def gate() -> Iterator[ForwardGate]:
+    """A ForwardGate for this test's model: attach it where the model is made (`lambda:
+    gate.attach(tiny_loaded_model())` is a window's loader). Opened at the end, so that no worker
+    thread stays held; a pass held longer than a turn's timeout fails that turn instead of hanging."""
+    held = ForwardGate(timeout=TURN_TIMEOUT_MS / 1000)
+    yield held
+    held.open()
+
+
+def stream_until(qtbot: Any, gate: ForwardGate, condition: Callable[[], bool], per_step: int = 1,
+                 caught_up: Callable[[], bool] = lambda: True, timeout: int = 60_000) -> None:
+    """Let a held reply go on until `condition()` holds: `per_step` more forward passes (tokens, with
+    speculation off) whenever the model is held and `caught_up()` says the window has taken in what came
+    before (its last render, say). The reply advances only as fast as the window shows it, so it cannot
+    end, or outrun what the test waits to see, on however fast (or busy) a machine."""
+
+    def reached() -> bool:
+        if condition():
+            return True
+        if gate.held and caught_up():
+            gate.step(per_step)
+        return False
+
+    qtbot.waitUntil(reached, timeout=timeout)
+
+
+def speculation_off(store: Any, chat_id: int) -> None:
+    """One token per forward pass in this chat (prompt-lookup guesses checked in one pass would make a
+    ForwardGate's count of passes say nothing about the tokens)."""
+    store.set_settings(chat_id, replace(store.chat(chat_id).settings, speculative="off"))
+
+
 # ----- the desktop window, driven like a user would ---------------------------------------------------
 @pytest.fixture
 def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., Any]]:
@@ -190,6 +281,7 @@ def make_window(qtbot: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callabl
         return win
 
     yield make
+    open_all_gates()  # a held reply would keep the worker thread that closing the window joins
     for win, store in made:
         win._quit_unsaved = lambda: True  # a failed test may leave changes unsaved: never wait on a dialog
         win.close()

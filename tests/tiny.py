@@ -1,8 +1,16 @@
 """Tiny random models for fast tests: a byte-level tokenizer with a ChatML template and a
-2-layer Llama built from a config. Nothing is downloaded."""
+2-layer Llama built from a config. Nothing is downloaded.
+
+`ForwardGate` holds such a model's forward passes where a test says: on a fast CPU the tiny model writes
+thousands of tokens a second, so a test that needs a reply still streaming holds it open instead of
+hoping to catch it.
+"""
 
 from __future__ import annotations
 
+import threading
+import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +64,96 @@ def tiny_loaded_model(seed: int = 0, **config_overrides: Any) -> LoadedModel:
         identity=f"tiny-llama-seed{seed}|float32", device=torch.device("cpu"), dtype=torch.float32,
         load_seconds=0.0, weights_bytes=sum(p.numel() * 4 for p in model.parameters()),
     )
+
+
+class GateTimeout(RuntimeError):
+    """A held forward pass was never let go (the test that held it failed or forgot it)."""
+
+
+_GATES: weakref.WeakSet[ForwardGate] = weakref.WeakSet()
+
+
+class ForwardGate:
+    """Holds a model's forward passes at a point the test chooses, in the thread that runs the model.
+
+    Every forward pass of the attached model is counted (a prefill chunk, a one-token decoding step, a
+    pass checking speculative guesses): with speculation off and a prompt under one prefill chunk
+    (512 tokens), pass 1 chooses the reply's first token and each later pass one more. `hold_after(n)`
+    lets n more passes start and holds the next one until `step()` or `open()` lets it go; nothing is
+    held before that. A held pass waits at most `timeout` seconds (None: for ever), then fails with
+    `GateTimeout`, which ends the turn as an error instead of hanging the test.
+    """
+
+    def __init__(self, timeout: float | None = 60.0) -> None:
+        self.timeout = timeout
+        self.passes = 0  # passes that went through
+        self._limit: int | None = None  # how many passes may have gone through; None: no limit
+        self._waiting = 0
+        self._cond = threading.Condition()
+        _GATES.add(self)
+
+    def attach(self, lm: LoadedModel) -> LoadedModel:
+        """Count and hold `lm`'s forward passes; returns `lm` (so `lambda: gate.attach(tiny_loaded_model())`
+        is a loader)."""
+        lm.model.register_forward_pre_hook(self._before)
+        return lm
+
+    def _before(self, _module: Any, _args: Any) -> None:
+        with self._cond:
+            deadline = None if self.timeout is None else time.monotonic() + self.timeout
+            while self._limit is not None and self.passes >= self._limit:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise GateTimeout(f"forward pass {self.passes + 1} was held for {self.timeout} s and never let go")
+                self._waiting += 1
+                self._cond.notify_all()
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
+            self.passes += 1
+
+    @property
+    def held(self) -> bool:
+        """Whether a pass is waiting at the gate now."""
+        with self._cond:
+            return self._waiting > 0
+
+    def hold_after(self, n: int) -> None:
+        """Let `n` more passes through, then hold the next."""
+        with self._cond:
+            self._limit = self.passes + n
+            self._cond.notify_all()
+
+    def step(self, n: int = 1) -> None:
+        """Let `n` more passes through (a no-op while the gate is open)."""
+        with self._cond:
+            if self._limit is not None:
+                self._limit += n
+                self._cond.notify_all()
+
+    def open(self) -> None:
+        """Let every pass through, now and later."""
+        with self._cond:
+            self._limit = None
+            self._cond.notify_all()
+
+    def held_after(self, n: int) -> bool:
+        """Whether exactly `n` passes went through and the next one is held now."""
+        with self._cond:
+            return self._waiting > 0 and self.passes == n
+
+    def wait_held(self, timeout: float = 60.0, after: int | None = None) -> bool:
+        """Wait until a pass is held (after exactly `after` passes, if given); False if none was within
+        `timeout` seconds. It blocks this thread: in the GUI's, use qtbot.waitUntil(lambda: gate.held)."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._waiting > 0 and after in (None, self.passes), timeout)
+
+
+def open_all_gates() -> None:
+    """Let every held pass of every gate through (before a window's worker thread is joined)."""
+    for gate in list(_GATES):
+        gate.open()
 
 
 def save_tiny_folder(path: Path, seed: int = 0) -> Path:

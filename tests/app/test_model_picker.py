@@ -324,15 +324,19 @@ def test_the_first_run_scan_waits_until_the_model_has_loaded(
     import threading
 
     look_in(monkeypatch, fake_disk(tmp_path))
-    release = threading.Event()
+    from PySide6.QtCore import QCoreApplication
+
+    loading, release = threading.Event(), threading.Event()
 
     def slow_loader(*args: Any, **kwargs: Any) -> Any:
+        loading.set()
         release.wait(30)
         return tiny_loaded_model()
 
     win = make_window(loader=slow_loader, wait_ready=False)
     win.start_engine()
-    qtbot.wait(200)
+    qtbot.waitUntil(loading.is_set, timeout=LOAD_MS)  # the worker is in the load, held there
+    QCoreApplication.sendPostedEvents()  # whatever the start queued for the window has run
     assert win.hint_scanner is None and win.engine.loading  # nothing scanned while the model loads
     with qtbot.waitSignal(win.engine.model_ready, timeout=LOAD_MS):
         release.set()

@@ -12,20 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import QCoreApplication, Qt
 from PySide6.QtGui import QGuiApplication
 
 from app.main_window import MainWindow
 from engine.specs import CacheSpec, SamplingSettings
 from engine.store import ChatSettings
-from tests.conftest import SHORT, TURN_TIMEOUT_MS
-from tests.tiny import tiny_loaded_model
+from tests.conftest import SHORT, TURN_TIMEOUT_MS, speculation_off, stream_until
+from tests.tiny import ForwardGate, tiny_loaded_model
 
 # The offscreen platform warns about a window-manager feature it lacks; nothing of ours.
 pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
 
 LONG = {"temperature": 0.0, "max_new_tokens": 900, "repetition_penalty": 1.0}
 TURN_TIMEOUT = TURN_TIMEOUT_MS
+HELD = 8  # a held reply's tokens (tests/tiny.py ForwardGate): well short of LONG's, and of a stop token
 
 MakeWindow = Callable[..., MainWindow]
 SendAndWait = Callable[[MainWindow, str], int]
@@ -85,17 +86,31 @@ def test_a_reply_streams_token_by_token_and_every_message_is_committed_as_it_exi
     assert "KV" in win.meters.memory_label.text()
 
 
-def test_stop_ends_the_reply_within_a_token_and_keeps_what_was_written(qtbot: Any, make_window: MakeWindow) -> None:
-    win = make_window(sampling=LONG)
-    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
-        win.send("Write a lot")
-    assert win.composer.button.text() == "Stop"
+def test_stop_ends_the_reply_within_a_token_and_keeps_what_was_written(qtbot: Any, make_window: MakeWindow,
+                                                                       gate: ForwardGate) -> None:
+    """The reply is held at a known token (its HELD-th: the model waits at the pass after it); Stop is
+    pressed there, the pass is let go, and the reply ends with at most that one more token, everything
+    shown so far kept in the chat."""
+    win = make_window(loader=lambda: gate.attach(tiny_loaded_model()), sampling=LONG)
+    chat_id = win.new_chat()
+    assert chat_id is not None
+    speculation_off(win.store, chat_id)
+    gate.hold_after(HELD)  # the prompt's pass (the first token), then HELD - 1 one-token steps
+    win.send("Write a lot")
+    qtbot.waitUntil(lambda: gate.held, timeout=TURN_TIMEOUT)
+    QCoreApplication.sendPostedEvents()  # every token the worker sent before it was held, shown
+    shown = win.controller.runtime(chat_id).text
+    assert shown and win.composer.button.text() == "Stop"
     with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
         qtbot.keyClick(win.composer.input, Qt.Key.Key_Escape)
-    user, reply = win.store.messages(win.current_chat or 0)
+        gate.open()
+    assert gate.passes == HELD + 1  # the held pass, and no other
+    user, reply = win.store.messages(chat_id)
     assert reply.status == "stopped" and not reply.complete
     assert reply.stats is not None and reply.stats["finish_reason"] == "cancelled"
-    assert reply.stats["generated_tokens"] < LONG["max_new_tokens"]
+    assert HELD <= reply.stats["generated_tokens"] <= HELD + 1  # within a token of Stop
+    assert reply.content.startswith(shown)  # what was written is kept
+    assert win.chat_view.bubble_texts()[-1] == ("assistant", reply.content)
     assert win.composer.button.text() == "Send"
     assert "stopped" in win.chat_view.message_widgets[-1].status_label.text()
 
@@ -221,17 +236,24 @@ def test_a_strategy_that_cannot_be_built_is_reported_in_the_chat_and_rolled_back
 
 
 def test_a_reply_keeps_streaming_into_its_own_chat_while_another_chat_is_shown(
-        qtbot: Any, make_window: MakeWindow) -> None:
-    win = make_window(sampling=LONG)
-    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
-        win.send("A long story please")
-    chat_a = win.current_chat
+        qtbot: Any, make_window: MakeWindow, gate: ForwardGate) -> None:
+    win = make_window(loader=lambda: gate.attach(tiny_loaded_model()), sampling=LONG)
+    chat_a = win.new_chat()
     assert chat_a is not None
+    speculation_off(win.store, chat_a)
+    gate.hold_after(HELD)
+    win.send("A long story please")
+    qtbot.waitUntil(lambda: gate.held, timeout=TURN_TIMEOUT)
     chat_b = win.new_chat()
+    assert chat_b is not None
     win.store.set_settings(chat_b, ChatSettings(sampling=SamplingSettings(**SHORT)))
     assert win.chat_view.bubble_texts() == []
+    QCoreApplication.sendPostedEvents()
     grown_from = len(win.controller.runtime(chat_a).text)
-    qtbot.waitUntil(lambda: len(win.controller.runtime(chat_a).text) > grown_from + 5, timeout=TURN_TIMEOUT)
+    gate.step(HELD)  # chat A's reply goes on while chat B is shown
+    qtbot.waitUntil(lambda: gate.held_after(2 * HELD), timeout=TURN_TIMEOUT)
+    QCoreApplication.sendPostedEvents()
+    assert len(win.controller.runtime(chat_a).text) > grown_from + 5
     win.send("Meanwhile, in chat B")  # queued behind chat A's reply
     assert win.controller.runtime(chat_b).state == "queued"
     assert [role for role, _text in win.chat_view.bubble_texts()] == ["user", "assistant"]
@@ -244,6 +266,7 @@ def test_a_reply_keeps_streaming_into_its_own_chat_while_another_chat_is_shown(
 
     with qtbot.waitSignals([win.controller.turn_finished, win.controller.turn_finished], timeout=TURN_TIMEOUT):
         win.controller.stop(chat_a)
+        gate.open()
     assert messages(win, chat_a) == [("user", "done"), ("assistant", "stopped")]
     assert messages(win, chat_b) == [("user", "done"), ("assistant", "done")]
     win.select_chat(chat_a)
@@ -252,24 +275,39 @@ def test_a_reply_keeps_streaming_into_its_own_chat_while_another_chat_is_shown(
     assert texts[1] == ("assistant", win.store.messages(chat_a)[1].content) and len(texts[1][1]) > 5
 
 
-def test_the_view_follows_a_streaming_reply_unless_the_user_scrolled_up(qtbot: Any, make_window: MakeWindow) -> None:
-    win = make_window(sampling=LONG)
+def test_the_view_follows_a_streaming_reply_unless_the_user_scrolled_up(qtbot: Any, make_window: MakeWindow,
+                                                                       gate: ForwardGate) -> None:
+    win = make_window(loader=lambda: gate.attach(tiny_loaded_model()), sampling=LONG)
     win.resize(700, 320)  # a short view, so the reply outgrows it quickly
     bar = win.chat_view.verticalScrollBar()
-    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
-        win.send("Fill the screen")
-    qtbot.waitUntil(lambda: bar.maximum() > 0, timeout=TURN_TIMEOUT)
-    qtbot.waitUntil(lambda: bar.value() == bar.maximum() and bar.maximum() > 40, timeout=TURN_TIMEOUT)
+    chat_id = win.new_chat()
+    assert chat_id is not None
+    speculation_off(win.store, chat_id)
+    gate.hold_after(1)
+    win.send("Fill the screen")
+    qtbot.waitUntil(lambda: gate.held, timeout=TURN_TIMEOUT)
+
+    def rendered() -> bool:
+        return not win.chat_view.message_widgets[-1].behind
+
+    # a few tokens whenever the last ones are on screen: the test takes a fraction of LONG's tokens
+    stream_until(qtbot, gate, lambda: bar.maximum() > 40 and bar.value() == bar.maximum(), per_step=8,
+                 caught_up=rendered, timeout=TURN_TIMEOUT)
     bar.setValue(0)  # the user scrolls up to read
     grown = bar.maximum()
-    qtbot.waitUntil(lambda: bar.maximum() > grown + 20, timeout=TURN_TIMEOUT)
+    stream_until(qtbot, gate, lambda: bar.maximum() > grown + 20, per_step=8, caught_up=rendered,
+                 timeout=TURN_TIMEOUT)
     assert bar.value() == 0 and not win.chat_view.following
     bar.setValue(bar.maximum())  # back at the end: following again
     grown = bar.maximum()
-    qtbot.waitUntil(lambda: bar.maximum() > grown + 20, timeout=TURN_TIMEOUT)
+    stream_until(qtbot, gate, lambda: bar.maximum() > grown + 20, per_step=8, caught_up=rendered,
+                 timeout=TURN_TIMEOUT)
     assert bar.value() == bar.maximum()
+    assert win.store.messages(chat_id)[-1].status == "streaming"  # all of it while the reply streamed
+    assert gate.passes < LONG["max_new_tokens"] // 2
     with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
         win.stop()
+        gate.open()
 
 
 def test_messages_typed_while_the_model_loads_are_answered_once_it_is_ready(
@@ -467,19 +505,23 @@ def test_auto_shows_the_strategy_the_advisor_chose_and_its_lossy_badge(qtbot: An
     assert win.lossy_badge.isVisible()
 
 
-def test_a_chat_deleted_mid_reply_comes_back_with_its_reply_stopped(qtbot: Any, make_window: MakeWindow) -> None:
-    win = make_window(sampling=LONG)
-    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT):
-        win.send("Write a lot")
-    chat_id = win.current_chat
+def test_a_chat_deleted_mid_reply_comes_back_with_its_reply_stopped(qtbot: Any, make_window: MakeWindow,
+                                                                    gate: ForwardGate) -> None:
+    win = make_window(loader=lambda: gate.attach(tiny_loaded_model()), sampling=LONG)
+    chat_id = win.new_chat()
     assert chat_id is not None
+    gate.hold_after(HELD)  # mid-reply however fast the machine (the prompt's pass and a few more)
+    win.send("Write a lot")
+    qtbot.waitUntil(lambda: gate.held, timeout=TURN_TIMEOUT)
     with qtbot.waitSignal(win.engine.turn_done, timeout=TURN_TIMEOUT):  # stopped; its end finds no chat
         win.delete_chat(chat_id)
+        gate.open()
     qtbot.mouseClick(win.sidebar.undo_button, Qt.MouseButton.LeftButton)
     assert win.current_chat == chat_id
     user, reply = win.store.messages(chat_id)
     assert reply.status == "stopped", reply.status
     assert not win.controller.runtime(chat_id).busy
+    win.store.set_settings(chat_id, ChatSettings(sampling=SamplingSettings(**SHORT)))  # a short reply this time
     with qtbot.waitSignal(win.controller.turn_finished, timeout=TURN_TIMEOUT):
         win.send("And now?")  # the chat goes on
     assert [m.role for m in win.store.messages(chat_id)] == ["user", "assistant", "user", "assistant"]

@@ -17,6 +17,7 @@ from app.main_window import MainWindow
 from app.meters import describe_restore
 from app.protocol import CacheRestored
 from tests.conftest import TURN_TIMEOUT_MS
+from tests.tiny import ForwardGate, tiny_loaded_model
 
 pytestmark = pytest.mark.qt_log_ignore("This plugin does not support propagateSizeHints")
 
@@ -92,13 +93,17 @@ def test_running_out_of_memory_is_told_in_the_chat_and_the_new_strategy_kept(
     assert win.store.messages(chat_id)[-1].status == "done"
 
 
-def test_a_turn_stopped_before_it_starts_is_answered_and_forgotten(qtbot: Any, make_window: MakeWindow) -> None:
+def test_a_turn_stopped_before_it_starts_is_answered_and_forgotten(qtbot: Any, make_window: MakeWindow,
+                                                                   gate: ForwardGate) -> None:
     """Stop on a message still queued behind another chat's reply: it is never generated, and the
-    window keeps nothing of that turn once it is answered (nothing piles up over a long session)."""
-    win = make_window(sampling=LONG)
-    with qtbot.waitSignal(win.controller.stream_changed, timeout=TURN_TIMEOUT_MS):
-        win.send("A long story please")
-    busy = win.current_chat
+    window keeps nothing of that turn once it is answered (nothing piles up over a long session).
+    The other chat's reply is held mid-way (tests/tiny.py ForwardGate), so the message is queued
+    however fast the machine is."""
+    win = make_window(loader=lambda: gate.attach(tiny_loaded_model()), sampling=LONG)
+    busy = win.new_chat()
+    gate.hold_after(4)  # the prompt's pass and a few tokens
+    win.send("A long story please")
+    qtbot.waitUntil(lambda: gate.held, timeout=TURN_TIMEOUT_MS)
     assert busy is not None
     queued = win.new_chat()
     win.send("Meanwhile, in another chat")
@@ -106,6 +111,8 @@ def test_a_turn_stopped_before_it_starts_is_answered_and_forgotten(qtbot: Any, m
     qtbot.mouseClick(win.composer.button, Qt.MouseButton.LeftButton)  # Stop, on the queued chat
     with qtbot.waitSignals([win.controller.turn_finished, win.controller.turn_finished], timeout=TURN_TIMEOUT_MS):
         win.controller.stop(busy)
+        gate.open()
     assert [m.role for m in win.store.messages(queued)] == ["user"]  # never answered
     assert win.controller.runtime(queued).notices[0].text == "Stopped before the first token."
     assert win.engine.pending_turns() == 0
+    assert win.store.messages(busy)[-1].status == "stopped"

@@ -39,14 +39,59 @@ def test_the_typical_turn_decides_not_one_phase() -> None:
     assert costs[1] == 1.0 and costs[8] == pytest.approx(1.7)
 
 
-def test_the_probe_times_every_step_size_for_every_candidate(tiny_lm) -> None:
-    found = precision.probe(tiny_lm.model, runs=1)
+def test_the_probe_times_every_step_size_for_every_candidate(tiny_lm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each candidate's decoder layer copies and head really run a step of every size and a prefill chunk, and
+    each of those is timed: the probe's clock here advances only while a layer or the head runs, by a cost
+    known for each candidate and number of tokens, so the figures it reports are exactly those costs summed."""
+    import types
+
+    layer_type = type(tiny_lm.model.model.layers[0])
+    layers = tiny_lm.model.config.num_hidden_layers
+    rank = {FP32: 1, BF16: 2, HALF_WEIGHTS: 3}  # distinct costs: a figure taken from another candidate shows
+
+    def layer_cost(name: str, n: int) -> float:
+        return rank[name] * (1 + n) * 1e-4
+
+    def head_cost(name: str, n: int) -> float:
+        return rank[name] * (3 + n) * 1e-6
+
+    def candidate(module: torch.nn.Module) -> str:
+        if next(module.parameters()).dtype == torch.bfloat16:
+            return BF16
+        return HALF_WEIGHTS if half_weights.is_converted(module) else FP32
+
+    now = [0.0]
+    ran: set[tuple[str, str, int]] = set()
+
+    def work(module: torch.nn.Module, args: tuple) -> None:
+        if type(module) is layer_type:  # a copy of the decoder layer; its hidden states come first
+            name, n = candidate(module), args[0].shape[1]
+            now[0] += layer_cost(name, n)
+            ran.add(("layer", name, n))
+        elif type(module) is torch.nn.Sequential:  # the probe's wrapper of the head copy
+            name, n = candidate(module), args[0].shape[1]
+            now[0] += head_cost(name, n)
+            ran.add(("head", name, n))
+
+    monkeypatch.setattr(precision, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(work)
+    try:
+        found = precision.probe(tiny_lm.model, runs=3)
+    finally:
+        handle.remove()
+
     for name in CANDIDATES:
-        assert set(found.step_s[name]) == set(STEP_SIZES)
-        assert all(s > 0 for s in found.step_s[name].values()) and found.prefill_s[name] > 0
-    # bf16 copies serve every decoding pass; prefill where they measured faster than fp32
-    assert found.kernel_max_tokens >= half_weights.DECODE_ROWS
-    assert found.prefill_s[HALF_WEIGHTS] <= found.prefill_s[FP32]
+        assert {("layer", name, n) for n in (*STEP_SIZES, precision.TYPICAL_PROMPT)} <= ran
+        assert {("head", name, n) for n in STEP_SIZES} <= ran
+        for n in STEP_SIZES:  # every layer (the copies timed, scaled to the model's layers), plus the head
+            assert found.step_s[name][n] == pytest.approx(layers * layer_cost(name, n) + head_cost(name, n))
+    for name in (FP32, BF16):  # a prefill chunk scores its last token only
+        assert found.prefill_s[name] == pytest.approx(layers * layer_cost(name, precision.TYPICAL_PROMPT)
+                                                      + head_cost(name, 1))
+    # the copies prefilled slower than fp32 here: they serve decoding passes only, and prefill is fp32's
+    assert found.kernel_max_tokens == half_weights.DECODE_ROWS
+    assert found.prefill_s[HALF_WEIGHTS] == found.prefill_s[FP32]
+    assert found.steady  # the same cost every run
     assert tiny_lm.model.dtype == torch.float32 and not half_weights.is_converted(tiny_lm.model)  # untouched
 
 

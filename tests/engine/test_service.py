@@ -111,6 +111,56 @@ def test_running_out_of_memory_mid_reply_switches_to_a_leaner_cache_and_answers(
     assert front.say(chat_id, "And the next one?").stats.error is None  # the chat goes on with its new cache
 
 
+def test_running_out_of_memory_moves_the_other_chats_caches_off_the_device_and_each_resumes_as_before(
+        make_front: MakeFront, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several chats, one of which runs out of memory mid-reply: every other chat's cache leaves the device
+    (for RAM, and on to disk beyond the RAM budget, least recently used first), the chat that ran out keeps
+    its place, and each other chat then answers its next message as it would have without the move (the
+    same turns in a plain session that never ran out give the replies)."""
+    from engine.session import ChatSession, SessionSettings
+
+    front = make_front()
+    others = [front.new_chat() for _ in range(3)]
+    for i, chat_id in enumerate(others):
+        front.say(chat_id, f"{i}. {PROMPT}")  # each its own words: no chat starts from a copy of another
+    one = max(front.service.cache_state(c).bytes for c in others)
+    # the device holds them all; RAM only one idle chat; the rest of them go to disk when they leave the device
+    front.service.set_budgets(Budgets(device=64 * MIB, host=one * 3 // 2, disk=64 * MIB))
+    pool = front.service.pool
+    assert pool is not None
+    starving = front.new_chat()
+    front.say(starving, PROMPT)
+    assert [pool.tier(c) for c in (*others, starving)] == ["device"] * 4
+
+    session = pool.session(starving)
+    assert session is not None
+    forward = session.forward_logits
+    failures: list[int] = []
+
+    def out_of_memory_once(ids: list[int], all_positions: bool = False) -> torch.Tensor:
+        if not failures:
+            failures.append(len(ids))
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
+        return forward(ids, all_positions)
+
+    monkeypatch.setattr(session, "forward_logits", out_of_memory_once)
+    done = front.say(starving, "Now a question that runs out of memory.")
+    assert failures and done.error is None and "moved the other chats' caches" in (done.notice or "")
+    assert pool.tier(starving) == "device"
+    assert [pool.tier(c) for c in others] == ["disk", "disk", "ram"]  # least recently used first
+    told = {s.chat_id: s.where for s in front.states}
+    assert [told[c] for c in others[:2]] == ["disk", "disk"]
+
+    for i, chat_id in enumerate(others):
+        plain = ChatSession(front.lm, SessionSettings(sampling=front.store.chat(chat_id).settings.sampling))
+        assert plain.send(f"{i}. {PROMPT}").reply == front.store.messages(chat_id)[1].content
+        expected = plain.send("And a follow-up?").reply
+        where = pool.tier(chat_id)
+        resumed = front.say(chat_id, "And a follow-up?")
+        assert resumed.restore.source == where and resumed.stats.reused_tokens > len(PROMPT)
+        assert resumed.reply == expected, chat_id
+
+
 def test_the_engine_classifies_a_failure_and_counts_the_users_message(make_front: MakeFront, tiny_lm) -> None:
     front = make_front()
     chat_id = front.new_chat(cache=CacheSpec("sink", window=256))  # nothing leaner to fall back to
