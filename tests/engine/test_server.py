@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import socket
 import threading
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -294,7 +293,7 @@ def test_the_server_refuses_to_listen_off_loopback_without_a_key(tiny_lm: Loaded
 
 
 # ----- the remote engine: Cachet's window driving a server (here Cachet's own) -------------------------
-def test_the_remote_engine_streams_stops_and_reports_the_servers_cache(serve: Serve) -> None:
+def test_the_remote_engine_streams_stops_and_reports_the_servers_cache(serve: Serve, tiny_lm: LoadedModel) -> None:
     from engine.remote import Endpoint, RemoteEngine, RemoteError
     from engine.session import Message
 
@@ -327,11 +326,27 @@ def test_the_remote_engine_streams_stops_and_reports_the_servers_cache(serve: Se
         if len(seen) == 2:
             stop.set()
 
-    stopped = remote.run_turn(7, history, long, on_delta=stop_after_two, stop=stop)
+    worker = http.server.worker
+    decodes = 0
+
+    def hold_until_the_server_stops(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        # After a few tokens the server's generation waits until the server has seen the client go: a fast CPU
+        # cannot write all 600 tokens before the closed stream is noticed.
+        nonlocal decodes
+        if kwargs["input_ids"].shape[-1] == 1:
+            decodes += 1
+            job = worker.current
+            if decodes == 4 and job is not None:
+                job.stop.wait(30)
+
+    handle = tiny_lm.model.register_forward_pre_hook(hold_until_the_server_stops, with_kwargs=True)
+    try:
+        stopped = remote.run_turn(7, history, long, on_delta=stop_after_two, stop=stop)
+    finally:
+        handle.remove()
     assert stopped.finish_reason == "cancelled"
-    deadline = time.monotonic() + 30
-    while http.server.stats.cancelled == 0 and time.monotonic() < deadline:
-        time.sleep(0.02)
+    # The worker answers one request at a time: once the next one is answered, the stopped one has ended.
+    assert remote.run_turn(7, history, settings).finish_reason in ("stop", "length")
     assert http.server.stats.cancelled == 1  # closing the stream stopped the server's generation
 
     unknown = RemoteEngine(Endpoint(http.base_url, "nope", "k3y")).run_turn(7, history, settings)
