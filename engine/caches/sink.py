@@ -548,23 +548,28 @@ class SinkCache(KVCache):
             self._renumbered = self.evicted
 
     def crop_to(self, length: int) -> bool:
-        """False when the stream cannot be cut there — or when the layers disagree on what they
-        evicted (a forward pass that failed after some layers had evicted): the caller then
-        recomputes instead of attending at mismatched positions. A hybrid model's state-space
-        states cannot be cut at all (the caller recomputes)."""
+        """False (and nothing changed) when the stream cannot be cut there — or when the layers disagree on
+        what they evicted (a forward pass that failed after some layers had evicted): the caller then
+        recomputes instead of attending at mismatched positions. A hybrid model's state-space states cannot
+        be cut at all (the caller recomputes).
+
+        Every window layer is brought to the slot count the sink layers are left with (`length` minus what
+        was evicted), each from its own length: after a pass that failed midway, the window layers before
+        the failing one hold its tokens and the later ones do not, so cutting them all by one amount would
+        leave them disagreeing (and every later pass failing on the mask)."""
         layers = self.sink_layers
         if len({layer.layout() for layer in layers}) > 1 or self._renumbered != self.evicted:
             return False
         if not all(layer.can_crop_to(length) for layer in layers):
             return False
-        remove = self.fed - length
+        slots = length - self.evicted
         windows = self.window_layers
-        if any(layer.get_seq_length() < remove for layer in windows):
+        if slots < 0 or not all(layer.can_crop_to(slots) for layer in windows):
+            return False  # a window layer that has slid cannot be cut back (checked before anything is cut)
+        if self._holds_state() and (self.fed != length or any(layer.get_seq_length() != slots for layer in windows)):
             return False
-        if remove and self._holds_state():
-            return False
-        if not all(layer.crop_to(layer.get_seq_length() - remove) for layer in windows):
-            return False  # a window layer that has slid cannot be cut back (checked before the sinks are)
+        for window in windows:
+            window.crop_to(slots)
         for layer in layers:
             layer.crop_to(length)
         return len({layer.get_seq_length() for layer in layers}) <= 1

@@ -286,6 +286,40 @@ def test_a_chat_past_every_window_reuses_its_cache_every_turn(arch: str, overrid
             assert torch.allclose(layer.rotator.shift(layer.keys, cache.evicted), full.keys, atol=TOL)
 
 
+@pytest.mark.parametrize("strategy", ["dynamic", "static", "quantized", "sink", "sink-quantized"])
+def test_a_pass_failing_midway_is_taken_back_in_every_sliding_layer(strategy: str) -> None:
+    """Layers are updated one after the other: when the third of Gemma 3's sliding layers fails, the two before it
+    already hold the pass's tokens. Taking the pass back must bring each layer to the same length (a sink cache:
+    its window layers to the slots its sink layers keep), or every later pass fails on the attention mask."""
+    if strategy in ("quantized", "sink-quantized") and caches.backend_availability()["quanto"] is not None:
+        pytest.skip("optimum-quanto is not installed")
+    lm = model("gemma3", sliding_window=WIDE)
+    attention = lm.model.model.layers[2].self_attn
+    original = attention.forward
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated out-of-memory in layer 2")
+
+    ids = ids_of(90, seed=10)
+    for n in (30, 60, 85):  # before the sink window is full, and after it evicted (the model's window never slid)
+        session = session_for(lm, strategy)
+        session.forward_logits(ids[:n])
+        attention.forward = fail
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                session.forward_logits(ids[n:n + 1])
+            session._resync()
+        finally:
+            attention.forward = original
+        assert len(session.cached_ids) == n, n  # taken back, not rebuilt
+        cache = session.cache
+        lengths = {int(layer.get_seq_length()) for layer in cache.kv_layers}
+        assert lengths == {int(cache.get_seq_length())}, (n, lengths)
+        logits = session.forward_logits(ids[n:n + 2])  # and the chat goes on
+        if strategy in EXACT:
+            assert torch.allclose(logits, recompute(lm, ids[:n + 2]), atol=TOL), n
+
+
 # ----- hybrid models: state-space states kept; what cannot be cut back is recomputed, visibly ------------
 @pytest.mark.parametrize("strategy", ["dynamic", "static", "quantized", "sink"])
 def test_a_hybrid_model_regenerates_from_its_checkpoint_and_recomputes_edits_visibly(strategy: str) -> None:
