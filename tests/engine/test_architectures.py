@@ -1,9 +1,11 @@
 """Every cache strategy on the architectures users run (issue 15 §1), on tiny random models (tests/tiny.py).
 
 Per architecture × strategy: reuse gives the logits of recomputing (fp32, tight tolerance), an edit crops
-and continues as a fresh run would (or falls back visibly), the sink cache re-positions keys for every
-RoPE variant (the windowed-recompute oracle), quantized caches quantize only the full-attention layers,
-hybrid models keep their state-space states, and `bytes_for` is what the cache holds.
+and continues as a fresh run would (or falls back visibly), a chat of several turns past the model's own
+window and the sink window reuses its history every turn (issue 23), a pass failing midway is taken back in
+every layer, the sink cache re-positions keys for every RoPE variant (the windowed-recompute oracle),
+quantized caches quantize only the full-attention layers, hybrid models keep their state-space states, and
+`bytes_for` is what the cache holds.
 """
 
 from __future__ import annotations
@@ -220,8 +222,8 @@ CHAT_CASES = ([(arch, o, strategy) for arch, o in SLIDING_MODELS
                for strategy in ("dynamic", "static", "offloaded", "quantized", "sink", "sink-quantized")]
               + [(arch, {}, strategy) for arch in ARCHITECTURES if arch not in SLIDES
                  for strategy in ("sink", "sink-quantized")])
-CHAT = SamplingSettings(temperature=0.0, max_new_tokens=4, min_new_tokens=4, repetition_penalty=1.0)
-TURNS = [f"turn {i}: long enough to push windows on" for i in range(3)]
+CHAT = SamplingSettings(temperature=0.0, max_new_tokens=2, min_new_tokens=2, repetition_penalty=1.0)
+TURNS = [f"turn {i}: a question long enough to push every window on" for i in range(3)]
 
 
 def chat_spec(strategy: str) -> CacheSpec:
@@ -301,7 +303,7 @@ def test_a_pass_failing_midway_is_taken_back_in_every_sliding_layer(strategy: st
         raise RuntimeError("simulated out-of-memory in layer 2")
 
     ids = ids_of(90, seed=10)
-    for n in (30, 60, 85):  # before the sink window is full, and after it evicted (the model's window never slid)
+    for n in (30, 70):  # before the sink window is full, and after it evicted (the model's window never slid)
         session = session_for(lm, strategy)
         session.forward_logits(ids[:n])
         attention.forward = fail
