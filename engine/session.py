@@ -434,7 +434,9 @@ class ChatSession:
             return None
 
         try:
-            reused, logits = self._prepare(prompt)
+            # Counted before the prefill: a turn that fails in it still reports what its cache held.
+            reused = self._reuse(prompt)
+            logits = self._prefill(prompt[reused:])
             chosen: int | None = None  # a token already chosen by the last check of guesses
             while True:
                 if chosen is None:
@@ -652,14 +654,21 @@ class ChatSession:
 
         Returns how many prompt tokens were reused and the logits for the next token.
         """
+        reused = self._reuse(prompt)
+        return reused, self._prefill(prompt[reused:])
+
+    def _reuse(self, prompt: list[int]) -> int:
+        """Crop the cache to the longest prefix it shares with `prompt` (leaving at least one token to feed:
+        its logits choose the first new token); returns how many prompt tokens it still holds."""
         if not self.settings.reuse or self.cache is None:
             self.reset_cache()
         self._decode_runner()  # with graphs, the cache grows in their buckets from the prefill on
-        # Always leave at least one token to feed: its logits choose the first new token.
         keep = min(common_prefix_length(self.cached_ids, prompt), len(prompt) - 1)
         self._crop(keep)
-        reused = len(self.cached_ids)
-        rest = prompt[reused:]
+        return len(self.cached_ids)
+
+    def _prefill(self, rest: list[int]) -> torch.Tensor:
+        """Feed the prompt's tokens after the reused prefix, in chunks; the logits for the next token."""
         chunk = self.prefill_chunk()
         logits = None
         # A hybrid model's states cannot be cut back: copy them just before the last prompt token, where a
@@ -674,7 +683,7 @@ class ChatSession:
                     raise _Cancelled  # between prefill chunks: a long prompt stops within one chunk
                 logits = self.forward_logits(piece[start : start + chunk])
         assert logits is not None, "prefill needs at least one token"
-        return reused, logits
+        return logits
 
     def warm(self) -> int:
         """Bring the cache up to the conversation so far (no generation prompt); returns tokens reused."""

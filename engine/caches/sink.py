@@ -389,15 +389,45 @@ class QuantizedSinkLayer(SinkLayer):
 
 
 class SinkWindowLayer(WindowLayer):
-    """A model's own sliding-window layer inside a sink cache: its window is kept as it is, but it is
-    renumbered with the slots. When the full-attention layers evict `d` tokens, the positions of
-    everything after them drop by `d`; this layer's keys are re-rotated by -d and its token count
-    lowered by d, so that new queries (at slot positions) see them at the right distance and the
-    model's sliding mask lines up."""
+    """A model's own sliding-window layer inside a sink cache: its window is kept as it is (the last
+    `sliding_window - 1` tokens of the conversation, what the model's own layer would see), but it is
+    numbered with the slots. When the full-attention layers evict `d` tokens, the positions of
+    everything after them drop by `d`; this layer's keys are re-rotated by -d and its slot count
+    (`cumulative_length`: the slot the next token gets) lowered by d, so that new queries (at slot
+    positions) see them at their true distance.
+
+    The trap: a model's window can be longer than the tokens the sink layers keep (Gemma 3's 1,024
+    against a window of 64). Then this layer holds more tokens than there are slots, the oldest of
+    them before slot 0, and transformers' sliding layer, which sizes the attention mask from
+    `cumulative_length` alone, would announce fewer keys than `update` returns. `get_mask_sizes`
+    therefore counts the keys really held and starts them at a negative offset where they reach
+    back past slot 0 (the mask functions compare positions, which may be negative; RoPE rotates by
+    any angle). `renumbered` counts the slots it moved back by, so that `fed` (conversation tokens)
+    tells whether it ever slid, which is what decides if it can be cut back.
+    """
 
     def __init__(self, sliding_window: int, rotator: RopeRotator) -> None:
         super().__init__(sliding_window=sliding_window)
         self.rotator = rotator
+        self.renumbered = 0  # slots moved back by the full-attention layers' evictions
+
+    def held(self) -> int:
+        """Tokens whose keys and values this layer holds (up to `sliding_window - 1`)."""
+        return 0 if not self.is_initialized or self.keys is None else int(self.keys.shape[-2])
+
+    @property
+    def fed(self) -> int:
+        """Conversation tokens this layer was fed (and not cropped away)."""
+        return int(self.cumulative_length) + self.renumbered
+
+    def _holds_everything(self) -> bool:
+        """Nothing ever slid out of the window: every token fed is still here."""
+        return self.held() == self.fed
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        """(keys this pass attends to, position of the first): the keys held, ending at the last slot."""
+        held = self.held()
+        return held + query_length, int(self.cumulative_length) - held
 
     def renumber(self, drop: int) -> None:
         """The full-attention layers evicted `drop` tokens before everything this layer holds."""
@@ -405,6 +435,43 @@ class SinkWindowLayer(WindowLayer):
             return
         self.keys = self.rotator.shift(self.keys, -drop)
         self.cumulative_length -= drop
+        self.renumbered += drop
+
+    def can_crop_to(self, length: int) -> bool:
+        """Whether `crop_to(length)` would succeed: back to an earlier slot only while the window never slid
+        (a token that slid out cannot come back)."""
+        current = int(self.cumulative_length)
+        if length < 0 or length > current:
+            return False
+        return length == current or (self._holds_everything() and current - length <= self.held())
+
+    def crop_to(self, length: int) -> bool:
+        """Keep what stands for the first `length` slots (see `can_crop_to`): the newest keys are dropped."""
+        if not self.can_crop_to(length):
+            return False
+        remove = int(self.cumulative_length) - length
+        if remove == 0:
+            return True
+        assert self.keys is not None and self.values is not None
+        keep = self.held() - remove
+        self.keys, self.values = self.keys[..., :keep, :], self.values[..., :keep, :]
+        self.cumulative_length = length
+        return True
+
+    def rewindable(self, new_tokens: int) -> bool:
+        """Nothing slides out of the window inside the pass."""
+        return self._holds_everything() and self.held() + new_tokens <= self.sliding_window - 1
+
+    def full_kv(self) -> KV | None:
+        """The window, when it holds exactly the slots 0..n-1 (never renumbered, never slid); else None."""
+        if self.renumbered or not self._holds_everything() or self.held() == 0:
+            return None
+        assert self.keys is not None and self.values is not None
+        return self.keys, self.values
+
+    def reset(self) -> None:
+        super().reset()
+        self.renumbered = 0
 
 
 class SinkCache(KVCache):
@@ -481,23 +548,28 @@ class SinkCache(KVCache):
             self._renumbered = self.evicted
 
     def crop_to(self, length: int) -> bool:
-        """False when the stream cannot be cut there — or when the layers disagree on what they
-        evicted (a forward pass that failed after some layers had evicted): the caller then
-        recomputes instead of attending at mismatched positions. A hybrid model's state-space
-        states cannot be cut at all (the caller recomputes)."""
+        """False (and nothing changed) when the stream cannot be cut there — or when the layers disagree on
+        what they evicted (a forward pass that failed after some layers had evicted): the caller then
+        recomputes instead of attending at mismatched positions. A hybrid model's state-space states cannot
+        be cut at all (the caller recomputes).
+
+        Every window layer is brought to the slot count the sink layers are left with (`length` minus what
+        was evicted), each from its own length: after a pass that failed midway, the window layers before
+        the failing one hold its tokens and the later ones do not, so cutting them all by one amount would
+        leave them disagreeing (and every later pass failing on the mask)."""
         layers = self.sink_layers
         if len({layer.layout() for layer in layers}) > 1 or self._renumbered != self.evicted:
             return False
         if not all(layer.can_crop_to(length) for layer in layers):
             return False
-        remove = self.fed - length
+        slots = length - self.evicted
         windows = self.window_layers
-        if any(layer.get_seq_length() < remove for layer in windows):
+        if slots < 0 or not all(layer.can_crop_to(slots) for layer in windows):
+            return False  # a window layer that has slid cannot be cut back (checked before anything is cut)
+        if self._holds_state() and (self.fed != length or any(layer.get_seq_length() != slots for layer in windows)):
             return False
-        if remove and self._holds_state():
-            return False
-        if not all(layer.crop_to(layer.get_seq_length() - remove) for layer in windows):
-            return False  # a window layer that has slid cannot be cut back (checked before the sinks are)
+        for window in windows:
+            window.crop_to(slots)
         for layer in layers:
             layer.crop_to(length)
         return len({layer.get_seq_length() for layer in layers}) <= 1

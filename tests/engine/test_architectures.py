@@ -1,9 +1,11 @@
 """Every cache strategy on the architectures users run (issue 15 §1), on tiny random models (tests/tiny.py).
 
 Per architecture × strategy: reuse gives the logits of recomputing (fp32, tight tolerance), an edit crops
-and continues as a fresh run would (or falls back visibly), the sink cache re-positions keys for every
-RoPE variant (the windowed-recompute oracle), quantized caches quantize only the full-attention layers,
-hybrid models keep their state-space states, and `bytes_for` is what the cache holds.
+and continues as a fresh run would (or falls back visibly), a chat of several turns past the model's own
+window and the sink window reuses its history every turn (issue 23), a pass failing midway is taken back in
+every layer, the sink cache re-positions keys for every RoPE variant (the windowed-recompute oracle),
+quantized caches quantize only the full-attention layers, hybrid models keep their state-space states, and
+`bytes_for` is what the cache holds.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from engine.caches.quantized import QuantizedKVLayer
 from engine.caches.shape import WINDOW, layer_kinds
 from engine.caches.sink import SinkCache, SinkWindowLayer
 from engine.sampling import SamplingSettings
-from engine.session import ChatSession, SessionSettings
+from engine.session import ChatSession, Message, SessionSettings
 from tests.tiny import ARCHITECTURES, LLAMA_ROPES, SLIDING, tiny_arch_model
 
 EXACT = ["dynamic", "static", "offloaded"]
@@ -204,6 +206,120 @@ def test_sink_keeps_a_models_sliding_layers_and_renumbers_them_with_the_slots(ar
     # and the chat goes on, at positions inside the window
     session.send("hello")
     assert caches.seq_length(session.cache) <= spec.sink_tokens + spec.window
+
+
+# ----- a chat of several turns past every window (issue 23 §3) --------------------------------------------
+# Each sliding model's own window both shorter than the sink window (SLIDING) and longer than the sink cache keeps
+# (WIDE: Gemma 3 slides over 1,024 tokens where a sink window may be 64); in the second case its sliding layers
+# hold tokens from before the sink cache's slot 0, the path on which Gemma 3's turn 2 crashed. Qwen2's mixed
+# layers slide only from `max_window_layers` on (full attention first, then sliding). Models without a sliding
+# layer take the path only with a sink cache (the one window they have).
+WIDE = 96
+SLIDING_MODELS = ([(arch, {}) for arch in sorted(SLIDES)]
+                  + [(arch, {"sliding_window": WIDE}) for arch in sorted(SLIDES - {"mistral"})]
+                  + [("qwen2", {"use_sliding_window": True, "sliding_window": SLIDING, "max_window_layers": 1})])
+CHAT_CASES = ([(arch, o, strategy) for arch, o in SLIDING_MODELS
+               for strategy in ("dynamic", "static", "offloaded", "quantized", "sink", "sink-quantized")]
+              + [(arch, {}, strategy) for arch in ARCHITECTURES if arch not in SLIDES
+                 for strategy in ("sink", "sink-quantized")])
+CHAT = SamplingSettings(temperature=0.0, max_new_tokens=2, min_new_tokens=2, repetition_penalty=1.0)
+TURNS = [f"turn {i}: a question long enough to push every window on" for i in range(3)]
+
+
+def chat_spec(strategy: str) -> CacheSpec:
+    """`spec_for`'s settings; a static cache with room for the whole chat."""
+    return CacheSpec("static", max_cache_len=512) if strategy == "static" else spec_for(strategy)
+
+
+def windows_of(lm) -> list[int]:  # noqa: ANN001
+    """The model's own sliding windows (none for a model without sliding layers)."""
+    return [size for kind, size in layer_kinds(lm.config) if kind == WINDOW]
+
+
+@pytest.mark.parametrize("arch, overrides, strategy", CHAT_CASES,
+                         ids=["-".join([a, *(f"{k}{v}" for k, v in o.items()), st]) for a, o, st in CHAT_CASES])
+def test_a_chat_past_every_window_reuses_its_cache_every_turn(arch: str, overrides: dict, strategy: str) -> None:
+    """Three turns, together longer than the model's own window and the sink cache: every turn runs and feeds only
+    its new tokens; then the logits of a follow-up from the reused cache equal a recompute's (fp32) for an exact
+    cache, and stay close for a quantized one; a sink cache stays within its slots and
+    keeps the sliding layers before the first full-attention layer exactly as the full cache does (moved back by
+    what it evicted), however far their window reaches."""
+    if strategy in ("quantized", "sink-quantized") and caches.backend_availability()["quanto"] is not None:
+        pytest.skip("optimum-quanto is not installed")
+    if strategy == "offloaded" and not torch.cuda.is_available():
+        pytest.skip("the offloaded cache needs a CUDA GPU")
+    lm = model(arch, **overrides)
+    spec = chat_spec(strategy)
+    session = ChatSession(lm, SessionSettings(cache=spec, sampling=CHAT, speculative="off"))
+    full_layers = [kind for kind, _ in layer_kinds(lm.config) if kind != WINDOW]
+    # Nothing lossy happens where every layer slides (no full-attention layer to quantize or evict from).
+    exact = strategy in EXACT or not full_layers
+    reached_before_slot_0 = False
+    for text in TURNS:
+        cached = len(session.cached_ids)
+        result = session.send(text)
+        assert result.stats.finish_reason == "length", result.stats.error
+        assert result.stats.reused_tokens == cached and result.stats.cache_fallback is None
+        if isinstance(session.cache, SinkCache) and full_layers:
+            assert session.cache.get_seq_length() <= spec.sink_tokens + spec.window
+            reached_before_slot_0 |= any(w.keys.shape[-2] > w.cumulative_length for w in session.cache.window_layers)
+    stream = list(session.cached_ids)
+    assert len(stream) > max([*windows_of(lm), spec.sink_tokens + spec.window if spec.bounded_length else 0])
+
+    session.messages.append(Message("user", "and a follow-up"))
+    reused, logits = session.next_token_logits()
+    assert reused == len(stream)
+    want = recompute(lm, session.render_ids())
+    if exact:
+        assert torch.allclose(logits, want, atol=TOL), (logits - want).abs().max()
+    elif strategy == "quantized":
+        assert (logits - want).abs().max().item() <= 0.1 * want.abs().max().item()
+    cache = session.cache
+    if isinstance(cache, SinkCache) and full_layers:
+        assert cache.evicted > 0
+        if max(windows_of(lm), default=0) > spec.sink_tokens + spec.window:
+            assert reached_before_slot_0  # the path this test is for was taken
+        reference = ChatSession(lm, SessionSettings(speculative="off"))
+        reference.forward_logits(session.cached_ids)
+        for layer, full in zip(cache.layers, reference.cache.layers, strict=True):
+            if not isinstance(layer, SinkWindowLayer):
+                break  # from the first full-attention layer on, what the sinks kept feeds the rest
+            assert torch.allclose(layer.values, full.values, atol=TOL)
+            assert torch.allclose(layer.rotator.shift(layer.keys, cache.evicted), full.keys, atol=TOL)
+
+
+@pytest.mark.parametrize("strategy", ["dynamic", "static", "quantized", "sink", "sink-quantized"])
+def test_a_pass_failing_midway_is_taken_back_in_every_sliding_layer(strategy: str) -> None:
+    """Layers are updated one after the other: when the third of Gemma 3's sliding layers fails, the two before it
+    already hold the pass's tokens. Taking the pass back must bring each layer to the same length (a sink cache:
+    its window layers to the slots its sink layers keep), or every later pass fails on the attention mask."""
+    if strategy in ("quantized", "sink-quantized") and caches.backend_availability()["quanto"] is not None:
+        pytest.skip("optimum-quanto is not installed")
+    lm = model("gemma3", sliding_window=WIDE)
+    attention = lm.model.model.layers[2].self_attn
+    original = attention.forward
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated out-of-memory in layer 2")
+
+    ids = ids_of(90, seed=10)
+    for n in (30, 70):  # before the sink window is full, and after it evicted (the model's window never slid)
+        session = session_for(lm, strategy)
+        session.forward_logits(ids[:n])
+        attention.forward = fail
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                session.forward_logits(ids[n:n + 1])
+            session._resync()
+        finally:
+            attention.forward = original
+        assert len(session.cached_ids) == n, n  # taken back, not rebuilt
+        cache = session.cache
+        lengths = {int(layer.get_seq_length()) for layer in cache.kv_layers}
+        assert lengths == {int(cache.get_seq_length())}, (n, lengths)
+        logits = session.forward_logits(ids[n:n + 2])  # and the chat goes on
+        if strategy in EXACT:
+            assert torch.allclose(logits, recompute(lm, ids[:n + 2]), atol=TOL), n
 
 
 # ----- hybrid models: state-space states kept; what cannot be cut back is recomputed, visibly ------------

@@ -110,3 +110,34 @@ def test_every_cache_keeps_the_contract_the_session_pool_and_snapshots_rely_on(t
     cache.to(torch.device("cpu"))
     del session.cached_ids[stream - cut:]
     assert session.send("and on").stats.reused_tokens > 0
+
+
+@pytest.mark.parametrize("strategy", [s for s in SPECS if s in USABLE])
+def test_a_turn_failing_in_its_prefill_reports_the_cache_it_reused_and_the_chat_goes_on(tiny_lm, strategy,
+                                                                                        monkeypatch) -> None:
+    """A turn whose prefill fails (out of memory, say) still reports the history its cache held (issue 23: Gemma 3's
+    failing turn 2 said `reused_tokens: 0` though its cache held all 72 tokens of turn 1); the failed pass is taken
+    back, and the next try reuses that history again."""
+    session = ChatSession(tiny_lm, SessionSettings(sampling=GREEDY, cache=SPECS[strategy], speculative="off"))
+    session.send("a first question")
+    cached = len(session.cached_ids)
+    attention = tiny_lm.model.model.layers[1].self_attn
+    original = attention.forward
+
+    def fail_once(*args, **kwargs):
+        monkeypatch.setattr(attention, "forward", original)
+        raise RuntimeError("simulated out-of-memory in layer 1")
+
+    monkeypatch.setattr(attention, "forward", fail_once)
+    failed = session.send("a second question")
+    assert failed.stats.finish_reason == "error" and "simulated" in failed.stats.error
+    assert failed.stats.reused_tokens == cached
+    assert failed.stats.prefilled_tokens == failed.stats.prompt_tokens - cached
+    kept = len(session.cached_ids)
+    if SPECS[strategy].strategy == "sink-quantized":  # layer 0 quantized a block in the failed pass: rebuilt
+        assert kept in (cached, 0)
+    else:
+        assert kept == cached
+    again = session.generate()
+    assert again.stats.finish_reason in ("stop", "length"), again.stats.error
+    assert again.stats.reused_tokens == kept
