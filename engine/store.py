@@ -1184,7 +1184,8 @@ PAGE_SIZES = tuple(512 << i for i in range(8))  # 512 … 65536: what SQLite all
 
 def _header_damaged(path: Path) -> bool:
     """Whether the fixed fields of a database file's header (magic string, page size, payload fractions,
-    schema format, text encoding) are not what every SQLite database holds."""
+    schema format, text encoding) are not what every SQLite database holds. A database whose schema is
+    still only in its write-ahead log (a new one, before a checkpoint) has 0 for both of the last two."""
     try:
         with path.open("rb") as fh:
             header = fh.read(100)
@@ -1194,8 +1195,8 @@ def _header_damaged(path: Path) -> bool:
         return False
     size = struct.unpack(">H", header[16:18])[0]
     return (header[:16] != SQLITE_MAGIC or (65536 if size == 1 else size) not in PAGE_SIZES
-            or header[21:24] != b"\x40\x20\x20" or struct.unpack(">I", header[44:48])[0] not in (1, 2, 3, 4)
-            or struct.unpack(">I", header[56:60])[0] not in (1, 2, 3))
+            or header[21:24] != b"\x40\x20\x20" or struct.unpack(">I", header[44:48])[0] not in (0, 1, 2, 3, 4)
+            or struct.unpack(">I", header[56:60])[0] not in (0, 1, 2, 3))
 
 
 def _page_size_candidates(path: Path) -> list[int]:

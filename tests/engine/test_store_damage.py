@@ -204,3 +204,22 @@ def test_a_damaged_header_is_rebuilt_and_every_chat_read(tmp_path: Path, page_si
     assert kept.read_bytes() == bytes(data)  # the damaged file is kept as it was
     assert not [p.name for p in folder.iterdir() if p.name.startswith(".")]  # the rebuilt copy is gone
     salvaged.close()
+
+
+def test_a_new_database_still_in_its_write_ahead_log_is_not_taken_for_a_damaged_one(tmp_path: Path) -> None:
+    """A new database's schema is only in its -wal until a checkpoint: the main file's header then reads 0 for
+    the schema format and the text encoding. A second opening (another store, a restart after a kill) must use
+    it as it is, not salvage it: salvage replaced the file under the first store, which then said the chats
+    were no longer on disk."""
+    path = tmp_path / "chats.sqlite3"
+    first = ChatStore(path)
+    chat = first.create_chat()
+    first.add_message(chat.id, "user", "hello")
+    second = ChatStore(path)
+    try:
+        assert first.detached() is None and second.detached() is None
+        assert [m.content for m in second.messages(chat.id)] == ["hello"]
+        assert not list(tmp_path.glob("*.damaged-*"))
+    finally:
+        second.close()
+        first.close()
