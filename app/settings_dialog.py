@@ -73,15 +73,15 @@ class SettingsDialog(QDialog):
         outer = QVBoxLayout(self)
         # the settings scroll: with the notes under Precision and Weights the dialog is taller than a laptop's
         # screen, and Qt then squeezes the wrapped notes until their lines are cut
-        self.scroll = QScrollArea()
-        self.scroll.setWidgetResizable(True)
-        self.scroll.setFrameShape(QScrollArea.Shape.NoFrame)
-        self.scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.scroll_area = QScrollArea()
+        self.scroll_area.setWidgetResizable(True)
+        self.scroll_area.setFrameShape(QScrollArea.Shape.NoFrame)
+        self.scroll_area.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         content = QWidget()
         layout = QVBoxLayout(content)
         layout.setContentsMargins(0, 0, 0, 0)
-        self.scroll.setWidget(content)
-        outer.addWidget(self.scroll, 1)
+        self.scroll_area.setWidget(content)
+        outer.addWidget(self.scroll_area, 1)
 
         model_box = QGroupBox("Model")
         ml = QVBoxLayout(model_box)
@@ -297,11 +297,12 @@ class SettingsDialog(QDialog):
 
     def fit_to_screen(self) -> None:
         """As tall as the settings need, up to 90% of the screen's height (the rest scrolls)."""
-        content = self.scroll.widget()
+        content = self.scroll_area.widget()
+        assert content is not None  # set in __init__
         content.adjustSize()
         screen = self.screen() or QApplication.primaryScreen()
         room = int(screen.availableGeometry().height() * 0.9) if screen is not None else 800
-        chrome = self.sizeHint().height() - self.scroll.sizeHint().height()
+        chrome = self.sizeHint().height() - self.scroll_area.sizeHint().height()
         self.resize(max(self.width(), self.minimumWidth()), min(content.sizeHint().height() + chrome, room))
 
     def _fill(self, c: AppConfig) -> None:
